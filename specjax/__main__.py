@@ -1,0 +1,43 @@
+"""`python -m specjax "question"`: answer a prompt with the embedded default and report the speed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specjax", description=__doc__)
+    parser.add_argument("prompt", nargs="+", help="the prompt (several words are joined)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf, folder or hub id")
+    parser.add_argument("--method", default="ar", help="ar, pld, suffix, pool, ...")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    args = parser.parse_args(argv)
+
+    import specjax
+
+    try:
+        model = specjax.load(args.model, dtype=args.dtype)
+        out = specjax.generate(model, [" ".join(args.prompt)], args.method, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               seed=args.seed, chat=not args.no_chat)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = out.stats
+    print(out.texts[0])
+    print(f"\n[{s['method']}] {s['emitted_tokens']} tokens in {s['wall_s']:.2f}s "
+          f"(prefill {s['prefill_s']:.2f}s, decode {s['decode_s']:.2f}s, first call includes compilation); "
+          f"{s['tokens_per_s']:.1f} tok/s, {s['mean_accepted_tokens']:.2f} tokens per target forward",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

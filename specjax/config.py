@@ -1,0 +1,128 @@
+"""Frozen, hashable configs: they are static arguments of every jitted function.
+
+`ModelConfig` is built from a Hugging Face config (or GGUF metadata) once at load time; being frozen
+and hashable, it can be passed as a static argument to `jax.jit` so that one compiled program serves
+every call with the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("rope_type": "llama3"); `factor == 1` means none."""
+
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder; every supported family is a choice of these fields."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2/2.5: bias on q, k, v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
+    max_position_embeddings: int = 8192
+    sliding_window: int | None = None  # Mistral: keys further back than this are not attended
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any] | Any) -> "ModelConfig":
+        """Builds the config from a transformers `PretrainedConfig` or its `config.json` dict."""
+        d = hf if isinstance(hf, Mapping) else hf.to_dict()
+        model_type = d.get("model_type", "llama")
+        family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(model_type)
+        if family is None:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported by specjax; supported: {', '.join(FAMILIES)}"
+            )
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        rs = d.get("rope_scaling") or d.get("rope_parameters")
+        scaling = None
+        if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+            scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs["low_freq_factor"]),
+                high_freq_factor=float(rs["high_freq_factor"]),
+                original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+            )
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise ValueError(f"rope scaling {rs!r} is not supported (only llama3-style scaling is)")
+        theta = d.get("rope_theta")
+        if theta is None and isinstance(rs, Mapping):
+            theta = rs.get("rope_theta")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            family=family,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope_theta=float(theta if theta is not None else 10000.0),
+            rope_scaling=scaling,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3",
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            sliding_window=(d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How a token is drawn from logits; `temperature == 0` is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

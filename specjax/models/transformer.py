@@ -1,0 +1,242 @@
+"""One functional decoder for every supported family (Llama, Llama-3, SmolLM2, Mistral, Qwen2, Qwen3).
+
+Params are a plain pytree; `forward` is a pure function of (params, cfg, tokens, cache). The same code
+serves the target, a draft model, a layer-skip self-draft and the features that draft heads read.
+
+Param tree (weights stored [in, out] so every matmul is `x @ W`, the fastest form on CPU):
+
+    lm_head     [D, V]        (tied models: the embedding table is lm_head's columns)
+    embed       [V, D]        (untied models only)
+    final_norm  [D]
+    layers      tuple of dicts, one per layer (separate buffers: no per-step slicing copies):
+        attn_norm [D], wqkv [D, (H + 2 KV) hd], bqkv [(H + 2 KV) hd] (qkv-bias families),
+        q_norm [hd], k_norm [hd] (Qwen3), wo [H hd, D], mlp_norm [D], w_gate_up [D, 2 F], w_down [F, D]
+
+q/k/v and gate/up are fused into one matmul each: at batch 1 per-op overhead, not FLOPs, dominates
+small matrices on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from specjax.config import ModelConfig
+from specjax.models import cache as kv
+
+Params = dict[str, Any]
+
+
+@struct.dataclass
+class ForwardOut:
+    logits: Float[Array, "B P V"]  # float32; P = T, or the number of requested logit positions
+    hidden: Float[Array, "B T D"]  # last layer output after the final norm
+    cache: kv.KVCache | None
+    layer_hidden: tuple[jax.Array, ...] = ()  # outputs of the requested layers (pre-norm), [B, T, D] each
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies for the checkpoint's theta, with Llama-3 scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None or s.factor == 1.0:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: Int[Array, "B T"], inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, 1, hd] computed once per forward and shared by every layer."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "B T N hd"], cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face layout; GGUF weights are un-permuted at load time)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: Int[Array, "B T"]) -> jax.Array:
+    if "embed" in params:
+        return jnp.take(params["embed"], tokens, axis=0)
+    return jnp.take(params["lm_head"], tokens, axis=1).transpose(1, 2, 0)
+
+
+def attention_mask(
+    start: Int[Array, "B"], num_new: int, num_slots: int, tree_mask: Bool[Array, "T T"] | None,
+    sliding_window: int | None,
+) -> Bool[Array, "B T S"]:
+    """Which cache slots each new token sees.
+
+    Slots before `start[b]` are the committed context (visible to all new tokens); slot start+t' holds
+    new token t'. Chains see new tokens t' <= t; trees see their ancestors (`tree_mask[t, t']`).
+    Worked example, start=[2], num_new=3, chain, 6 slots:
+        t=0: 1 1 1 0 0 0
+        t=1: 1 1 1 1 0 0
+        t=2: 1 1 1 1 1 0
+    """
+    rel = jnp.arange(num_slots)[None, :] - start[:, None]  # [B, S]; < 0: committed context
+    t = jnp.arange(num_new)[:, None]
+    if tree_mask is None:
+        visible = rel[:, None, :] <= t[None]
+    else:
+        in_new = (rel >= 0) & (rel < num_new)
+        new_vis = tree_mask[:, jnp.clip(rel, 0, num_new - 1)]  # [T, B, S]
+        visible = (rel < 0)[:, None, :] | (in_new[:, None, :] & new_vis.transpose(1, 0, 2))
+    if sliding_window is not None:
+        q_slot = start[:, None, None] + t[None]
+        visible &= (q_slot - jnp.arange(num_slots)[None, None, :]) < sliding_window
+    return visible
+
+
+def _attend(q, k, v, mask, cfg: ModelConfig) -> jax.Array:
+    """q [B,T,H,hd], k/v [B,KV,S,hd], mask [B,T,S] -> [B,T,H*hd]; softmax in float32."""
+    b, t, _, hd = q.shape
+    g = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, g, hd).transpose(0, 2, 3, 1, 4)  # [B,KV,G,T,hd]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [B,KV,G,T,hd]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
+
+
+def _layer(lp: Params, cfg: ModelConfig, x, rope, mask, cache_kv, slots):
+    b, t, _ = x.shape
+    hd = cfg.head_dim
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    qkv = h @ lp["wqkv"]
+    if "bqkv" in lp:
+        qkv = qkv + lp["bqkv"]
+    nq, nk = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    q = qkv[..., :nq].reshape(b, t, cfg.num_heads, hd)
+    k = qkv[..., nq : nq + nk].reshape(b, t, cfg.num_kv_heads, hd)
+    v = qkv[..., nq + nk :].reshape(b, t, cfg.num_kv_heads, hd)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, *rope)
+    k = apply_rope(k, *rope)
+    if cache_kv is None:
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        new_kv = None
+    else:
+        keys = kv.write(cache_kv[0], k, slots)
+        values = kv.write(cache_kv[1], v, slots)
+        new_kv = (keys, values)
+    x = x + _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg) @ lp["wo"]
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate_up = h @ lp["w_gate_up"]
+    f = cfg.intermediate_size
+    x = x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ lp["w_down"]
+    return x, new_kv
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Int[Array, "B T"],
+    cache: kv.KVCache | None = None,
+    *,
+    tree_mask: Bool[Array, "T T"] | None = None,
+    pos_offsets: Int[Array, "T"] | None = None,
+    logit_positions: Int[Array, "B P"] | None = None,
+    hidden_layers: tuple[int, ...] = (),
+    num_layers: int | None = None,
+) -> ForwardOut:
+    """Runs the decoder on `tokens`.
+
+    Without a cache: a plain causal forward from position 0 (parity checks, training).
+    With a cache: token t of row b goes to slot `cache.lengths[b] + t` at position
+    `cache.lengths[b] + pos_offsets[t]` (pos_offsets defaults to t; trees pass node depths), attending
+    to the committed context plus the new tokens allowed by `tree_mask` (default: causal).
+    The returned cache holds the new keys/values but the same lengths: the caller commits.
+    `logit_positions` selects which positions get logits (saves the LM head on prefill);
+    `num_layers` runs only the first layers (layer-skip self-drafting).
+    """
+    b, t = tokens.shape
+    chex.assert_rank(tokens, 2)
+    n_layers = cfg.num_layers if num_layers is None else num_layers
+    offsets = jnp.arange(t) if pos_offsets is None else pos_offsets
+    if cache is None:
+        start = jnp.zeros((b,), jnp.int32)
+        num_slots, slots = t, None
+    else:
+        chex.assert_shape(cache.lengths, (b,))
+        start, num_slots = cache.lengths, cache.max_len
+        slots = start[:, None] + jnp.arange(t)[None, :]
+    positions = start[:, None] + offsets[None, :]
+    mask = attention_mask(start, t, num_slots, tree_mask, cfg.sliding_window)
+    rope = rope_tables(positions, rope_inv_freq(cfg))
+    dtype = params["lm_head"].dtype
+    x = embed(params, cfg, tokens).astype(dtype)
+    new_k, new_v, collected = [], [], []
+    for i in range(n_layers):
+        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, written = _layer(params["layers"][i], cfg, x, rope, mask, layer_kv, slots)
+        if written is not None:
+            new_k.append(written[0])
+            new_v.append(written[1])
+        if i in hidden_layers:
+            collected.append(x)
+    new_cache = None
+    if cache is not None:
+        new_cache = cache.replace(k=tuple(new_k) + cache.k[n_layers:], v=tuple(new_v) + cache.v[n_layers:])
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    h = hidden if logit_positions is None else jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
+    logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
+    return ForwardOut(logits=logits, hidden=hidden, cache=new_cache, layer_hidden=tuple(collected))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random params (tests, draft heads from scratch); loading real weights lives in loading.py."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    keys = iter(jax.random.split(rng, 4 + 4 * cfg.num_layers))
+    normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
+    layers = []
+    for _ in range(cfg.num_layers):
+        lp = {
+            "attn_norm": jnp.ones((d,), dtype),
+            "wqkv": normal((d, cfg.qkv_size)),
+            "wo": normal((cfg.num_heads * hd, d)),
+            "mlp_norm": jnp.ones((d,), dtype),
+            "w_gate_up": normal((d, 2 * f)),
+            "w_down": normal((f, d)),
+        }
+        if cfg.attention_bias:
+            lp["bqkv"] = jnp.zeros((cfg.qkv_size,), dtype)
+        if cfg.qk_norm:
+            lp["q_norm"] = jnp.ones((hd,), dtype)
+            lp["k_norm"] = jnp.ones((hd,), dtype)
+        layers.append(lp)
+    params: Params = {"lm_head": normal((d, cfg.vocab_size)), "final_norm": jnp.ones((d,), dtype),
+                      "layers": tuple(layers)}
+    if not cfg.tie_word_embeddings:
+        params["embed"] = normal((cfg.vocab_size, d))
+    return params

@@ -1,0 +1,34 @@
+"""Drafters behind one interface (`base.Proposer`), looked up by method name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from specjax.proposers.base import NoDraft, Proposer
+
+
+def registry() -> dict[str, type[Proposer]]:
+    from specjax.proposers.ngram import NGRAM_PROPOSERS
+
+    return {"ar": NoDraft, **NGRAM_PROPOSERS}
+
+
+def make_proposer(method: str, **options) -> Proposer:
+    """Builds the proposer for `method` from its options (e.g. k=8, max_ngram=3); errors name the fix."""
+    methods = registry()
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
+    cls = methods[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(
+            f"method {method!r} does not take option(s) {', '.join(sorted(unknown))}; "
+            f"its options are: {', '.join(sorted(fields)) or 'none'}"
+        )
+    if method == "ar" and options.get("k", 0) != 0:
+        raise ValueError("method 'ar' drafts nothing: k must be 0")
+    proposer = cls(**options)
+    if proposer.k < 0:
+        raise ValueError(f"k (draft length) must be >= 0, got {proposer.k}")
+    return proposer

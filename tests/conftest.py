@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random checkpoints written by transformers, and the real embedded model."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FAMILIES = ("llama", "llama3", "smollm2", "mistral", "qwen2", "qwen3")
+
+
+def hf_tiny_config(family: str, vocab: int = 96):
+    """A tiny transformers config of each supported family (random weights, float32)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
+    if family == "llama3":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if family == "smollm2":  # Llama architecture with tied embeddings and theta 100000
+        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=100000.0)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=4096, tie_word_embeddings=False)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1000000.0)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def save_tiny(family: str, folder, seed: int = 0, **save_kwargs):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_tiny_config(family), dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{family: (folder, torch_model)} for every family."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: (root / f, save_tiny(f, root / f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    import specjax
+
+    return specjax.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_real():
+    import torch
+    import transformers as tf
+
+    from specjax.models.loading import resolve
+
+    _, path = resolve("smollm2-135m-instruct")
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A random specjax model (no torch): llama family, peaky logits so greedy has clear winners."""
+    from specjax.config import ModelConfig
+    from specjax.model import Model
+    from specjax.models.transformer import init_params
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=1024,
+                      eos_token_ids=(2,))
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    return Model(config=cfg, params=params, tokenizer=None, name="tiny")
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
