@@ -67,7 +67,8 @@ def prefill(params, prompt: Int[Array, "B P"], prompt_lengths: Int[Array, "B"], 
     b, p = prompt.shape
     chex.assert_shape(prompt_lengths, (b,))
     cache = KVCache.init(cfg, b, max_len, params["lm_head"].dtype)
-    out = transformer.forward(params, cfg, prompt, cache, logit_positions=(prompt_lengths - 1)[:, None])
+    out = transformer.forward(params, cfg, prompt, cache, logit_positions=(prompt_lengths - 1)[:, None],
+                              cache_is_empty=True)
     first = sampling.sample(rng, out.logits[:, 0], sampling_cfg).astype(jnp.int32)
     tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt)
     tokens = tokens.at[jnp.arange(b), prompt_lengths].set(first)

