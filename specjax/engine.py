@@ -61,20 +61,27 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new"))
-def prefill(params, prompt: Int[Array, "B P"], prompt_lengths: Int[Array, "B"], rng, *, cfg: ModelConfig,
-            sampling_cfg: SamplingConfig, max_len: int, eos_ids: tuple[int, ...], max_new: int):
-    """Fills the cache with the prompts and samples each row's first token."""
-    b, p = prompt.shape
-    chex.assert_shape(prompt_lengths, (b,))
-    cache = KVCache.init(cfg, b, max_len, params["lm_head"].dtype)
+def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng, *,
+            cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int, eos_ids: tuple[int, ...], max_new: int):
+    """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
+
+    `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
+    copies of the cache rows (cheap) instead of running the prompt N times (a full forward each).
+    """
+    q, p = prompt.shape
+    chex.assert_shape(prompt_lengths, (q,))
+    cache = KVCache.init(cfg, q, max_len, params["lm_head"].dtype)
     out = transformer.forward(params, cfg, prompt, cache, logit_positions=(prompt_lengths - 1)[:, None],
                               cache_is_empty=True)
-    first = sampling.sample(rng, out.logits[:, 0], sampling_cfg).astype(jnp.int32)
-    tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(prompt)
-    tokens = tokens.at[jnp.arange(b), prompt_lengths].set(first)
+    lengths = jnp.take(prompt_lengths, rows)
+    first = sampling.sample(rng, jnp.take(out.logits[:, 0], rows, axis=0), sampling_cfg).astype(jnp.int32)
+    b = rows.shape[0]
+    tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(jnp.take(prompt, rows, axis=0))
+    tokens = tokens.at[jnp.arange(b), lengths].set(first)
     hidden = jnp.take_along_axis(out.hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     done = _eos_mask(first, eos_ids) | (max_new <= 1)
-    return tokens, prompt_lengths + 1, out.cache.with_lengths(prompt_lengths), hidden.astype(jnp.float32), done
+    cache = out.cache.with_lengths(prompt_lengths).select_rows(rows)
+    return tokens, lengths + 1, cache, jnp.take(hidden, rows, axis=0).astype(jnp.float32), done
 
 
 def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array, "B"]) -> Int[Array, "B S"]:
@@ -170,23 +177,31 @@ def _round_up(n: int, m: int) -> int:
 
 def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
-             group: Sequence[int] | None = None, max_len: int | None = None,
-             eos_token_ids: Sequence[int] | None = None, **method_options) -> GenerateOutput:
+             num_samples: int = 1, group: Sequence[int] | None = None, max_len: int | None = None,
+             eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
+             **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method; see DESIGN.md's contract.
 
-    `group[b]` marks rows that may draft from each other (Best-of-N branches of one question);
-    default: each row on its own. `max_len` fixes the cache size (default: prompt + budget + draft).
+    `num_samples` branches per prompt share one prefill (Best-of-N); rows come out prompt-major
+    (prompt 0's branches first). `group[b]` marks rows that may draft from each other; default: the
+    branches of one prompt form a group. `max_len` fixes the cache size (default: prompt + budget + draft).
     `eos_token_ids` overrides the model's stop tokens (`()`: never stop early, e.g. for benchmarks).
+    `pad_prompts_to` pads prompts to at least this length, so that a run over many questions compiles
+    once instead of once per prompt-length bucket.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     cfg: ModelConfig = model.config
     proposer = make_proposer(method, **method_options)
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     ids = _encode_prompts(model.tokenizer, prompts, chat)
-    batch = len(ids)
+    num_prompts = len(ids)
+    rows = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
+    batch = len(rows)
     longest = max(len(x) for x in ids)
-    p_bucket = _round_up(longest, PROMPT_BUCKET)
+    p_bucket = _round_up(max(longest, pad_prompts_to), PROMPT_BUCKET)
     need = p_bucket + max_new_tokens + proposer.k + 1
     cache_len = _round_up(need, PROMPT_BUCKET) if max_len is None else max_len
     if longest + max_new_tokens + proposer.k + 1 > cache_len or cache_len > cfg.max_position_embeddings:
@@ -195,11 +210,11 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
             f"cache of {min(cache_len, cfg.max_position_embeddings)} positions (model limit "
             f"{cfg.max_position_embeddings}): shorten the prompt or lower max_new_tokens"
         )
-    prompt = np.zeros((batch, p_bucket), np.int32)
+    prompt = np.zeros((num_prompts, p_bucket), np.int32)
     for i, x in enumerate(ids):
         prompt[i, : len(x)] = x
     prompt_lengths = np.asarray([len(x) for x in ids], np.int32)
-    groups = np.arange(batch, dtype=np.int32) if group is None else np.asarray(group, np.int32)
+    groups = rows if group is None else np.asarray(group, np.int32)
     if groups.shape != (batch,):
         raise ValueError(f"group must have one entry per prompt ({batch}), got shape {groups.shape}")
     eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
@@ -207,12 +222,12 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
 
     t0 = time.perf_counter()
     tokens, lengths, cache, hidden, done = prefill(
-        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), rng_prefill, cfg=cfg,
+        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, cfg=cfg,
         sampling_cfg=sampling_cfg, max_len=cache_len, eos_ids=eos_ids, max_new=max_new_tokens)
     jax.block_until_ready(tokens)
     t1 = time.perf_counter()
     state = LoopState(
-        tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths), done=done, cache=cache,
+        tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths[rows]), done=done, cache=cache,
         hidden=hidden, proposer_state=(), rng=rng_decode, steps=jnp.zeros((), jnp.int32),
         accept_hist=jnp.zeros((proposer.k + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
     state = decode(model.params, state, jnp.asarray(groups), cfg=cfg, proposer=proposer,
@@ -222,20 +237,21 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     t2 = time.perf_counter()
 
     eos = set(eos_ids)
-    rows = []
+    generated = []
     for b in range(batch):
-        gen = out_tokens[b, prompt_lengths[b] : out_lengths[b]].tolist()
+        gen = out_tokens[b, prompt_lengths[rows[b]] : out_lengths[b]].tolist()
         if gen and gen[-1] in eos:
             gen = gen[:-1]
-        rows.append(gen)
-    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in rows] if model.tokenizer else []
-    emitted = int(np.sum(out_lengths - prompt_lengths))
+        generated.append(gen)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in generated] if model.tokenizer else []
+    emitted = int(np.sum(out_lengths - prompt_lengths[rows]))
     row_steps = int(hist.sum())
     wall = t2 - t0
     stats = {
         "method": proposer.name,
         "batch": batch,
-        "generated_tokens": int(sum(len(r) for r in rows)),
+        "prefilled_rows": num_prompts,
+        "generated_tokens": int(sum(len(r) for r in generated)),
         "emitted_tokens": emitted,  # EOS included
         "target_forwards": int(steps) + 1,  # verify forwards + the prefill
         "decode_steps": int(steps),
@@ -249,4 +265,4 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
         "draft_k": proposer.k,
     }
-    return GenerateOutput(tokens=rows, texts=texts, stats=stats)
+    return GenerateOutput(tokens=generated, texts=texts, stats=stats)

@@ -89,3 +89,34 @@ def tiny_model():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer and chat template, saved as an HF folder.
+
+    String prompts, chat templates and the CLIs run end to end on it in seconds.
+    """
+    import torch
+    import transformers as tf
+
+    from specjax.models.loading import load_tokenizer, resolve
+
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    tok = load_tokenizer(*resolve("smollm2-135m-instruct"))
+    cfg = hf_tiny_config("llama", vocab=len(tok))
+    cfg.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # peakier logits: greedy has clear winners
+        model.lm_head.weight.mul_(5.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_chat_checkpoint):
+    import specjax
+
+    return specjax.load(str(tiny_chat_checkpoint))

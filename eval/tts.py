@@ -1,0 +1,179 @@
+"""`python -m eval.tts`: a speculative method under a test-time-scaling paradigm, against AR in one run.
+
+Every method is measured on the same questions in the same process as the `ar` baseline (unless
+`--no-baseline`), so speedups are ratios from one run. Each method is warmed up (compiled) on the
+first question before it is timed. Results follow the schema in DESIGN.md; with several methods the
+output path gets the method name inserted (`results.json` -> `results.pld.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.tts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--method", default="suffix", help="a method, a comma list, or 'all'")
+    p.add_argument("--paradigm", default="single", help="single, best_of_n or multi_round")
+    p.add_argument("--n", type=int, default=8, help="best_of_n: branches per question")
+    p.add_argument("--rounds", type=int, default=2, help="multi_round: rounds of thinking")
+    p.add_argument("--dataset", default="arith", help="built-in name (arith, spectts), JSONL path or HF dataset id")
+    p.add_argument("--split", default="test")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--shuffle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1, help="questions per batch (single, multi_round)")
+    p.add_argument("--k", type=int, default=None, help="draft length of speculative methods")
+    p.add_argument("--no-baseline", action="store_true", help="skip the ar baseline")
+    p.add_argument("--output", default=None, help="results JSON path")
+    return p.parse_args(argv)
+
+
+def expand_methods(spec: str) -> list[str]:
+    from specjax.proposers import registry
+
+    known = list(registry())
+    methods = known if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or spec!r}; available: {', '.join(known)}, all")
+    return methods
+
+
+def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:
+    from specjax.tts.grading import grade_samples
+
+    samples, correct = [], 0
+    for q, outs in zip(questions, result.outputs):
+        g = grade_samples(outs, q.answer)
+        correct += bool(g["correct"])
+        samples.append({"id": q.id, "question": q.question, "answer": q.answer, "outputs": outs,
+                        "predicted": g["predicted"], "correct": bool(g["correct"]),
+                        "pass_at_n": bool(g["pass_at_n"]), "mean_accuracy": g["mean_accuracy"]})
+    return samples, correct / max(len(questions), 1)
+
+
+def run_method(model, questions, method: str, args, progress=None) -> tuple[dict[str, Any], list, Any]:
+    from specjax.tts import paradigms
+
+    options = {} if method == "ar" or args.k is None else {"k": args.k}
+    kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
+    # warm-up: compile on the first question with the run's shapes, untimed
+    paradigms.run(model, questions[:1], method, args.paradigm, **kw)
+    result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, **kw)
+    samples, accuracy = _grade(questions, result)
+    r = result.rounds
+    summary = {
+        "method": method, "paradigm": args.paradigm, "questions": len(questions),
+        "generated_tokens": sum(x["generated_tokens"] for x in r),
+        "wall_s": sum(x["wall_s"] for x in r),
+        "target_forwards": sum(x["target_forwards"] for x in r),
+    }
+    emitted = sum(x["emitted_tokens"] for x in r)
+    summary["tokens_per_s"] = emitted / summary["wall_s"] if summary["wall_s"] else 0.0
+    hist = [sum(x["accepted_hist"][i] for x in r if i < len(x["accepted_hist"]))
+            for i in range(max(len(x["accepted_hist"]) for x in r))]
+    summary["mean_accepted_tokens"] = sum(i * c for i, c in enumerate(hist)) / max(sum(hist), 1)
+    summary["accepted_hist"] = hist
+    summary["accuracy"] = accuracy
+    if args.paradigm == "best_of_n":
+        summary["maj_at_n"] = accuracy
+        summary["pass_at_n"] = sum(s["pass_at_n"] for s in samples) / max(len(samples), 1)
+        summary["mean_sample_accuracy"] = sum(s["mean_accuracy"] for s in samples) / max(len(samples), 1)
+    summary["per_round"] = [{"round": i + 1, "tokens_per_s": x["tokens_per_s"], "wall_s": x["wall_s"],
+                             "mean_accepted_tokens": x["mean_accepted_tokens"],
+                             "generated_tokens": x["generated_tokens"]} for i, x in enumerate(r)]
+    return summary, samples, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from specjax.tts.paradigms import PARADIGMS
+
+    if args.paradigm not in PARADIGMS:
+        raise ValueError(f"unknown --paradigm {args.paradigm!r}; use one of {', '.join(PARADIGMS)}")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    methods = expand_methods(args.method)
+    from specjax.tts.datasets import load_dataset
+
+    questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,
+                             answer_field=args.answer_field, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
+    import specjax
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    model = specjax.load(args.model, dtype=args.dtype)
+    console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(questions)} questions")
+    order = methods if args.no_baseline or "ar" in methods else ["ar"] + methods
+    order = (["ar"] if "ar" in order else []) + [m for m in order if m != "ar"]
+    summaries: dict[str, dict[str, Any]] = {}
+    samples_by: dict[str, list] = {}
+    with Progress(console=console, transient=True) as progress:
+        for method in order:
+            task = progress.add_task(f"{method} / {args.paradigm}", total=len(questions) * (
+                args.rounds if args.paradigm == "multi_round" else 1))
+            summary, samples, _ = run_method(model, questions, method, args,
+                                             lambda k, t=task: progress.advance(t, k))
+            summaries[method], samples_by[method] = summary, samples
+    base = summaries.get("ar")
+    for method, s in summaries.items():
+        if base is not None:
+            s["baseline"] = {"method": "ar", "tokens_per_s": base["tokens_per_s"], "wall_s": base["wall_s"]}
+            s["speedup_vs_ar"] = s["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
+            for pr, br in zip(s["per_round"], base["per_round"]):
+                pr["speedup_vs_ar"] = pr["tokens_per_s"] / br["tokens_per_s"] if br["tokens_per_s"] else 0.0
+
+    table = Table(title=f"{args.paradigm} on {args.dataset} ({len(questions)} questions, {args.model})")
+    for col in ("method", "accuracy", "tok/s", "speedup vs ar", "mean accepted", "target forwards", "per round tok/s"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for method, s in summaries.items():
+        table.add_row(method, f"{s['accuracy']:.3f}", f"{s['tokens_per_s']:.1f}",
+                      f"{s.get('speedup_vs_ar', float('nan')):.2f}x", f"{s['mean_accepted_tokens']:.2f}",
+                      str(s["target_forwards"]), " / ".join(f"{r['tokens_per_s']:.1f}" for r in s["per_round"]))
+    Console(width=max(Console().width, 140)).print(table)
+
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for method in methods:
+            path = out if len(methods) == 1 else out.with_name(f"{out.stem}.{method}{out.suffix or '.json'}")
+            path.write_text(json.dumps({"config": vars(args), "summary": summaries[method],
+                                        "samples": samples_by[method]}, indent=1))
+            console.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

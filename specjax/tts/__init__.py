@@ -1,0 +1,1 @@
+"""Test-time scaling paradigms (single, Best-of-N, multi-round), datasets, grading and voting."""

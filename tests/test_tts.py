@@ -1,0 +1,120 @@
+"""Paradigms and the eval.tts CLI on a tiny model with the real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import specjax
+from specjax.tts import paradigms
+from specjax.tts.datasets import Question
+
+QUESTIONS = [Question(id="a", question="What is 2 + 3?", answer="5"),
+             Question(id="b", question="Compute 4 * 6 - 1.", answer="23"),
+             Question(id="c", question="Tom has 3 boxes of 4 apples. How many apples?", answer="12")]
+
+
+def test_best_of_n_prefills_once_and_batches_branches(tiny_chat_model):
+    out = specjax.generate(tiny_chat_model, ["What is 2 + 3?", "Name a color."], "ar", num_samples=4,
+                           max_new_tokens=12, temperature=1.0, eos_token_ids=())
+    assert out.stats["prefilled_rows"] == 2 and out.stats["batch"] == 8
+    assert len(out.tokens) == 8
+    assert len({tuple(t) for t in out.tokens[:4]}) > 1  # sampled branches differ
+    greedy = specjax.generate(tiny_chat_model, ["What is 2 + 3?"], "ar", num_samples=3, max_new_tokens=12)
+    alone = specjax.generate(tiny_chat_model, ["What is 2 + 3?"], "ar", max_new_tokens=12)
+    assert greedy.tokens == alone.tokens * 3
+
+
+def test_best_of_n_paradigm_shape(tiny_chat_model):
+    res = paradigms.run(tiny_chat_model, QUESTIONS[:2], "suffix", "best_of_n", n=4, max_new_tokens=10,
+                        temperature=0.8, k=4)
+    assert [len(o) for o in res.outputs] == [4, 4]
+    assert res.rounds[0]["prefilled_rows"] == 2 and res.rounds[0]["batch"] == 8
+
+
+def test_multi_round_chains_previous_answer(tiny_chat_model, monkeypatch):
+    seen = []
+    real = paradigms.generate
+
+    def spy(model, prompts, method, **kw):
+        seen.append(list(prompts))
+        return real(model, prompts, method, **kw)
+
+    monkeypatch.setattr(paradigms, "generate", spy)
+    res = paradigms.run(tiny_chat_model, QUESTIONS[:2], "ar", "multi_round", rounds=3, max_new_tokens=8, batch_size=2)
+    assert len(res.history) == 3 and len(res.rounds) == 3
+    for r in (1, 2):
+        for q, prev, prompt in zip(QUESTIONS, res.history[r - 1], seen[r]):
+            assert prompt == paradigms.next_round_prompt(q.question, prev)
+            assert prev.strip() in prompt
+    assert [o[0] for o in res.outputs] == res.history[-1]
+
+
+@pytest.mark.parametrize("paradigm, kw", [("single", {}), ("best_of_n", {"n": 2}), ("multi_round", {"rounds": 2})])
+def test_greedy_paradigms_are_lossless_for_every_method(tiny_chat_model, paradigm, kw):
+    with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
+        ar = paradigms.run(tiny_chat_model, QUESTIONS[:2], "ar", paradigm, max_new_tokens=16, batch_size=2, **kw)
+    for method in ("pld", "suffix", "pool"):
+        with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
+            out = paradigms.run(tiny_chat_model, QUESTIONS[:2], method, paradigm, max_new_tokens=16, batch_size=2,
+                                k=4, **kw)
+        assert out.outputs == ar.outputs, (method, paradigm)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_bad_paradigm_arguments(tiny_chat_model):
+    with pytest.raises(ValueError, match="unknown paradigm"):
+        paradigms.run(tiny_chat_model, QUESTIONS, "ar", "tree_of_thought")
+    with pytest.raises(ValueError, match="--n must be >= 1"):
+        paradigms.run(tiny_chat_model, QUESTIONS, "ar", "best_of_n", n=0)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_path, capsys):
+    from eval import tts
+
+    data = tmp_path / "q.jsonl"
+    _write_jsonl(data, [{"question": q.question, "answer": q.answer} for q in QUESTIONS])
+    out = tmp_path / "res.json"
+    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,suffix", "--paradigm", "multi_round",
+                   "--rounds", "2", "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
+                   "--temperature", "0", "--seed", "0", "--k", "4", "--output", str(out)])
+    assert rc == 0
+    for method in ("pld", "suffix"):
+        res = json.loads((tmp_path / f"res.{method}.json").read_text())
+        assert set(res) == {"config", "summary", "samples"}
+        s = res["summary"]
+        for key in ("method", "paradigm", "questions", "generated_tokens", "wall_s", "tokens_per_s",
+                    "target_forwards", "mean_accepted_tokens", "accuracy", "baseline", "speedup_vs_ar"):
+            assert key in s, key
+        assert s["method"] == method and s["paradigm"] == "multi_round" and s["questions"] == 2
+        assert s["baseline"]["method"] == "ar" and len(s["per_round"]) == 2
+        assert res["config"]["k"] == 4 and res["config"]["rounds"] == 2
+        for sample in res["samples"]:
+            assert set(sample) >= {"id", "question", "answer", "outputs", "predicted", "correct"}
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "suffix" in printed and "pld" in printed
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "nope"], "unknown method"),
+    (["--paradigm", "nope"], "unknown --paradigm"),
+    (["--n", "0", "--paradigm", "best_of_n"], "--n must be >= 1"),
+    (["--dataset", "/no/such/file.jsonl"], "not"),
+])
+def test_cli_bad_input(argv, match, capsys):
+    from eval import tts
+
+    assert tts.main(argv) == 2
+    assert match in capsys.readouterr().err
