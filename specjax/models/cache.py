@@ -51,10 +51,10 @@ class KVCache:
 
 
 def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> jax.Array:
-    """Scatter new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at per-row slots.
-
-    Slots past the buffer are dropped (mode="drop"): the engine sizes the cache so that this only
-    happens to padding tokens.
-    """
-    rows = jnp.arange(new.shape[0])[:, None]
-    return layer_cache.at[rows, :, slots].set(new.astype(layer_cache.dtype), mode="drop")
+    """Writes new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at slots[b, 0] + t."""
+    b, t = slots.shape
+    s = layer_cache.shape[2]
+    rel = jnp.arange(s)[None, :] - slots[:, :1]  # [B, S]: slot j takes new token rel[b, j]
+    hit = (rel >= 0) & (rel < t)
+    picked = jnp.take_along_axis(new.astype(layer_cache.dtype), jnp.clip(rel, 0, t - 1)[:, :, None, None], axis=1)
+    return jnp.where(hit[:, None, :, None], picked.transpose(0, 2, 1, 3), layer_cache)
