@@ -1,5 +1,6 @@
 """N-gram proposers against crafted histories and brute-force references; everything runs jitted."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,8 @@ def random_rows(seed, batch, vocab=3, width=WIDTH):
 
 
 PLD = PromptLookup(k=4, max_ngram=3, min_ngram=1)
+# the unit tests exercise single-token matches; the method default (min_match=3) only filters them
+Suffix1 = functools.partial(SuffixMatch, min_match=1)
 
 
 def test_pld_finds_match_prefers_longer_n_and_most_recent():
@@ -130,11 +133,11 @@ def test_pld_matches_reference_on_random_mixed_lengths():
 def test_suffix_longest_match_and_its_length():
     # suffix "2 3 4": length 3 after "1" at i=4 (continues 5 9 3 4), length 2 at i=8 (continues 6 9 2 3)
     row = [1, 2, 3, 4, 5, 9, 3, 4, 6, 9, 2, 3, 4]
-    got, conf = draft(SuffixMatch(k=4, shared=False), [row])
+    got, conf = draft(Suffix1(k=4, shared=False), [row])
     assert (got, conf.tolist()) == ([[5, 9, 3, 4]], [3.0])
-    got, conf = draft(SuffixMatch(k=4, max_match=2, shared=False), [row])  # capped: tie -> latest
+    got, conf = draft(Suffix1(k=4, max_match=2, shared=False), [row])  # capped: tie -> latest
     assert (got, conf.tolist()) == ([[6, 9, 2, 3]], [2.0])
-    got, conf = draft(SuffixMatch(k=4, min_match=4, shared=False), [row, [1, 2, 1, 2]])
+    got, conf = draft(Suffix1(k=4, min_match=4, shared=False), [row, [1, 2, 1, 2]])
     assert (got, conf.tolist()) == ([[], []], [0.0, 0.0])
 
 
@@ -147,16 +150,16 @@ def test_suffix_shared_within_group_only():
         [3],  # group 2
     ]
     group = [0, 0, 1, 2, 2]
-    got, conf = draft(SuffixMatch(k=4), rows, group=group, garbage=5)
+    got, conf = draft(Suffix1(k=4), rows, group=group, garbage=5)
     assert got[0] == [8, 9, 6] and conf[0] == 1
     assert got[2] == [] and got[3] == []
-    got, _ = draft(SuffixMatch(k=4, shared=False), rows, group=group)
+    got, _ = draft(Suffix1(k=4, shared=False), rows, group=group)
     assert got[0] == []
 
 
 def test_suffix_shared_prefers_longer_foreign_match_and_own_on_ties():
     rows = [[7, 1, 2, 7], [7, 3], [4, 7, 3, 5, 4, 7]]
-    got, _ = draft(SuffixMatch(k=4), rows, group=[0, 0, 0])
+    got, _ = draft(Suffix1(k=4), rows, group=[0, 0, 0])
     assert got[0] == [1, 2, 7]  # "7": own row at i=1 ties row 1 at i=1 and row 2 at i=2 ... own wins
     assert got[1] == [5, 4, 7]  # "7 3" (length 2) exists only in row 2
     assert got[2] == [3, 5, 4, 7]  # "4 7": own row at i=2
@@ -165,18 +168,18 @@ def test_suffix_shared_prefers_longer_foreign_match_and_own_on_ties():
 def test_suffix_matches_reference_on_random_groups():
     rows = random_rows(1, 12)
     group = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3]
-    proposer = SuffixMatch(k=5, max_match=4, min_match=1)
+    proposer = Suffix1(k=5, max_match=4, min_match=1)
     got, conf = draft(proposer, rows, group=group, garbage=2)
     for b, row in enumerate(rows):
         sources = [(rows[r], r == b) for r in range(len(rows)) if group[r] == group[b]]
         want, m = ref_suffix(row, sources, proposer.k, proposer.max_match, proposer.min_match)
         assert (got[b], conf[b]) == (want, m), (b, row)
-    got, _ = draft(SuffixMatch(k=5, max_match=4, shared=False), rows, group=group)
+    got, _ = draft(Suffix1(k=5, max_match=4, shared=False), rows, group=group)
     assert got == [ref_suffix(row, [(row, True)], 5, 4, 1)[0] for row in rows]
 
 
 def test_suffix_store_seeded_from_earlier_round():
-    proposer = SuffixMatch(k=4, store_size=6, shared=False)
+    proposer = Suffix1(k=4, store_size=6, shared=False)
     rows = [[1, 2, 3, 7], [2, 8]]
     ctx = make_ctx(rows)
     state = _init(proposer, ctx)
@@ -187,7 +190,7 @@ def test_suffix_store_seeded_from_earlier_round():
 
 
 def test_seed_store_appends_and_keeps_latest():
-    store = SuffixMatch(k=4, store_size=6).init(make_ctx([[1], [1]]))
+    store = Suffix1(k=4, store_size=6).init(make_ctx([[1], [1]]))
     first = make_ctx([[1, 2, 3, 4], [1]])
     second = make_ctx([[5, 6, 7], []])
     store = _seed(_seed(store, first.tokens, first.lengths), second.tokens, second.lengths)
@@ -287,7 +290,8 @@ def test_registry_jit_loop(name):
     """init -> (propose -> update) under one jit with the proposer static; hashable configs."""
     cls = NGRAM_PROPOSERS[name]
     assert cls.name == name and hash(cls(k=4)) == hash(cls(k=4))
-    proposer = cls(k=4)
+    short = {"pld": {"min_ngram": 1}, "suffix": {"min_match": 1}}.get(name, {})  # rows match 1-2 tokens
+    proposer = cls(k=4, **short)
     rows = [[1, 2, 3, 1, 2], [4, 5, 4], [1, 2, 3, 1]]
 
     @jax.jit
