@@ -75,23 +75,20 @@ def run_method(model, questions, method: str, args, progress=None) -> tuple[dict
     options = {} if method == "ar" or args.k is None else {"k": args.k}
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
-    # warm-up: compile on the first question with the run's shapes, untimed
-    paradigms.run(model, questions[:1], method, args.paradigm, **kw)
+    # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
+    # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
+    longest = max(questions, key=lambda q: len(q.question))
+    paradigms.run(model, [longest], method, args.paradigm, **kw)
     result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, **kw)
     samples, accuracy = _grade(questions, result)
     r = result.rounds
+    total = paradigms.aggregate(r)
     summary = {
         "method": method, "paradigm": args.paradigm, "questions": len(questions),
-        "generated_tokens": sum(x["generated_tokens"] for x in r),
-        "wall_s": sum(x["wall_s"] for x in r),
-        "target_forwards": sum(x["target_forwards"] for x in r),
+        **{key: total[key] for key in ("generated_tokens", "wall_s", "target_forwards", "tokens_per_s",
+                                       "mean_accepted_tokens")},
+        "accepted_hist": total["accepted_hist"],
     }
-    emitted = sum(x["emitted_tokens"] for x in r)
-    summary["tokens_per_s"] = emitted / summary["wall_s"] if summary["wall_s"] else 0.0
-    hist = [sum(x["accepted_hist"][i] for x in r if i < len(x["accepted_hist"]))
-            for i in range(max(len(x["accepted_hist"]) for x in r))]
-    summary["mean_accepted_tokens"] = sum(i * c for i, c in enumerate(hist)) / max(sum(hist), 1)
-    summary["accepted_hist"] = hist
     summary["accuracy"] = accuracy
     if args.paradigm == "best_of_n":
         summary["maj_at_n"] = accuracy
@@ -136,8 +133,8 @@ def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = specjax.load(args.model, dtype=args.dtype)
     console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(questions)} questions")
-    order = methods if args.no_baseline or "ar" in methods else ["ar"] + methods
-    order = (["ar"] if "ar" in order else []) + [m for m in order if m != "ar"]
+    baseline = "ar" in methods or not args.no_baseline
+    order = (["ar"] if baseline else []) + [m for m in methods if m != "ar"]  # ar first: the reference
     summaries: dict[str, dict[str, Any]] = {}
     samples_by: dict[str, list] = {}
     with Progress(console=console, transient=True) as progress:

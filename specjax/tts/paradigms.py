@@ -42,7 +42,7 @@ class ParadigmResult:
     history: list[list[str]] = dataclasses.field(default_factory=list)  # multi_round: answers per round
 
 
-def _aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Sums counts and times over calls; recomputes the rates from the sums."""
     keys = ("generated_tokens", "emitted_tokens", "target_forwards", "decode_steps", "prefill_s", "decode_s",
             "wall_s", "prefilled_rows", "batch")
@@ -103,7 +103,7 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
             texts.extend(out.texts[j * samples : (j + 1) * samples] for j in range(len(chunk)))
             if on_batch is not None:
                 on_batch(len(chunk))
-        round_stats.append(_aggregate(stats))
+        round_stats.append(aggregate(stats))
         previous = [t[0] for t in texts]
         history.append(previous)
         outputs = texts
