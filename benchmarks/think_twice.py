@@ -1,6 +1,7 @@
 """SpecTTS-Bench "think twice" at batch 1, greedy: how much do drafting methods speed up a second round?
 
-`python -m benchmarks.think_twice [--questions 3] [--methods ar,pld,suffix,pool] [--max-new-tokens 256] [--k 8]`
+`python -m benchmarks.think_twice [--questions 3] [--methods ar,pld,suffix,pool,draft,hybrid] [--max-new-tokens 256]
+[--k K] [--draft self:8]`
 
 Round 1 answers each question (chat template, "reason step by step ... \\boxed{}") with `ar`. Round 2 shows
 the question and the round-1 answer and asks to review it: the answer to review is in the prompt, so the
@@ -28,22 +29,28 @@ ROUND1 = "{q}\n\nPlease reason step by step, and put your final answer within \\
 ROUND2 = ("{q}\n\n{a}\n\nReview the solution above step by step, check each step, "
           "and give the final answer in \\boxed{{}}.")
 BUCKET = 64
+MAX_K = 32  # every method gets the same cache size (attention cost grows with it): room for drafts up to this
 
 
 def round_up(n: int, m: int = BUCKET) -> int:
     return -(-n // m) * m
 
 
-def run_round(model, prompts: list[str], method: str, max_new: int, k: int) -> dict:
+def run_round(model, prompts: list[str], method: str, max_new: int, k: int | None, draft: str = "self:8") -> dict:
     """Warm-up on prompts[0], then one timed call per prompt; returns totals and the outputs."""
     import specjax
+    from specjax.proposers import make_proposer
 
-    options = {} if method == "ar" else {"k": k}
+    options = {} if method == "ar" or k is None else {"k": k}
+    if method in ("draft", "hybrid"):
+        options["draft"] = draft
+    if make_proposer(method, **options).width > MAX_K:
+        raise ValueError(f"draft width above {MAX_K}: raise MAX_K")
     chat = lambda p: [{"role": "user", "content": p}]
     pad = round_up(max(len(model.tokenizer.apply_chat_template(chat(p), add_generation_prompt=True, tokenize=True,
                                                                return_dict=False)) for p in prompts))
     call = lambda p: specjax.generate(model, [p], method, max_new_tokens=max_new, temperature=0.0, chat=True,
-                                      max_len=round_up(pad + max_new + k + 1), pad_prompts_to=pad, **options)
+                                      max_len=round_up(pad + max_new + MAX_K + 1), pad_prompts_to=pad, **options)
     call(prompts[0])
     outs = [call(p) for p in prompts]
     tokens = sum(o.stats["emitted_tokens"] for o in outs)
@@ -74,9 +81,11 @@ def print_table(title: str, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=3)
-    parser.add_argument("--methods", default="ar,pld,suffix,pool")
+    parser.add_argument("--methods", default="ar,pld,suffix,pool,draft,hybrid")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--k", type=int, default=8, help="draft length of the non-ar methods")
+    parser.add_argument("--k", type=int, default=None, help="draft length of the non-ar methods (default: each "
+                        "method's own)")
+    parser.add_argument("--draft", default="self:8", help="the draft of the draft and hybrid methods")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
@@ -95,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     r1_prompts = [ROUND1.format(q=q["question"]) for q in questions]
     r1 = {"ar": run_round(model, r1_prompts, "ar", args.max_new_tokens, k)}
     r2_prompts = [ROUND2.format(q=q["question"], a=a) for q, a in zip(questions, r1["ar"]["texts"])]
-    r2 = {m: run_round(model, r2_prompts, m, args.max_new_tokens, k) for m in methods}
+    r2 = {m: run_round(model, r2_prompts, m, args.max_new_tokens, k, args.draft) for m in methods}
     ar = r2["ar"]
     best = max((m for m in methods if m != "ar"), key=lambda m: r2[m]["tokens_per_s"], default="ar")
     if best != "ar":
-        r1[best] = run_round(model, r1_prompts, best, args.max_new_tokens, k)
+        r1[best] = run_round(model, r1_prompts, best, args.max_new_tokens, k, args.draft)
 
     compare(r1, r1["ar"])
     compare(r2, ar)
 
-    print(f"think twice: {len(questions)} questions, batch 1, greedy, max_new_tokens={args.max_new_tokens}, k={k}, "
+    print(f"think twice: {len(questions)} questions, batch 1, greedy, max_new_tokens={args.max_new_tokens}, k={k or 'method default'}, "
           f"model {args.model} float32")
     print_table("round 2 (review the round-1 answer)", r2)
     print_table(f"round 1 (ar and the best round-2 method, {best})", r1)

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--method", default="suffix", help="a method, a comma list, or 'all'")
+    p.add_argument("--method", default="hybrid", help="a method, a comma list, or 'all'")
     p.add_argument("--paradigm", default="single", help="single, best_of_n or multi_round")
     p.add_argument("--n", type=int, default=8, help="best_of_n: branches per question")
     p.add_argument("--rounds", type=int, default=2, help="multi_round: rounds of thinking")
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=1, help="questions per batch (single, multi_round)")
     p.add_argument("--k", type=int, default=None, help="draft length of speculative methods")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. --option draft=self:8 --option threshold=4); "
+                        "given to every method of the run that takes it")
     p.add_argument("--no-baseline", action="store_true", help="skip the ar baseline")
     p.add_argument("--output", default=None, help="results JSON path")
     return p.parse_args(argv)
@@ -56,6 +59,30 @@ def expand_methods(spec: str) -> list[str]:
     return methods
 
 
+def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """--option KEY=VALUE pairs -> per-method option dicts; a key no method takes is an error."""
+    import ast
+    import dataclasses
+
+    from specjax.proposers import BOUND_FIELDS, registry
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option threshold=4")
+        try:
+            parsed[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parsed[key] = raw  # a plain string, e.g. draft=self:8
+    fields = {m: {f.name for f in dataclasses.fields(registry()[m])} - set(BOUND_FIELDS) for m in methods}
+    for key in parsed:
+        if not any(key in f for f in fields.values()):
+            raise ValueError(f"--option {key}: none of the methods {', '.join(methods)} takes it; their options: "
+                             + "; ".join(f"{m}: {', '.join(sorted(f)) or 'none'}" for m, f in fields.items()))
+    return {m: {k: v for k, v in parsed.items() if k in fields[m]} for m in methods}
+
+
 def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:
     from specjax.tts.grading import grade_samples
 
@@ -69,10 +96,13 @@ def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:
     return samples, correct / max(len(questions), 1)
 
 
-def run_method(model, questions, method: str, args, progress=None) -> tuple[dict[str, Any], list, Any]:
+def run_method(model, questions, method: str, args, progress=None,
+               options: dict[str, Any] | None = None) -> tuple[dict[str, Any], list, Any]:
     from specjax.tts import paradigms
 
-    options = {} if method == "ar" or args.k is None else {"k": args.k}
+    options = dict(options or {})
+    if method != "ar" and args.k is not None:
+        options["k"] = args.k
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
@@ -123,6 +153,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     methods = expand_methods(args.method)
+    options = parse_options(args.option, methods)
     from specjax.tts.datasets import load_dataset
 
     questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,
@@ -142,7 +173,7 @@ def _main(args: argparse.Namespace) -> int:
             task = progress.add_task(f"{method} / {args.paradigm}", total=len(questions) * (
                 args.rounds if args.paradigm == "multi_round" else 1))
             summary, samples, _ = run_method(model, questions, method, args,
-                                             lambda k, t=task: progress.advance(t, k))
+                                             lambda k, t=task: progress.advance(t, k), options.get(method))
             summaries[method], samples_by[method] = summary, samples
     base = summaries.get("ar")
     for method, s in summaries.items():

@@ -25,10 +25,11 @@ from jaxtyping import Array, Bool, Float, Int
 from specjax import sampling
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.models import transformer
+from specjax.models import cache as kv
 from specjax.models.cache import KVCache
 from specjax.proposers import make_proposer
 from specjax.proposers.base import Context, Proposer
-from specjax.verify import verify_chain
+from specjax.verify import TreeTemplate, verify_chain, verify_tree
 
 PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this: one compile per bucket
 NUM_SOURCES = 4  # proposer ids a hybrid may report per step
@@ -50,10 +51,32 @@ class LoopState:
 
 
 @dataclasses.dataclass
+class Session:
+    """What a later `generate(..., session=)` continues from (multi-round thinking).
+
+    The next call reuses each row's KV cache for the prefix its new prompt shares with this history
+    (only the rest is prefilled), and the drafter's persistent state (suffix store, n-gram pool) when
+    the method is the same, so drafts can copy from every earlier round.
+    """
+
+    proposer: Proposer
+    cache: KVCache  # holds history[b, :lengths[b] - 1]
+    proposer_state: Any
+    context: Context  # the final history, on device
+    history: np.ndarray  # [B, S] the same, on the host
+    lengths: np.ndarray  # [B]
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+@dataclasses.dataclass
 class GenerateOutput:
     tokens: list[list[int]]  # generated ids per row, prompt and EOS excluded
     texts: list[str]
     stats: dict[str, Any]
+    session: Session | None = None  # set when generate(..., keep_session=True)
 
 
 def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -61,47 +84,62 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new"))
-def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng, *,
-            cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int, eos_ids: tuple[int, ...], max_new: int):
+def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng,
+            feed: Int[Array, "Q F"] | None = None, start: Int[Array, "Q"] | None = None,
+            cache: KVCache | None = None, *, cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int,
+            eos_ids: tuple[int, ...], max_new: int):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
 
     `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
     copies of the cache rows (cheap) instead of running the prompt N times (a full forward each).
+    Continuing a `Session`: `cache` already holds each prompt's first `start[q]` tokens (the prefix it
+    shares with the previous call's history), and only `feed[q] = prompt[q, start[q]:]` is run.
     """
     q, p = prompt.shape
     chex.assert_shape(prompt_lengths, (q,))
-    cache = KVCache.init(cfg, q, max_len, params["lm_head"].dtype)
-    out = transformer.forward(params, cfg, prompt, cache, logit_positions=(prompt_lengths - 1)[:, None],
-                              cache_is_empty=True)
+    if cache is None:
+        cache = KVCache.init(cfg, q, max_len, params["lm_head"].dtype)
+        feed, start, fresh = prompt, jnp.zeros((q,), jnp.int32), True
+    else:
+        chex.assert_shape(start, (q,))
+        chex.assert_equal(cache.max_len, max_len)
+        cache, fresh = cache.with_lengths(start), False
+    last = (prompt_lengths - start - 1)[:, None]
+    out = transformer.forward(params, cfg, feed, cache, logit_positions=last, cache_is_empty=fresh)
     lengths = jnp.take(prompt_lengths, rows)
     first = sampling.sample(rng, jnp.take(out.logits[:, 0], rows, axis=0), sampling_cfg).astype(jnp.int32)
     b = rows.shape[0]
     tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(jnp.take(prompt, rows, axis=0))
     tokens = tokens.at[jnp.arange(b), lengths].set(first)
-    hidden = jnp.take_along_axis(out.hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
     done = _eos_mask(first, eos_ids) | (max_new <= 1)
     cache = out.cache.with_lengths(prompt_lengths).select_rows(rows)
     return tokens, lengths + 1, cache, jnp.take(hidden, rows, axis=0).astype(jnp.float32), done
 
 
 def verify_widths(k: int) -> tuple[int, ...]:
-    """Static forward widths the loop picks from: 1 (no draft anywhere), about half, and K+1."""
-    return tuple(sorted({1, k // 2 + 1, k + 1}))
+    """Static forward widths the loop picks from: 1 (no draft anywhere), 2^i + 1 from 5 up, and K+1."""
+    return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(2, 8) if 2**i < k}))
 
 
-def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache: KVCache, longest: jax.Array):
+def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache: KVCache, longest: jax.Array,
+                    template: TreeTemplate | None = None):
     """Runs the target on just enough of the K+1 inputs for the longest draft in the batch.
 
     A verify forward of T tokens costs far more than one token on CPUs (3-4x for T=9 here): when no
     row has a draft, or only short ones, a narrower static forward is chosen with `lax.switch`.
+    A tree (`template`) runs all its nodes with the tree's attention mask and depths as positions.
     Outputs are padded back to K+1 positions; the padding lies past every row's draft and is unused.
     """
     k1 = inputs.shape[1]
-    widths = verify_widths(k1 - 1)
+    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # a tree: all nodes or the root alone
+    tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
+                                        "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
 
     def branch(width: int):
         def run(inputs, cache):
-            out = transformer.forward(params, cfg, inputs[:, :width], cache)
+            opts = tree if width == k1 and template is not None else {}
+            out = transformer.forward(params, cfg, inputs[:, :width], cache, **opts)
             pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - width)) + ((0, 0),) * (x.ndim - 2))
             return out.replace(logits=pad(out.logits), hidden=pad(out.hidden))
         return run
@@ -120,13 +158,18 @@ def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
-def decode(params, state: LoopState, group: Int[Array, "B"], *, cfg: ModelConfig, proposer: Proposer,
-           sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int) -> LoopState:
-    """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room)."""
-    k = proposer.k
+def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None, *, cfg: ModelConfig, proposer: Proposer,
+           sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int, prev_state: Any = None,
+           prev: Context | None = None) -> LoopState:
+    """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
+
+    `prev_state`/`prev`: the same proposer's state and history from a continued Session.
+    """
+    k, depth, template = proposer.width, proposer.depth, proposer.template
 
     def context(s: LoopState) -> Context:
-        return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden)
+        return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden,
+                       weights=weights, cache=s.cache)
 
     def cond(s: LoopState):
         budget_left = s.steps < max_new
@@ -141,11 +184,20 @@ def decode(params, state: LoopState, group: Int[Array, "B"], *, cfg: ModelConfig
         draft = draft.replace(num=jnp.where(active, draft.num, 0))
         pending = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)
         inputs = jnp.concatenate([pending, draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
-        out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num))
-        res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
+        out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template)
+        cache = out.cache
+        if template is None:
+            res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
+            node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
+        else:
+            valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & active[:, None]], axis=1)
+            res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, r_ver)
+            node_of_depth = jnp.concatenate([jnp.zeros_like(res.path[:, :1]), res.path], axis=1)
+            if any(len(c) > 1 for c in template.children):  # a real tree: move the accepted path's keys/values
+                cache = kv.compact(cache, s.cache.lengths, res.path)
         num_new = res.num_accepted + 1
         # stop at the first EOS and at the token budget
-        is_eos = _eos_mask(res.tokens, eos_ids) & (jnp.arange(k + 1)[None] < num_new[:, None])
+        is_eos = _eos_mask(res.tokens, eos_ids) & (jnp.arange(depth + 1)[None] < num_new[:, None])
         first_eos = jnp.argmax(is_eos, axis=1)
         hit_eos = jnp.any(is_eos, axis=1)
         num_new = jnp.where(hit_eos, first_eos + 1, num_new)
@@ -153,13 +205,13 @@ def decode(params, state: LoopState, group: Int[Array, "B"], *, cfg: ModelConfig
         num_new = jnp.where(active, jnp.minimum(num_new, budget), 0)
         lengths = s.lengths + num_new
         done = s.done | hit_eos | (lengths - s.prompt_lengths >= max_new)
-        hidden_idx = jnp.clip(num_new - 1, 0, k)
+        hidden_idx = jnp.take_along_axis(node_of_depth, jnp.clip(num_new - 1, 0, depth)[:, None], axis=1)[:, 0]
         hidden = jnp.take_along_axis(out.hidden, hidden_idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
         new = s.replace(
             tokens=_commit(s, res.tokens, num_new),
             lengths=lengths,
             done=done,
-            cache=out.cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)),
+            cache=cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)),
             hidden=jnp.where(active[:, None], hidden, s.hidden),
             rng=rng,
             steps=s.steps + 1,
@@ -170,7 +222,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], *, cfg: ModelConfig
         )
         return new.replace(proposer_state=proposer.update(pstate, context(new), s.lengths))
 
-    state = state.replace(proposer_state=proposer.init(context(state)))
+    pstate = proposer.init(context(state))
+    if prev is not None:
+        pstate = proposer.resume(pstate, context(state), prev_state, prev)
+    state = state.replace(proposer_state=pstate)
     return jax.lax.while_loop(cond, body, state)
 
 
@@ -197,6 +252,13 @@ def _encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[
     return encoded
 
 
+def _shared_prefix(prompt: Sequence[int], cached: np.ndarray) -> int:
+    """How many leading prompt tokens equal the cached history; at least one token is left to run."""
+    n = min(len(prompt) - 1, len(cached))
+    diff = np.nonzero(np.asarray(prompt[:n]) != cached[:n])[0]
+    return int(diff[0]) if diff.size else n
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -205,6 +267,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
              num_samples: int = 1, group: Sequence[int] | None = None, max_len: int | None = None,
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
+             session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
              **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method; see DESIGN.md's contract.
 
@@ -214,25 +277,38 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     `eos_token_ids` overrides the model's stop tokens (`()`: never stop early, e.g. for benchmarks).
     `pad_prompts_to` pads prompts to at least this length, so that a run over many questions compiles
     once instead of once per prompt-length bucket.
+    `keep_session=True` returns `output.session`; passing it as `session=` to the next call (one prompt
+    per row, same batch) reuses each row's cache for the prefix shared with its history and carries the
+    drafter's store across calls: multi-round thinking prefills only what is new and drafts from every
+    earlier round. `pad_new_to` pads the part of the prompts not yet cached (what a continued call
+    prefills) to at least this length, for the same reason as `pad_prompts_to`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     cfg: ModelConfig = model.config
-    proposer = make_proposer(method, **method_options)
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    proposer, weights = make_proposer(method, **method_options).bind(model, sampling_cfg)
     ids = _encode_prompts(model.tokenizer, prompts, chat)
     num_prompts = len(ids)
     rows = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
     batch = len(rows)
     longest = max(len(x) for x in ids)
     p_bucket = _round_up(max(longest, pad_prompts_to), PROMPT_BUCKET)
-    need = p_bucket + max_new_tokens + proposer.k + 1
-    cache_len = _round_up(need, PROMPT_BUCKET) if max_len is None else max_len
-    if longest + max_new_tokens + proposer.k + 1 > cache_len or cache_len > cfg.max_position_embeddings:
+    need = p_bucket + max_new_tokens + proposer.width + 1
+    cache_len = min(_round_up(need, PROMPT_BUCKET), cfg.max_position_embeddings) if max_len is None else max_len
+    if session is not None:
+        if num_samples != 1 or batch != session.batch:
+            raise ValueError(f"a session continues row by row: pass {session.batch} prompts (one per row of the "
+                             f"previous call) and num_samples=1, got {num_prompts} prompts x {num_samples}")
+        if max_len is not None and max_len != session.cache.max_len:
+            raise ValueError(f"max_len={max_len} differs from the session's cache ({session.cache.max_len}): "
+                             "drop max_len, or size the first call's max_len for every round")
+        cache_len = session.cache.max_len
+    if longest + max_new_tokens + proposer.width + 1 > cache_len or cache_len > cfg.max_position_embeddings:
         raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + draft {proposer.k} does not fit the "
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + draft {proposer.width} does not fit the "
             f"cache of {min(cache_len, cfg.max_position_embeddings)} positions (model limit "
             f"{cfg.max_position_embeddings}): shorten the prompt or lower max_new_tokens"
         )
@@ -246,18 +322,31 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
     rng_prefill, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
 
+    feed = start = None
+    if session is not None:
+        start = np.asarray([_shared_prefix(x, session.history[b, : session.lengths[b] - 1]) for b, x in enumerate(ids)],
+                           np.int32)
+        width = _round_up(max(int(np.max(prompt_lengths - start)), pad_new_to), PROMPT_BUCKET)
+        feed = np.zeros((num_prompts, width), np.int32)
+        for i, x in enumerate(ids):
+            feed[i, : len(x) - start[i]] = x[start[i]:]
+        feed, start = jnp.asarray(feed), jnp.asarray(start)
+
     t0 = time.perf_counter()
     tokens, lengths, cache, hidden, done = prefill(
-        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, cfg=cfg,
-        sampling_cfg=sampling_cfg, max_len=cache_len, eos_ids=eos_ids, max_new=max_new_tokens)
+        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, feed, start,
+        None if session is None else session.cache, cfg=cfg, sampling_cfg=sampling_cfg, max_len=cache_len,
+        eos_ids=eos_ids, max_new=max_new_tokens)
     jax.block_until_ready(tokens)
     t1 = time.perf_counter()
     state = LoopState(
         tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths[rows]), done=done, cache=cache,
         hidden=hidden, proposer_state=(), rng=rng_decode, steps=jnp.zeros((), jnp.int32),
-        accept_hist=jnp.zeros((proposer.k + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
-    state = decode(model.params, state, jnp.asarray(groups), cfg=cfg, proposer=proposer,
-                   sampling_cfg=sampling_cfg, eos_ids=eos_ids, max_new=max_new_tokens)
+        accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
+    carry = session is not None and session.proposer == proposer
+    state = decode(model.params, state, jnp.asarray(groups), weights, cfg=cfg, proposer=proposer,
+                   sampling_cfg=sampling_cfg, eos_ids=eos_ids, max_new=max_new_tokens,
+                   prev_state=session.proposer_state if carry else None, prev=session.context if carry else None)
     out_tokens, out_lengths, hist, steps, sources = jax.device_get(
         (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
     t2 = time.perf_counter()
@@ -289,6 +378,15 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         "wall_s": wall,
         "tokens_per_s": emitted / wall if wall > 0 else 0.0,
         "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
-        "draft_k": proposer.k,
+        "draft_k": proposer.width,
     }
-    return GenerateOutput(tokens=generated, texts=texts, stats=stats)
+    if session is not None:
+        stats["reused_prefix_tokens"] = int(np.sum(jax.device_get(start)))
+    kept = None
+    if keep_session:
+        kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
+                       context=Context(tokens=state.tokens, lengths=state.lengths, group=jnp.asarray(groups),
+                                       active=jnp.zeros((batch,), bool), hidden=state.hidden, weights=weights,
+                                       cache=state.cache),
+                       history=out_tokens, lengths=out_lengths)
+    return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)

@@ -36,12 +36,12 @@ def hf_tiny_config(family: str, vocab: int = 96):
     raise ValueError(family)
 
 
-def save_tiny(family: str, folder, seed: int = 0, **save_kwargs):
+def save_tiny(family: str, folder, seed: int = 0, vocab: int = 96, **save_kwargs):
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_tiny_config(family), dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(hf_tiny_config(family, vocab), dtype=torch.float32)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
     return model

@@ -115,3 +115,39 @@ def test_real_model_speculative_equals_ar(real_model):
         assert out.stats["mean_accepted_tokens"] > 1.2, method
     alone = specjax.generate(real_model, prompts[:1], "suffix", max_new_tokens=40, eos_token_ids=(), k=6)
     assert alone.tokens[0] == ar.tokens[0]
+
+
+# ------------------------------------------------------------------ token trees in the loop
+
+TREE_PROMPTS = [[5, 6, 7, 20, 5, 6, 7, 30, 5, 6, 7, 40, 5, 6, 7] * 2, LOOPY]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_suffix_tree_drafts_verify_in_one_forward_and_stay_lossless(tiny_model, temperature):
+    """branches=3: three chains (the best matches with distinct next tokens) verified as one tree; the
+    accepted path's keys/values are compacted, so greedy output still equals ar exactly."""
+    kw = dict(max_new_tokens=40, eos_token_ids=(), temperature=temperature)
+    ar = specjax.generate(tiny_model, TREE_PROMPTS, "ar", **kw)
+    tree = specjax.generate(tiny_model, TREE_PROMPTS, "suffix", k=4, branches=3, min_match=1, **kw)
+    assert tree.stats["draft_k"] == 12 and len(tree.stats["accepted_hist"]) == 4 + 2
+    if temperature == 0.0:
+        assert tree.tokens == ar.tokens
+        assert tree.stats["mean_accepted_tokens"] > 1.0
+    else:
+        assert all(len(t) == 40 for t in tree.tokens)
+
+
+def test_compact_moves_the_accepted_path_behind_the_root():
+    import jax.numpy as jnp
+
+    from specjax.models import cache as kv
+
+    slots = jnp.arange(16, dtype=jnp.float32)
+    buf = jnp.broadcast_to(slots[None, None, :, None], (2, 1, 16, 2))  # each slot holds its own index
+    c = kv.KVCache(k=(buf,), v=(buf + 100,), lengths=jnp.array([3, 5], jnp.int32))
+    path = jnp.array([[2, 5], [1, 4]], jnp.int32)  # row 0: nodes 2 then 5 accepted; row 1: nodes 1, 4
+    out = kv.compact(c, c.lengths, path)
+    k = np.asarray(out.k[0][:, 0, :, 0])
+    assert k[0, 3:6].tolist() == [3, 3 + 2, 3 + 5] and k[1, 5:8].tolist() == [5, 5 + 1, 5 + 4]
+    assert k[0, :3].tolist() == [0, 1, 2]  # committed history untouched
+    assert np.asarray(out.v[0][0, 0, 4, 0]) == 105

@@ -88,7 +88,7 @@ def random_rows(seed, batch, vocab=3, width=WIDTH):
 
 PLD = PromptLookup(k=4, max_ngram=3, min_ngram=1)
 # the unit tests exercise single-token matches; the method default (min_match=3) only filters them
-Suffix1 = functools.partial(SuffixMatch, min_match=1)
+Suffix1 = functools.partial(SuffixMatch, min_match=1, spec_factor=0.0, store_size=0)  # full-K drafts, no store
 
 
 def test_pld_finds_match_prefers_longer_n_and_most_recent():
@@ -317,3 +317,26 @@ def test_bad_configs_rejected():
         SuffixMatch(min_match=3, max_match=2)
     with pytest.raises(ValueError):
         NGramPool(table_size=100)
+
+
+def test_branch_template_and_distinct_tree_chains():
+    from specjax.proposers.ngram import SuffixMatch, branch_template
+
+    t = branch_template(2, 3)
+    assert t.parents == (-1, 0, 1, 2, 0, 4, 5) and t.max_depth == 3
+    # "5 6" was followed by 7, then by 9, then by 7 again: chains start with 7 (latest) and 9
+    history = [5, 6, 7, 1, 5, 6, 9, 2, 5, 6, 7, 3, 5, 6]
+    ctx = Context(tokens=jnp.asarray([history + [0] * 4]), lengths=jnp.asarray([len(history)]),
+                  group=jnp.zeros((1,), jnp.int32), active=jnp.ones((1,), bool))
+    prop = SuffixMatch(k=3, min_match=2, branches=2, shared=False, spec_factor=0.0)
+    assert prop.template == t and prop.width == 6 and prop.depth == 3
+    draft = prop.propose(prop.init(ctx), ctx, None)[1]
+    assert draft.tokens[0].tolist() == [7, 3, 5, 9, 2, 5]
+    assert draft.valid[0].tolist() == [True] * 6 and int(draft.num[0]) == 6
+
+
+def test_spec_factor_caps_the_draft_at_a_multiple_of_the_match_length():
+    row = [1, 2, 3, 4, 5, 6, 7, 8, 9, 30, 40, 1, 2]  # "1 2" matched (length 2), 7 tokens follow it
+    for factor, expect in [(0.0, 6), (1.0, 2), (1.5, 3), (10.0, 6)]:
+        got, conf = draft(Suffix1(k=6, shared=False, spec_factor=factor), [row])
+        assert got == [[3, 4, 5, 6, 7, 8][:expect]] and conf.tolist() == [2.0], factor

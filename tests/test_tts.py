@@ -37,8 +37,11 @@ def test_multi_round_chains_previous_answer(tiny_chat_model, monkeypatch):
     seen = []
     real = paradigms.generate
 
+    sessions = []
+
     def spy(model, prompts, method, **kw):
         seen.append(list(prompts))
+        sessions.append(kw.get("session"))
         return real(model, prompts, method, **kw)
 
     monkeypatch.setattr(paradigms, "generate", spy)
@@ -49,16 +52,21 @@ def test_multi_round_chains_previous_answer(tiny_chat_model, monkeypatch):
             assert prompt == paradigms.next_round_prompt(q.question, prev)
             assert prev.strip() in prompt
     assert [o[0] for o in res.outputs] == res.history[-1]
+    # rounds chain through a session: later rounds prefill only past the prefix shared with the history
+    assert sessions[0] is None and all(s is not None for s in sessions[1:])
+    assert res.rounds[0]["reused_prefix_tokens"] == 0
+    assert all(r["reused_prefix_tokens"] > 0 for r in res.rounds[1:])
 
 
 @pytest.mark.parametrize("paradigm, kw", [("single", {}), ("best_of_n", {"n": 2}), ("multi_round", {"rounds": 2})])
 def test_greedy_paradigms_are_lossless_for_every_method(tiny_chat_model, paradigm, kw):
     with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
         ar = paradigms.run(tiny_chat_model, QUESTIONS[:2], "ar", paradigm, max_new_tokens=16, batch_size=2, **kw)
-    for method in ("pld", "suffix", "pool"):
+    for method, opts in [("pld", {}), ("suffix", {}), ("pool", {}), ("draft", {"draft": "self:1"}),
+                         ("hybrid", {"draft": "self:1", "head_k": 3})]:
         with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
             out = paradigms.run(tiny_chat_model, QUESTIONS[:2], method, paradigm, max_new_tokens=16, batch_size=2,
-                                k=4, **kw)
+                                k=4, **opts, **kw)
         assert out.outputs == ar.outputs, (method, paradigm)
 
 
@@ -87,11 +95,12 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
     data = tmp_path / "q.jsonl"
     _write_jsonl(data, [{"question": q.question, "answer": q.answer} for q in QUESTIONS])
     out = tmp_path / "res.json"
-    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,suffix", "--paradigm", "multi_round",
+    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,hybrid", "--paradigm", "multi_round",
                    "--rounds", "2", "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
-                   "--temperature", "0", "--seed", "0", "--k", "4", "--output", str(out)])
+                   "--temperature", "0", "--seed", "0", "--k", "4", "--output", str(out),
+                   "--option", "draft=self:1", "--option", "head_k=2"])
     assert rc == 0
-    for method in ("pld", "suffix"):
+    for method in ("pld", "hybrid"):
         res = json.loads((tmp_path / f"res.{method}.json").read_text())
         assert set(res) == {"config", "summary", "samples"}
         s = res["summary"]
@@ -104,7 +113,7 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
         for sample in res["samples"]:
             assert set(sample) >= {"id", "question", "answer", "outputs", "predicted", "correct"}
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "suffix" in printed and "pld" in printed
+    assert "speedup" in printed and "hybrid" in printed and "pld" in printed
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -112,6 +121,8 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
     (["--paradigm", "nope"], "unknown --paradigm"),
     (["--n", "0", "--paradigm", "best_of_n"], "--n must be >= 1"),
     (["--dataset", "/no/such/file.jsonl"], "not"),
+    (["--method", "pld", "--option", "threshold=3"], "none of the methods pld takes it"),
+    (["--option", "draft"], "write KEY=VALUE"),
 ])
 def test_cli_bad_input(argv, match, capsys):
     from eval import tts

@@ -50,6 +50,21 @@ class KVCache:
         return KVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)), lengths=take(self.lengths))
 
 
+def compact(cache: KVCache, start: Int[Array, "B"], path: Int[Array, "B D"]) -> KVCache:
+    """After a tree verify wrote node j at slot start + j: moves the accepted path's nodes path[b, :]
+    to slots start + 1, start + 2, ... (the root stays at `start`), so the cache is a plain history again.
+    Entries past the accepted depth are junk past the committed length, as after any verify."""
+    b, d = path.shape
+    src = (start[:, None] + path)[:, None, :, None]  # [B, 1, D, 1] slots to read
+    dst = start[:, None] + 1 + jnp.arange(d)[None]
+
+    def move(buf):
+        picked = jnp.take_along_axis(buf, jnp.clip(src, 0, buf.shape[2] - 1), axis=2)  # [B, KV, D, hd]
+        return write(buf, picked.transpose(0, 2, 1, 3), dst)
+
+    return cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)))
+
+
 def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> jax.Array:
     """Writes new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at slots slots[b, 0] + t.
 

@@ -7,10 +7,15 @@ import dataclasses
 from specjax.proposers.base import NoDraft, Proposer
 
 
+BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer")  # set by Proposer.bind, not by users
+
+
 def registry() -> dict[str, type[Proposer]]:
+    from specjax.proposers.draft_model import DraftModel
+    from specjax.proposers.hybrid import Hybrid
     from specjax.proposers.ngram import NGRAM_PROPOSERS
 
-    return {"ar": NoDraft, **NGRAM_PROPOSERS}
+    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "hybrid": Hybrid}
 
 
 def make_proposer(method: str, **options) -> Proposer:
@@ -19,7 +24,7 @@ def make_proposer(method: str, **options) -> Proposer:
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
     cls = methods[method]
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls) if f.name not in BOUND_FIELDS}
     unknown = set(options) - fields
     if unknown:
         raise ValueError(

@@ -4,9 +4,11 @@ Every proposer is a frozen (hashable) dataclass holding only its configuration, 
 argument of the jitted decode loop. Its runtime state is a pytree returned by `init` and threaded
 through the loop by the engine:
 
+    proposer, weights = proposer.bind(model, sampling_cfg)  # on the host, before the loop
     state = proposer.init(ctx)                      # once, after prefill
     state, draft = proposer.propose(state, ctx, rng) # every step, before the target forward
     state = proposer.update(state, ctx, prev_lengths) # every step, after acceptance
+    state = proposer.resume(state, ctx, prev_state, prev)  # after init, when continuing a Session
 
 `ctx.tokens[b, :ctx.lengths[b]]` is row b's whole history (prompt + generated). Its last token is the
 *pending* token: sampled, but not yet fed to the target (it is the first token of the next verify
@@ -36,6 +38,8 @@ class Context:
     group: Int[Array, "B"]  # rows sharing a group may draft from each other (Best-of-N branches)
     active: Bool[Array, "B"]  # rows still generating
     hidden: Float[Array, "B D"] | None = None  # target hidden state that predicted the pending token
+    weights: Any = None  # the proposer's own weights (from `bind`), e.g. a draft model's params
+    cache: Any = None  # the target's KVCache (read-only), holding every history token but the pending one
 
 
 @struct.dataclass
@@ -47,6 +51,7 @@ class Draft:
     probs: Float[Array, "B K V"] | None = None  # draft distribution q; None means deterministic (one-hot)
     confidence: Float[Array, "B"] | None = None  # proposer-specific, e.g. suffix match length
     source: Int[Array, "B"] | None = None  # which sub-proposer drafted (hybrid); 0 otherwise
+    valid: Bool[Array, "B K"] | None = None  # tree drafts: which nodes are real (None: the first `num`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,26 @@ class Proposer:
 
     name: ClassVar[str] = "none"
     k: int = 0
+
+    @property
+    def width(self) -> int:
+        """Draft tokens (chain positions or tree nodes) per row per step: the verify forward is width + 1 wide."""
+        return self.k if self.template is None else self.template.size - 1
+
+    @property
+    def template(self):
+        """A static `verify.TreeTemplate` for tree drafters (tokens are its nodes 1..T-1), None for chains."""
+        return None
+
+    @property
+    def depth(self) -> int:
+        """Most draft tokens one step can accept."""
+        return self.k if self.template is None else self.template.max_depth
+
+    def bind(self, model, sampling_cfg) -> tuple["Proposer", Any]:
+        """Called by generate before the loop: returns the proposer configured for this target and
+        sampling config, and the weights pytree it reads as `ctx.weights` (None for model-free ones)."""
+        return self, None
 
     def init(self, ctx: Context) -> State:
         return ()
@@ -67,6 +92,12 @@ class Proposer:
 
     def update(self, state: State, ctx: Context, prev_lengths: Int[Array, "B"]) -> State:
         """Called after acceptance: `ctx` holds the new history; `prev_lengths` the lengths before."""
+        return state
+
+    def resume(self, state: State, ctx: Context, prev_state: State, prev: Context) -> State:
+        """Continuing a session (next round): `state` is a fresh `init(ctx)`; `prev_state` and `prev` are
+        this proposer's final state and history from the previous call. Returns what persists; default
+        nothing."""
         return state
 
 

@@ -19,12 +19,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from specjax.engine import generate
+from specjax.proposers import make_proposer
 from specjax.tts.datasets import Question
 
 PARADIGMS = ("single", "best_of_n", "multi_round")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # the re-answer prompt of "Think Twice" (multi-round test-time thinking)
 REANSWER = "The assistant's previous answer is: <answer>{previous}</answer>, and please re-answer."
+REANSWER_SLACK = 16  # re-tokenising a decoded answer may take a few more tokens than generating it did
+GENERATE_KW = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 
 def first_round_prompt(question: str) -> str:
@@ -47,6 +50,7 @@ def aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = ("generated_tokens", "emitted_tokens", "target_forwards", "decode_steps", "prefill_s", "decode_s",
             "wall_s", "prefilled_rows", "batch")
     total = {k: sum(s[k] for s in stats) for k in keys}
+    total["reused_prefix_tokens"] = sum(s.get("reused_prefix_tokens", 0) for s in stats)
     width = max(len(s["accepted_hist"]) for s in stats)
     hist = np.zeros(width, np.int64)
     for s in stats:
@@ -86,25 +90,54 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
         warnings.warn("best_of_n with temperature 0 gives N identical branches; use --temperature > 0",
                       stacklevel=2)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **method_options)
-    num_rounds = rounds if paradigm == "multi_round" else 1
+    if paradigm == "multi_round":
+        return _multi_round(model, questions, method, rounds, batch_size, seed, on_batch, kw)
     samples = n if paradigm == "best_of_n" else 1
     step = 1 if paradigm == "best_of_n" else batch_size  # best_of_n's batch is the N branches
-    previous: list[str] = []
-    history, round_stats = [], []
-    for r in range(num_rounds):
-        prompts = [first_round_prompt(q.question) if r == 0 else next_round_prompt(q.question, prev)
-                   for q, prev in zip(questions, previous or [""] * len(questions))]
-        pad = _prompt_length(model, prompts)
-        texts: list[list[str]] = []
-        stats = []
-        for i, chunk in enumerate(_batches(prompts, step)):
-            out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad, **kw)
-            stats.append(out.stats)
-            texts.extend(out.texts[j * samples : (j + 1) * samples] for j in range(len(chunk)))
-            if on_batch is not None:
-                on_batch(len(chunk))
-        round_stats.append(aggregate(stats))
-        previous = [t[0] for t in texts]
-        history.append(previous)
-        outputs = texts
-    return ParadigmResult(outputs=outputs, rounds=round_stats, history=history)
+    prompts = [first_round_prompt(q.question) for q in questions]
+    pad = _prompt_length(model, prompts)
+    texts: list[list[str]] = []
+    stats = []
+    for i, chunk in enumerate(_batches(prompts, step)):
+        out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad, **kw)
+        stats.append(out.stats)
+        texts.extend(out.texts[j * samples : (j + 1) * samples] for j in range(len(chunk)))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return ParadigmResult(outputs=texts, rounds=[aggregate(stats)], history=[[t[0] for t in texts]])
+
+
+def _multi_round(model, questions: Sequence[Question], method: str, rounds: int, batch_size: int, seed: int,
+                 on_batch: Callable[[int], None] | None, kw: dict[str, Any]) -> ParadigmResult:
+    """Each batch of questions goes through all its rounds before the next batch starts, so the
+    rounds chain through one `Session`: round r+1 reuses the cache of the prefix it shares with round
+    r's history (chat header, question, instruction) and drafts from a store holding every round.
+    Shapes are fixed up front (prompt pads and one cache size for all rounds: a re-answer prompt holds
+    at most max_new_tokens of answer), so each round compiles once for the whole run.
+    """
+    max_new = kw["max_new_tokens"]
+    k = make_proposer(method, **{o: v for o, v in kw.items() if o not in GENERATE_KW}).width
+    first = [first_round_prompt(q.question) for q in questions]
+    pad1 = _prompt_length(model, first)
+    # a re-answer prompt: its template around an answer of at most max_new tokens (+ slack for re-tokenising)
+    template_pad = _prompt_length(model, [next_round_prompt(q.question, "") for q in questions])
+    pad_next = template_pad + max_new + REANSWER_SLACK
+    new_part = pad_next - pad1 + REANSWER_SLACK  # what a later round prefills beyond the shared prefix
+    max_len = pad_next + max_new + k + 1
+    per_round: list[list[dict[str, Any]]] = [[] for _ in range(rounds)]
+    history: list[list[str]] = [[] for _ in range(rounds)]
+    for i, chunk in enumerate(_batches(list(questions), batch_size)):
+        session, previous = None, [""] * len(chunk)
+        for r in range(rounds):
+            prompts = [first_round_prompt(q.question) if r == 0 else next_round_prompt(q.question, prev)
+                       for q, prev in zip(chunk, previous)]
+            out = generate(model, prompts, method, seed=seed + i, pad_prompts_to=pad1 if r == 0 else pad_next,
+                           max_len=-(-max_len // 64) * 64, session=session, keep_session=r + 1 < rounds,
+                           pad_new_to=new_part, **kw)
+            session, previous = out.session, out.texts
+            per_round[r].append(out.stats)
+            history[r].extend(out.texts)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return ParadigmResult(outputs=[[t] for t in history[-1]], rounds=[aggregate(s) for s in per_round],
+                          history=history)
