@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+NEEDS = {"medusa": "head"}  # method -> the option it cannot run without
+
+
 def expand_methods(spec: str) -> list[str]:
     from specjax.proposers import registry
 
@@ -153,6 +156,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     methods = expand_methods(args.method)
+    if args.method == "all":  # methods that need a trained artifact join 'all' only when it is given
+        given = {item.partition("=")[0] for item in args.option}
+        methods = [m for m in methods if NEEDS.get(m, "") in given | {""}]
     options = parse_options(args.option, methods)
     from specjax.tts.datasets import load_dataset
 

@@ -7,15 +7,16 @@ import dataclasses
 from specjax.proposers.base import NoDraft, Proposer
 
 
-BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer")  # set by Proposer.bind, not by users
+BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer", "hidden")  # set by Proposer.bind, not by users
 
 
 def registry() -> dict[str, type[Proposer]]:
     from specjax.proposers.draft_model import DraftModel
     from specjax.proposers.hybrid import Hybrid
+    from specjax.proposers.medusa import Medusa
     from specjax.proposers.ngram import NGRAM_PROPOSERS
 
-    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "hybrid": Hybrid}
+    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "hybrid": Hybrid}
 
 
 def make_proposer(method: str, **options) -> Proposer:

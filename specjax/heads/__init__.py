@@ -1,0 +1,1 @@
+"""Trained draft heads (Medusa) as Flax modules, and their on-disk format."""

@@ -1,0 +1,76 @@
+"""`medusa`: K trained heads guess tokens t+2..t+K+1 from the hidden state that predicted t+1.
+
+No draft forward at all: one small matmul per head on the stored hidden state, then the target's LM
+head. Heads guess independently, so a tree whose chains start with the top-`branches` guesses of
+head 0 and continue with the other heads' top-1 (`ngram.branch_template`) is verified in one forward;
+`branches=1` is a plain chain. The drafts are deterministic (q one-hot), so sampling stays lossless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from specjax.proposers.base import Context, Draft, Proposer
+from specjax.proposers.ngram import branch_template
+from specjax.verify import TreeTemplate
+
+
+@dataclasses.dataclass(frozen=True)
+class Medusa(Proposer):
+    name: ClassVar[str] = "medusa"
+    head: str = ""  # folder of a trained head (train.draft_head --head medusa --out DIR)
+    branches: int = 2
+    k: int = 0  # set by bind: the number of heads
+    hidden: int = 0  # set by bind
+
+    def __post_init__(self):
+        if self.branches < 1:
+            raise ValueError(f"branches must be >= 1, got {self.branches}")
+
+    def bind(self, model, sampling_cfg) -> tuple["Medusa", Any]:
+        from specjax.heads.io import load_head
+
+        if not self.head:
+            raise ValueError("method 'medusa' needs head=DIR, a head trained with "
+                             "`python -m train.draft_head --head medusa --out DIR`")
+        config, params = load_head(self.head)
+        cfg = model.config
+        if config["kind"] != "medusa":
+            raise ValueError(f"{self.head} holds a {config['kind']!r} head, not a medusa one")
+        if (config["hidden_size"], config["vocab_size"]) != (cfg.hidden_size, cfg.vocab_size):
+            raise ValueError(f"head {self.head} was trained for hidden {config['hidden_size']} / vocab "
+                             f"{config['vocab_size']}, the model has {cfg.hidden_size} / {cfg.vocab_size}: "
+                             "train a head for this model")
+        bound = dataclasses.replace(self, k=int(config["num_heads"]), hidden=cfg.hidden_size)
+        dtype = model.params["lm_head"].dtype
+        return bound, {"heads": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
+                       "lm_head": model.params["lm_head"]}
+
+    @property
+    def template(self) -> TreeTemplate | None:
+        return None if self.branches == 1 or self.k == 0 else branch_template(self.branches, self.k)
+
+    def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[Any, Draft]:
+        from specjax.heads.medusa import MedusaHeads
+
+        if self.k == 0:
+            raise ValueError("the medusa proposer is unbound: generate() binds it to the model (call bind())")
+        batch = ctx.tokens.shape[0]
+        w = ctx.weights
+        feats = MedusaHeads(self.k, self.hidden).apply({"params": w["heads"]}, ctx.hidden.astype(w["lm_head"].dtype))
+        logits = jnp.dot(feats, w["lm_head"], preferred_element_type=jnp.float32)  # [B, K, V]
+        top1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K]
+        conf = jnp.max(jax.nn.softmax(logits[:, 0]), axis=-1)
+        if self.template is None:
+            num = jnp.where(ctx.active, self.k, 0).astype(jnp.int32)
+            return state, Draft(tokens=top1, num=num, confidence=conf)
+        firsts = jax.lax.top_k(logits[:, 0], self.branches)[1].astype(jnp.int32)  # [B, branches]
+        chains = [jnp.concatenate([firsts[:, j : j + 1], top1[:, 1:]], axis=1) for j in range(self.branches)]
+        tokens = jnp.concatenate(chains, axis=1)
+        valid = jnp.broadcast_to(ctx.active[:, None], tokens.shape)
+        num = jnp.where(ctx.active, tokens.shape[1], 0).astype(jnp.int32)
+        return state, Draft(tokens=tokens, num=num, confidence=conf, valid=valid)

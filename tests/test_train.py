@@ -1,0 +1,103 @@
+"""train.draft_head on a tiny model: loss falls, resume replays exactly, bad checkpoints say so; the
+exported head drives method='medusa' losslessly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import specjax
+
+ARGS = ["--head", "medusa", "--dataset", "arith", "--num-prompts", "8", "--seq-len", "48", "--batch-size", "4",
+        "--lr", "3e-2", "--num-heads", "2", "--gen-batch", "8", "--save-every", "1", "--keep", "2",
+        "--eval-prompts", "2"]
+
+
+def _run(model_dir, out, steps, *extra):
+    from train import draft_head
+
+    return draft_head.main(["--model", str(model_dir), "--out", str(out), "--steps", str(steps), *ARGS, *extra])
+
+
+def _losses(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_chat_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("medusa_full")
+    assert _run(tiny_chat_checkpoint, out, 12) == 0
+    return out
+
+
+def test_loss_falls_and_head_is_exported(trained):
+    records = _losses(trained)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
+    assert last < first * 0.9, (first, last)
+    config = json.loads((trained / "head.json").read_text())
+    assert config["kind"] == "medusa" and config["num_heads"] == 2
+    assert (trained / "data.npz").is_file()
+    kept = sorted(p.name for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ["11", "12"]  # keep-last-2
+
+
+def test_kill_and_restart_resumes_with_the_same_next_loss(trained, tiny_chat_checkpoint, tmp_path):
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(trained / "data.npz", out / "data.npz")  # same data, no regeneration
+    assert _run(tiny_chat_checkpoint, out, 8, "--stop-after", "5") == 0  # "killed" after step 5
+    assert not (out / "head.json").exists()
+    assert _run(tiny_chat_checkpoint, out, 8) == 0  # restart: resumes at 5
+    resumed = _losses(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]
+    full = {r["step"]: r["loss"] for r in _losses(trained)}
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    shutil.copy(trained / "data.npz", ref / "data.npz")
+    assert _run(tiny_chat_checkpoint, ref, 8) == 0
+    assert [r["loss"] for r in _losses(ref)] == pytest.approx([r["loss"] for r in resumed], rel=1e-5)
+    assert full[1] == pytest.approx(resumed[0]["loss"], rel=1e-5)
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(trained, tiny_chat_checkpoint, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    shutil.copytree(trained, out)
+    for f in (out / "checkpoints" / "12").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    assert _run(tiny_chat_checkpoint, out, 14) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step 12" in err and "corrupt" in err and "delete" in err
+
+
+def test_medusa_method_with_the_trained_head_equals_ar(trained, tiny_chat_model):
+    prompts = ["What is 3 + 4?", "Tom has 5 apples and buys 7 more. How many apples does he have?"]
+    ar = specjax.generate(tiny_chat_model, prompts, "ar", max_new_tokens=24, eos_token_ids=())
+    for branches in (1, 2):
+        out = specjax.generate(tiny_chat_model, prompts, "medusa", head=str(trained), branches=branches,
+                               max_new_tokens=24, eos_token_ids=())
+        assert out.tokens == ar.tokens, branches
+        assert out.stats["draft_k"] == 2 * branches
+    sampled = specjax.generate(tiny_chat_model, prompts, "medusa", head=str(trained), max_new_tokens=24,
+                               temperature=1.0, eos_token_ids=())
+    assert all(len(t) == 24 for t in sampled.tokens)
+
+
+def test_head_errors_name_the_fix(trained, tiny_chat_model, tmp_path, capsys):
+    with pytest.raises(ValueError, match="needs head=DIR"):
+        specjax.generate(tiny_chat_model, ["hi"], "medusa", max_new_tokens=4)
+    with pytest.raises(ValueError, match="no trained head"):
+        specjax.generate(tiny_chat_model, ["hi"], "medusa", head=str(tmp_path), max_new_tokens=4)
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad)
+    (bad / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        specjax.generate(tiny_chat_model, ["hi"], "medusa", head=str(bad), max_new_tokens=4)
+    from train import draft_head
+
+    assert draft_head.main(["--head", "eagle2", "--out", str(tmp_path / "x")]) == 2
+    assert "not available" in capsys.readouterr().err

@@ -1,0 +1,257 @@
+"""`python -m train.draft_head`: self-distil draft heads for a target model.
+
+    python -m train.draft_head --head medusa --steps 300 --out heads/medusa-smollm2
+
+1. Data: the target's own greedy generations on prompts from any dataset the harness accepts,
+   generated with specjax in large batches and cached in OUT/data.npz (reused when the model,
+   dataset, prompt count and lengths match).
+2. Training: Flax heads on the frozen target's hidden states (computed inside the jitted step),
+   Optax AdamW with linear warmup, cosine decay and global-norm clipping; batches are a pure function
+   of the step, so a resumed run sees exactly the batches an uninterrupted one would.
+3. Checkpoints: Orbax CheckpointManager in OUT/checkpoints (every --save-every steps, keep the last
+   --keep, atomic); a rerun with the same OUT resumes from the latest one. Losses go to
+   OUT/metrics.jsonl.
+4. Export: OUT/head.json + OUT/head.safetensors (bf16), loadable with
+   `specjax.generate(..., method="medusa", head=OUT)`, then a final evaluation through the real
+   generate loop (mean accepted tokens vs ar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEADS = ("medusa",)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train.draft_head", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head", required=True, help="medusa (eagle: not built yet)")
+    p.add_argument("--out", required=True, help="folder: data cache, checkpoints, exported head")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dataset", default="arith")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts to self-distil on")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=192, help="prompt + generation tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--num-heads", type=int, default=3)
+    p.add_argument("--gen-batch", type=int, default=32, help="prompts per generate call when building data")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this step as if killed (time-boxed sessions, resume tests); no export")
+    p.add_argument("--eval-prompts", type=int, default=4, help="prompts of the final generate evaluation (0: skip)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+
+def build_data(model, args, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [N, seq_len] (prompt + greedy generation, zero-padded) and mask [N, seq_len]; cached."""
+    import specjax
+    from specjax.tts.datasets import load_dataset
+    from specjax.tts.paradigms import first_round_prompt
+
+    key = {"model": args.model, "dataset": args.dataset, "num_prompts": args.num_prompts, "seq_len": args.seq_len}
+    path = folder / "data.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            if json.loads(str(f["key"])) == key:
+                return f["tokens"], f["mask"]
+    questions = load_dataset(args.dataset, limit=args.num_prompts)
+    tok = model.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": first_round_prompt(q.question)}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in questions]
+    prompts = [p[-(args.seq_len // 2):] for p in prompts]  # room for at least seq_len / 2 generated tokens
+    tokens = np.zeros((len(prompts), args.seq_len), np.int32)
+    mask = np.zeros((len(prompts), args.seq_len), bool)
+    for i in range(0, len(prompts), args.gen_batch):
+        chunk = prompts[i : i + args.gen_batch]
+        budget = args.seq_len - min(len(p) for p in chunk)
+        out = specjax.generate(model, chunk, "ar", max_new_tokens=budget, temperature=0.0)
+        for j, (p, gen) in enumerate(zip(chunk, out.tokens)):
+            row = (p + gen)[: args.seq_len]
+            tokens[i + j, : len(row)] = row
+            mask[i + j, : len(row)] = True
+        print(f"data: {min(i + args.gen_batch, len(prompts))}/{len(prompts)} sequences", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(path, tokens=tokens, mask=mask, key=json.dumps(key))
+    return tokens, mask
+
+
+# ---------------------------------------------------------------- training
+
+
+def make_optimizer(args):
+    import optax
+
+    warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+
+
+def medusa_loss(head_params, heads, target_params, cfg, tokens, mask):
+    """Mean CE of head i's guess at h_t against token t+2+i, and per-head top-1 accuracy."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from specjax.models import transformer
+
+    h = jax.lax.stop_gradient(transformer.forward(target_params, cfg, tokens).hidden)  # [B, L, D]
+    feats = heads.apply({"params": head_params}, h)  # [B, L, K, D]
+    logits = jnp.dot(feats, target_params["lm_head"], preferred_element_type=jnp.float32)
+    k, length = heads.num_heads, tokens.shape[1]
+    shift = 2 + jnp.arange(k)  # head i predicts t + 2 + i
+    idx = jnp.arange(length)[:, None] + shift[None]  # [L, K]
+    target = jnp.take(tokens, jnp.clip(idx, 0, length - 1), axis=1)  # [B, L, K]
+    valid = (idx < length)[None] & jnp.take(mask, jnp.clip(idx, 0, length - 1), axis=1) & mask[:, :, None]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    weight = valid.astype(jnp.float32)
+    loss = jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    hit = (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32) * weight
+    acc = jnp.sum(hit, axis=(0, 1)) / jnp.maximum(jnp.sum(weight, axis=(0, 1)), 1.0)
+    return loss, acc
+
+
+def batch_at(step: int, seed: int, n: int, batch: int) -> np.ndarray:
+    """Row indices of step's batch: a pure function of (seed, step), so resuming replays exactly."""
+    return np.random.default_rng([seed, step]).choice(n, size=batch, replace=n < batch)
+
+
+def train(args, model, tokens, mask, folder: Path, log=print) -> tuple[Any, list[dict]]:
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specjax.heads.medusa import MedusaHeads
+
+    cfg = model.config
+    heads = MedusaHeads(args.num_heads, cfg.hidden_size)
+    params = heads.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, cfg.hidden_size)))["params"]
+    tx = make_optimizer(args)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def train_step(state, tokens, mask):
+        (loss, acc), grads = jax.value_and_grad(medusa_loss, has_aux=True)(
+            state["params"], heads, model.params, cfg, tokens, mask)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss, acc
+
+    manager = ocp.CheckpointManager(
+        (folder / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=args.keep, save_interval_steps=args.save_every,
+                                             create=True))
+    start = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        try:
+            state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
+            raise ValueError(f"checkpoint step {latest} in {folder / 'checkpoints'} is corrupt or from another "
+                             f"configuration ({type(e).__name__}: {str(e)[:200]}); delete that step's folder to "
+                             "resume from the one before, or the whole folder to start over") from None
+        start = int(state["step"])
+        log(f"resuming from step {start} ({folder / 'checkpoints'})")
+    history = []
+    metrics = (folder / "metrics.jsonl").open("a")
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(f"train {args.head}", total=args.steps, completed=start, info="")
+        for step in range(start, args.steps):
+            rows = batch_at(step, args.seed, len(tokens), args.batch_size)
+            state, loss, acc = train_step(state, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]))
+            record = {"step": step + 1, "loss": float(loss), "top1_per_head": [round(float(a), 4) for a in acc]}
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            progress.update(task, advance=1, info=f"loss {record['loss']:.3f} top1 {record['top1_per_head']}")
+            manager.save(step + 1, args=ocp.args.StandardSave(state))
+            if args.stop_after is not None and step + 1 >= args.stop_after:
+                break
+    manager.wait_until_finished()
+    manager.close()
+    metrics.close()
+    return state["params"], history
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import specjax
+    from specjax.heads.io import save_head
+
+    if args.head not in HEADS:
+        raise ValueError(f"--head {args.head!r} is not available; use one of {', '.join(HEADS)}")
+    for name in ("steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len < 8:
+        raise ValueError(f"--seq-len must be >= 8, got {args.seq_len}")
+    folder = Path(args.out)
+    model = specjax.load(args.model)
+    t0 = time.perf_counter()
+    tokens, mask = build_data(model, args, folder)
+    print(f"data: {len(tokens)} sequences, {int(mask.sum())} tokens ({time.perf_counter() - t0:.1f}s)")
+    params, history = train(args, model, tokens, mask, folder)
+    if args.stop_after is not None and args.stop_after < args.steps:
+        print(f"stopped after step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
+        return 0
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}, top-1 per head {last['top1_per_head']}")
+    config = {"kind": args.head, "num_heads": args.num_heads, "hidden_size": model.config.hidden_size,
+              "vocab_size": model.config.vocab_size, "target": args.model, "steps": args.steps,
+              "dataset": args.dataset, "final": history[-1] if history else None}
+    save_head(folder, config, params)
+    print(f"head saved to {folder} ({(folder / 'head.safetensors').stat().st_size / 1e6:.1f} MB)")
+    if args.eval_prompts:
+        evaluate(model, args, folder)
+    return 0
+
+
+def evaluate(model, args, folder: Path) -> dict[str, float]:
+    """Mean accepted tokens of the exported head through the real generate loop, greedy."""
+    import specjax
+    from specjax.tts.datasets import load_dataset
+    from specjax.tts.paradigms import first_round_prompt
+
+    questions = load_dataset(args.dataset, limit=args.num_prompts + args.eval_prompts)[args.num_prompts:]
+    prompts = [first_round_prompt(q.question) for q in questions] or ["What is 12 * 13?"]
+    ar = specjax.generate(model, prompts, "ar", max_new_tokens=64)
+    out = specjax.generate(model, prompts, args.head, max_new_tokens=64, head=str(folder))
+    figures = {"mean_accepted_tokens": out.stats["mean_accepted_tokens"], "equals_ar": out.tokens == ar.tokens,
+               "tokens_per_s": out.stats["tokens_per_s"], "ar_tokens_per_s": ar.stats["tokens_per_s"]}
+    print(f"eval on {len(prompts)} held-out prompts: {figures['mean_accepted_tokens']:.2f} tokens per target "
+          f"forward, {figures['tokens_per_s']:.1f} tok/s vs ar {figures['ar_tokens_per_s']:.1f}, "
+          f"greedy output equals ar: {figures['equals_ar']}")
+    return figures
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
