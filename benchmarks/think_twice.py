@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     compare(r1, r1["ar"])
     compare(r2, ar)
 
-    print(f"think twice: {len(questions)} questions, batch 1, greedy, max_new_tokens={args.max_new_tokens}, k={k or 'method default'}, "
-          f"model {args.model} float32")
+    print(f"think twice: {len(questions)} questions, batch 1, greedy, max_new_tokens={args.max_new_tokens}, "
+          f"k={k or 'method default'}, model {args.model} float32")
     print_table("round 2 (review the round-1 answer)", r2)
     print_table(f"round 1 (ar and the best round-2 method, {best})", r1)
     if args.json:

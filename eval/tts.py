@@ -63,27 +63,38 @@ def expand_methods(spec: str) -> list[str]:
 
 
 def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """--option KEY=VALUE pairs -> per-method option dicts; a key no method takes is an error."""
+    """--option [METHOD.]KEY=VALUE pairs -> per-method option dicts.
+
+    A plain key goes to every method of the run that takes it; `hybrid.head=medusa` only to hybrid
+    (for keys that mean different things to different methods). A key no method takes is an error.
+    """
     import ast
     import dataclasses
 
     from specjax.proposers import BOUND_FIELDS, registry
 
-    parsed = {}
+    fields = {m: {f.name for f in dataclasses.fields(registry()[m])} - set(BOUND_FIELDS) for m in methods}
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    scoped: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option threshold=4")
         try:
-            parsed[key] = ast.literal_eval(raw)
+            value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            parsed[key] = raw  # a plain string, e.g. draft=self:8
-    fields = {m: {f.name for f in dataclasses.fields(registry()[m])} - set(BOUND_FIELDS) for m in methods}
-    for key in parsed:
-        if not any(key in f for f in fields.values()):
-            raise ValueError(f"--option {key}: none of the methods {', '.join(methods)} takes it; their options: "
-                             + "; ".join(f"{m}: {', '.join(sorted(f)) or 'none'}" for m, f in fields.items()))
-    return {m: {k: v for k, v in parsed.items() if k in fields[m]} for m in methods}
+            value = raw  # a plain string, e.g. draft=self:8
+        method, dot, name = key.rpartition(".")
+        targets = [method] if dot else [m for m in methods if name in fields[m]]
+        if dot and method not in fields:
+            raise ValueError(f"--option {key}: {method!r} is not a method of this run ({', '.join(methods)})")
+        if not targets or any(name not in fields[m] for m in targets):
+            raise ValueError(f"--option {key}: none of the methods {', '.join(targets or methods)} takes it; their "
+                             "options: " + "; ".join(f"{m}: {', '.join(sorted(fields[m])) or 'none'}"
+                                                    for m in (targets or methods)))
+        for m in targets:
+            (scoped if dot else out)[m][name] = value
+    return {m: {**out[m], **scoped[m]} for m in methods}
 
 
 def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:

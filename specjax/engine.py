@@ -158,9 +158,9 @@ def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
-def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None, *, cfg: ModelConfig, proposer: Proposer,
-           sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int, prev_state: Any = None,
-           prev: Context | None = None) -> LoopState:
+def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None, *, cfg: ModelConfig,
+           proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int,
+           prev_state: Any = None, prev: Context | None = None) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `prev_state`/`prev`: the same proposer's state and history from a continued Session.

@@ -151,3 +151,17 @@ def test_compact_moves_the_accepted_path_behind_the_root():
     assert k[0, 3:6].tolist() == [3, 3 + 2, 3 + 5] and k[1, 5:8].tolist() == [5, 5 + 1, 5 + 4]
     assert k[0, :3].tolist() == [0, 1, 2]  # committed history untouched
     assert np.asarray(out.v[0][0, 0, 4, 0]) == 105
+
+
+@pytest.mark.real
+def test_real_model_shipped_medusa_head_and_hybrid_equal_ar(real_model):
+    """The head shipped for the embedded model loads by default; medusa (tree) and hybrid (suffix +
+    that head) stay exactly greedy-equal to ar, and the head's drafts are accepted on its own kind of text."""
+    prompts = ["Tom has 12 apples and buys 7 more. Then he gives away 5. How many apples does he have now?"]
+    ar = specjax.generate(real_model, prompts, "ar", max_new_tokens=48, eos_token_ids=())
+    medusa = specjax.generate(real_model, prompts, "medusa", max_new_tokens=48, eos_token_ids=())
+    assert medusa.tokens == ar.tokens
+    assert medusa.stats["mean_accepted_tokens"] > 1.3
+    hybrid = specjax.generate(real_model, prompts, "hybrid", max_new_tokens=48, eos_token_ids=())
+    assert hybrid.tokens == ar.tokens
+    assert hybrid.stats["proposer_steps"][2] > 0  # the medusa half drafted

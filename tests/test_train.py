@@ -82,13 +82,17 @@ def test_medusa_method_with_the_trained_head_equals_ar(trained, tiny_chat_model)
                                max_new_tokens=24, eos_token_ids=())
         assert out.tokens == ar.tokens, branches
         assert out.stats["draft_k"] == 2 * branches
+    # a confidence gate no guess passes drafts nothing: plain decoding, one token per forward
+    gated = specjax.generate(tiny_chat_model, prompts, "medusa", head=str(trained), branches=1, min_prob=1.01,
+                             max_new_tokens=24, eos_token_ids=())
+    assert gated.tokens == ar.tokens and gated.stats["mean_accepted_tokens"] == 1.0
     sampled = specjax.generate(tiny_chat_model, prompts, "medusa", head=str(trained), max_new_tokens=24,
                                temperature=1.0, eos_token_ids=())
     assert all(len(t) == 24 for t in sampled.tokens)
 
 
 def test_head_errors_name_the_fix(trained, tiny_chat_model, tmp_path, capsys):
-    with pytest.raises(ValueError, match="needs head=DIR"):
+    with pytest.raises(ValueError, match="needs head=DIR .no head ships for"):
         specjax.generate(tiny_chat_model, ["hi"], "medusa", max_new_tokens=4)
     with pytest.raises(ValueError, match="no trained head"):
         specjax.generate(tiny_chat_model, ["hi"], "medusa", head=str(tmp_path), max_new_tokens=4)
@@ -101,3 +105,28 @@ def test_head_errors_name_the_fix(trained, tiny_chat_model, tmp_path, capsys):
 
     assert draft_head.main(["--head", "eagle2", "--out", str(tmp_path / "x")]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_hybrid_with_a_medusa_head_equals_ar(trained, tiny_chat_model):
+    prompts = ["Count: 1 2 3 1 2 3 1 2 3 1 2 3", "What is 3 + 4?"]
+    ar = specjax.generate(tiny_chat_model, prompts, "ar", max_new_tokens=24, eos_token_ids=())
+    out = specjax.generate(tiny_chat_model, prompts, "hybrid", head="medusa", head_path=str(trained), k=4,
+                           threshold=3, head_min_prob=0.0, max_new_tokens=24, eos_token_ids=())
+    assert out.tokens == ar.tokens
+    assert out.stats["proposer_steps"][2] > 0  # the medusa half drafted
+    sampled = specjax.generate(tiny_chat_model, prompts, "hybrid", head="medusa", head_path=str(trained), k=4,
+                               threshold=3, head_min_prob=0.0, max_new_tokens=24, eos_token_ids=(), temperature=0.8)
+    assert all(len(t) == 24 for t in sampled.tokens)
+
+
+def test_medusa_targets_and_batches_are_replayable():
+    from train.draft_head import batch_at, medusa_targets
+
+    tokens = np.array([[10, 11, 12, 13, 14, 0]])
+    mask = np.array([[True] * 5 + [False]])
+    target, valid = medusa_targets(tokens, mask, np.array([[0, 2, 3]]), num_heads=2)
+    assert target[0].tolist() == [[12, 13], [14, 0], [0, 0]]  # head i at t: token t + 2 + i
+    assert valid[0].tolist() == [[True, True], [True, False], [False, False]]
+    a, b = batch_at(7, 0, 100, 4, 64, 16), batch_at(7, 0, 100, 4, 64, 16)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all() and a[1].shape == (4, 16)
+    assert not (batch_at(8, 0, 100, 4, 64, 16)[1] == a[1]).all()

@@ -123,9 +123,19 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
     (["--dataset", "/no/such/file.jsonl"], "not"),
     (["--method", "pld", "--option", "threshold=3"], "none of the methods pld takes it"),
     (["--option", "draft"], "write KEY=VALUE"),
+    (["--method", "pld", "--option", "suffix.k=3"], "'suffix' is not a method of this run"),
 ])
 def test_cli_bad_input(argv, match, capsys):
     from eval import tts
 
     assert tts.main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_option_scoping():
+    from eval.tts import parse_options
+
+    got = parse_options(["k=4", "hybrid.head=medusa", "head=/h", "head_path=/h"], ["medusa", "hybrid", "pld"])
+    assert got["medusa"] == {"k": 4, "head": "/h"}
+    assert got["hybrid"] == {"k": 4, "head": "medusa", "head_path": "/h"}  # the scoped value wins
+    assert got["pld"] == {"k": 4}

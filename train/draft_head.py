@@ -5,7 +5,8 @@
 1. Data: the target's own greedy generations on prompts from any dataset the harness accepts,
    generated with specjax in large batches and cached in OUT/data.npz (reused when the model,
    dataset, prompt count and lengths match).
-2. Training: Flax heads on the frozen target's hidden states (computed inside the jitted step),
+2. Training: Flax heads on the frozen target's final hidden states (computed once with the data and
+   cached with it, so a step costs only the heads),
    Optax AdamW with linear warmup, cosine decay and global-norm clipping; batches are a pure function
    of the step, so a resumed run sees exactly the batches an uninterrupted one would.
 3. Checkpoints: Orbax CheckpointManager in OUT/checkpoints (every --save-every steps, keep the last
@@ -42,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=192, help="prompt + generation tokens per sequence")
+    p.add_argument("--positions", type=int, default=32,
+                   help="positions per sequence per step (random; the LM-head logits of all would dominate)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--num-heads", type=int, default=3)
@@ -58,8 +61,21 @@ def parse_args(argv):
 # ---------------------------------------------------------------- data
 
 
-def build_data(model, args, folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [N, seq_len] (prompt + greedy generation, zero-padded) and mask [N, seq_len]; cached."""
+def target_hidden(model, tokens: np.ndarray, batch: int = 8) -> np.ndarray:
+    """The frozen target's final hidden states [N, L, D] (float16), computed once: training steps then
+    cost only the heads, not a target forward each."""
+    import jax
+
+    from specjax.models import transformer
+
+    run = jax.jit(lambda p, t: transformer.forward(p, model.config, t).hidden)
+    parts = [np.asarray(run(model.params, tokens[i : i + batch]), np.float16) for i in range(0, len(tokens), batch)]
+    return np.concatenate(parts)
+
+
+def build_data(model, args, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens [N, seq_len] (prompt + greedy generation, zero-padded), mask [N, seq_len] and the target's
+    hidden states [N, seq_len, D]; cached in folder/data.npz."""
     import specjax
     from specjax.tts.datasets import load_dataset
     from specjax.tts.paradigms import first_round_prompt
@@ -69,7 +85,7 @@ def build_data(model, args, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
             if json.loads(str(f["key"])) == key:
-                return f["tokens"], f["mask"]
+                return f["tokens"], f["mask"], f["hidden"]
     questions = load_dataset(args.dataset, limit=args.num_prompts)
     tok = model.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": first_round_prompt(q.question)}],
@@ -87,9 +103,10 @@ def build_data(model, args, folder: Path) -> tuple[np.ndarray, np.ndarray]:
             tokens[i + j, : len(row)] = row
             mask[i + j, : len(row)] = True
         print(f"data: {min(i + args.gen_batch, len(prompts))}/{len(prompts)} sequences", file=sys.stderr)
+    hidden = target_hidden(model, tokens)
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(path, tokens=tokens, mask=mask, key=json.dumps(key))
-    return tokens, mask
+    np.savez(path, tokens=tokens, mask=mask, hidden=hidden, key=json.dumps(key))
+    return tokens, mask, hidden
 
 
 # ---------------------------------------------------------------- training
@@ -103,22 +120,25 @@ def make_optimizer(args):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
 
 
-def medusa_loss(head_params, heads, target_params, cfg, tokens, mask):
-    """Mean CE of head i's guess at h_t against token t+2+i, and per-head top-1 accuracy."""
-    import jax
+def medusa_targets(tokens: np.ndarray, mask: np.ndarray, pos: np.ndarray, num_heads: int):
+    """For positions pos [B, P] of rows tokens [B, L]: head i's target token t+2+i [B, P, K] and
+    whether it exists (inside the sequence, not padding)."""
+    length = tokens.shape[1]
+    idx = pos[:, :, None] + 2 + np.arange(num_heads)  # head i predicts t + 2 + i
+    inside = idx < length
+    idx = np.minimum(idx, length - 1)
+    rows = np.arange(len(tokens))[:, None, None]
+    valid = inside & mask[rows, idx] & np.take_along_axis(mask, pos, axis=1)[:, :, None]
+    return tokens[rows, idx], valid
+
+
+def medusa_loss(head_params, heads, lm_head, hidden, target, valid):
+    """Mean CE of head i's guess from h_t [B, P, D] against token t+2+i, and per-head top-1 accuracy."""
     import jax.numpy as jnp
     import optax
 
-    from specjax.models import transformer
-
-    h = jax.lax.stop_gradient(transformer.forward(target_params, cfg, tokens).hidden)  # [B, L, D]
-    feats = heads.apply({"params": head_params}, h)  # [B, L, K, D]
-    logits = jnp.dot(feats, target_params["lm_head"], preferred_element_type=jnp.float32)
-    k, length = heads.num_heads, tokens.shape[1]
-    shift = 2 + jnp.arange(k)  # head i predicts t + 2 + i
-    idx = jnp.arange(length)[:, None] + shift[None]  # [L, K]
-    target = jnp.take(tokens, jnp.clip(idx, 0, length - 1), axis=1)  # [B, L, K]
-    valid = (idx < length)[None] & jnp.take(mask, jnp.clip(idx, 0, length - 1), axis=1) & mask[:, :, None]
+    feats = heads.apply({"params": head_params}, hidden.astype(lm_head.dtype))  # [B, P, K, D]
+    logits = jnp.dot(feats, lm_head, preferred_element_type=jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
     weight = valid.astype(jnp.float32)
     loss = jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
@@ -127,12 +147,17 @@ def medusa_loss(head_params, heads, target_params, cfg, tokens, mask):
     return loss, acc
 
 
-def batch_at(step: int, seed: int, n: int, batch: int) -> np.ndarray:
-    """Row indices of step's batch: a pure function of (seed, step), so resuming replays exactly."""
-    return np.random.default_rng([seed, step]).choice(n, size=batch, replace=n < batch)
+def batch_at(step: int, seed: int, n: int, batch: int, length: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [B] and positions [B, P] of step's batch: a pure function of (seed, step), so a resumed run
+    replays exactly the batches of an uninterrupted one. P = length uses every position."""
+    rng = np.random.default_rng([seed, step])
+    rows = rng.choice(n, size=batch, replace=n < batch)
+    if positions >= length:
+        return rows, np.broadcast_to(np.arange(length), (batch, length)).copy()
+    return rows, np.sort(np.stack([rng.choice(length, size=positions, replace=False) for _ in rows]), axis=1)
 
 
-def train(args, model, tokens, mask, folder: Path, log=print) -> tuple[Any, list[dict]]:
+def train(args, model, tokens, mask, hidden, folder: Path, log=print) -> tuple[Any, list[dict]]:
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -147,9 +172,9 @@ def train(args, model, tokens, mask, folder: Path, log=print) -> tuple[Any, list
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     @partial(jax.jit, donate_argnums=(0,))
-    def train_step(state, tokens, mask):
+    def train_step(state, lm_head, hidden, target, valid):  # lm_head an argument: a closure would be a constant
         (loss, acc), grads = jax.value_and_grad(medusa_loss, has_aux=True)(
-            state["params"], heads, model.params, cfg, tokens, mask)
+            state["params"], heads, lm_head, hidden, target, valid)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss, acc
@@ -177,8 +202,11 @@ def train(args, model, tokens, mask, folder: Path, log=print) -> tuple[Any, list
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(f"train {args.head}", total=args.steps, completed=start, info="")
         for step in range(start, args.steps):
-            rows = batch_at(step, args.seed, len(tokens), args.batch_size)
-            state, loss, acc = train_step(state, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]))
+            rows, pos = batch_at(step, args.seed, len(tokens), args.batch_size, tokens.shape[1], args.positions)
+            target, valid = medusa_targets(tokens[rows], mask[rows], pos, args.num_heads)
+            h = np.take_along_axis(hidden[rows], pos[:, :, None], axis=1)
+            state, loss, acc = train_step(state, model.params["lm_head"], jnp.asarray(h, jnp.float32),
+                                          jnp.asarray(target), jnp.asarray(valid))
             record = {"step": step + 1, "loss": float(loss), "top1_per_head": [round(float(a), 4) for a in acc]}
             history.append(record)
             metrics.write(json.dumps(record) + "\n")
@@ -208,7 +236,7 @@ def _main(args) -> int:
 
     if args.head not in HEADS:
         raise ValueError(f"--head {args.head!r} is not available; use one of {', '.join(HEADS)}")
-    for name in ("steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts"):
+    for name in ("steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts", "positions"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seq_len < 8:
@@ -216,9 +244,9 @@ def _main(args) -> int:
     folder = Path(args.out)
     model = specjax.load(args.model)
     t0 = time.perf_counter()
-    tokens, mask = build_data(model, args, folder)
+    tokens, mask, hidden = build_data(model, args, folder)
     print(f"data: {len(tokens)} sequences, {int(mask.sum())} tokens ({time.perf_counter() - t0:.1f}s)")
-    params, history = train(args, model, tokens, mask, folder)
+    params, history = train(args, model, tokens, mask, hidden, folder)
     if args.stop_after is not None and args.stop_after < args.steps:
         print(f"stopped after step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
         return 0
@@ -243,8 +271,9 @@ def evaluate(model, args, folder: Path) -> dict[str, float]:
 
     questions = load_dataset(args.dataset, limit=args.num_prompts + args.eval_prompts)[args.num_prompts:]
     prompts = [first_round_prompt(q.question) for q in questions] or ["What is 12 * 13?"]
-    ar = specjax.generate(model, prompts, "ar", max_new_tokens=64)
-    out = specjax.generate(model, prompts, args.head, max_new_tokens=64, head=str(folder))
+    run = lambda method, **kw: specjax.generate(model, prompts, method, max_new_tokens=64, **kw)
+    run("ar"), run(args.head, head=str(folder))  # warm-up: compile outside the timed calls
+    ar, out = run("ar"), run(args.head, head=str(folder))
     figures = {"mean_accepted_tokens": out.stats["mean_accepted_tokens"], "equals_ar": out.tokens == ar.tokens,
                "tokens_per_s": out.stats["tokens_per_s"], "ar_tokens_per_s": ar.stats["tokens_per_s"]}
     print(f"eval on {len(prompts)} held-out prompts: {figures['mean_accepted_tokens']:.2f} tokens per target "

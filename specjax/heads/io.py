@@ -14,6 +14,13 @@ from typing import Any
 import numpy as np
 
 CONFIG, WEIGHTS = "head.json", "head.safetensors"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "heads"  # heads trained for the embedded default
+
+
+def default_head(model, kind: str) -> str:
+    """The shipped head of `kind` for this model (matched by the `target` name it was trained on), or ''."""
+    folder = SHIPPED / f"{kind}-{model.name}"
+    return str(folder) if (folder / CONFIG).is_file() else ""
 
 
 def _flatten(tree, prefix=""):

@@ -22,8 +22,9 @@ from specjax.verify import TreeTemplate
 @dataclasses.dataclass(frozen=True)
 class Medusa(Proposer):
     name: ClassVar[str] = "medusa"
-    head: str = ""  # folder of a trained head (train.draft_head --head medusa --out DIR)
+    head: str = ""  # folder of a trained head (train.draft_head --head medusa --out DIR); '' = the shipped one
     branches: int = 2
+    min_prob: float = 0.0  # chain mode: draft only the leading heads whose top-1 probability reaches this
     k: int = 0  # set by bind: the number of heads
     hidden: int = 0  # set by bind
 
@@ -32,20 +33,21 @@ class Medusa(Proposer):
             raise ValueError(f"branches must be >= 1, got {self.branches}")
 
     def bind(self, model, sampling_cfg) -> tuple["Medusa", Any]:
-        from specjax.heads.io import load_head
+        from specjax.heads.io import default_head, load_head
 
-        if not self.head:
-            raise ValueError("method 'medusa' needs head=DIR, a head trained with "
+        path = self.head or default_head(model, "medusa")
+        if not path:
+            raise ValueError(f"method 'medusa' needs head=DIR (no head ships for {model.name!r}): train one with "
                              "`python -m train.draft_head --head medusa --out DIR`")
-        config, params = load_head(self.head)
+        config, params = load_head(path)
         cfg = model.config
         if config["kind"] != "medusa":
-            raise ValueError(f"{self.head} holds a {config['kind']!r} head, not a medusa one")
+            raise ValueError(f"{path} holds a {config['kind']!r} head, not a medusa one")
         if (config["hidden_size"], config["vocab_size"]) != (cfg.hidden_size, cfg.vocab_size):
-            raise ValueError(f"head {self.head} was trained for hidden {config['hidden_size']} / vocab "
+            raise ValueError(f"head {path} was trained for hidden {config['hidden_size']} / vocab "
                              f"{config['vocab_size']}, the model has {cfg.hidden_size} / {cfg.vocab_size}: "
                              "train a head for this model")
-        bound = dataclasses.replace(self, k=int(config["num_heads"]), hidden=cfg.hidden_size)
+        bound = dataclasses.replace(self, head=path, k=int(config["num_heads"]), hidden=cfg.hidden_size)
         dtype = model.params["lm_head"].dtype
         return bound, {"heads": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
                        "lm_head": model.params["lm_head"]}
@@ -64,10 +66,14 @@ class Medusa(Proposer):
         feats = MedusaHeads(self.k, self.hidden).apply({"params": w["heads"]}, ctx.hidden.astype(w["lm_head"].dtype))
         logits = jnp.dot(feats, w["lm_head"], preferred_element_type=jnp.float32)  # [B, K, V]
         top1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K]
-        conf = jnp.max(jax.nn.softmax(logits[:, 0]), axis=-1)
+        probs = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, K] each head's top-1 probability
+        conf = probs[:, 0]
         if self.template is None:
-            num = jnp.where(ctx.active, self.k, 0).astype(jnp.int32)
-            return state, Draft(tokens=top1, num=num, confidence=conf)
+            # a confident prefix only: an unsure head's guess would cost a wider verify for little
+            sure = jnp.cumprod((probs >= self.min_prob).astype(jnp.int32), axis=1).sum(axis=1)
+            num = jnp.where(ctx.active, sure, 0).astype(jnp.int32)
+            return state, Draft(tokens=jnp.where(jnp.arange(self.k) < num[:, None], top1, 0), num=num,
+                                confidence=conf)
         firsts = jax.lax.top_k(logits[:, 0], self.branches)[1].astype(jnp.int32)  # [B, branches]
         chains = [jnp.concatenate([firsts[:, j : j + 1], top1[:, 1:]], axis=1) for j in range(self.branches)]
         tokens = jnp.concatenate(chains, axis=1)
