@@ -1,16 +1,18 @@
 """SpecTTS-Bench "think twice" at batch 1, greedy: how much do drafting methods speed up a second round?
 
-`python -m benchmarks.think_twice [--questions 3] [--methods ar,pld,suffix,pool,draft,hybrid] [--max-new-tokens 256]
-[--k K] [--draft self:8]`
+`python -m benchmarks.think_twice [--questions 3] [--dataset spectts|arith|PATH]
+[--methods ar,pld,suffix,pool,draft,medusa,eagle,hybrid] [--max-new-tokens 256] [--k K] [--draft self:8]
+[--all-rounds]`
 
 Round 1 answers each question (chat template, "reason step by step ... \\boxed{}") with `ar`. Round 2 shows
 the question and the round-1 answer and asks to review it: the answer to review is in the prompt, so the
 new answer repeats much of it, which is what n-gram drafters (prompt lookup, suffix match, n-gram pool)
-exploit. Every method then runs round 2 on the same prompts and we report, per method: emitted tokens,
+exploit (a trained head drafts either round). Every method then runs round 2 on the same prompts and we
+report, per method: emitted tokens,
 tokens/s (emitted tokens / wall over all questions, prefill included), speedup against `ar` (ratio of
 tokens/s measured in this same run), mean accepted tokens (tokens per target forward, weighted by steps)
 and whether the greedy outputs equal `ar`'s, as they must. Round-1 figures are shown for `ar` and for the
-method with the best round-2 speedup.
+method with the best round-2 speedup (every method with `--all-rounds`, and then both rounds together).
 
 Compilation is kept out of the timings: within a round all calls, of every method, share one cache size
 (`max_len`, room for the longest prompt + budget + draft) and prompts are padded to the round's longest
@@ -24,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/spectts_bench_math.jsonl"
 ROUND1 = "{q}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 ROUND2 = ("{q}\n\n{a}\n\nReview the solution above step by step, check each step, "
           "and give the final answer in \\boxed{{}}.")
@@ -81,7 +82,9 @@ def print_table(title: str, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=3)
-    parser.add_argument("--methods", default="ar,pld,suffix,pool,draft,hybrid")
+    parser.add_argument("--dataset", default="spectts", help="any dataset eval.tts takes (spectts, arith, a path)")
+    parser.add_argument("--methods", default="ar,pld,suffix,pool,draft,medusa,eagle,hybrid")
+    parser.add_argument("--all-rounds", action="store_true", help="time round 1 for every method too")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--k", type=int, default=None, help="draft length of the non-ar methods (default: each "
                         "method's own)")
@@ -90,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
-    if not DATA.is_file():
-        print(f"error: {DATA} is missing (SpecTTS-Bench questions, expected beside the repository)", file=sys.stderr)
-        return 2
     if "ar" not in methods:
         methods.insert(0, "ar")
 
     import specjax
+    from specjax.tts.datasets import load_dataset
 
-    questions = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()][: args.questions]
+    try:
+        questions = [{"id": q.id, "question": q.question, "answer": q.answer}
+                     for q in load_dataset(args.dataset, limit=args.questions)]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = specjax.load(args.model, dtype="float32")
     k = args.k
     r1_prompts = [ROUND1.format(q=q["question"]) for q in questions]
@@ -107,16 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     r2 = {m: run_round(model, r2_prompts, m, args.max_new_tokens, k, args.draft) for m in methods}
     ar = r2["ar"]
     best = max((m for m in methods if m != "ar"), key=lambda m: r2[m]["tokens_per_s"], default="ar")
-    if best != "ar":
-        r1[best] = run_round(model, r1_prompts, best, args.max_new_tokens, k, args.draft)
+    for m in (methods if args.all_rounds else [best]):
+        if m != "ar":
+            r1[m] = run_round(model, r1_prompts, m, args.max_new_tokens, k, args.draft)
 
     compare(r1, r1["ar"])
     compare(r2, ar)
 
-    print(f"think twice: {len(questions)} questions, batch 1, greedy, max_new_tokens={args.max_new_tokens}, "
-          f"k={k or 'method default'}, model {args.model} float32")
+    print(f"think twice: {len(questions)} {args.dataset} questions, batch 1, greedy, "
+          f"max_new_tokens={args.max_new_tokens}, k={k or 'method default'}, model {args.model} float32")
     print_table("round 2 (review the round-1 answer)", r2)
-    print_table(f"round 1 (ar and the best round-2 method, {best})", r1)
+    print_table("round 1 " + ("" if args.all_rounds else f"(ar and the best round-2 method, {best})"), r1)
+    if args.all_rounds:
+        both = {m: {key: r1[m][key] + r2[m][key] for key in ("tokens", "wall_s", "decode_steps")} for m in methods}
+        for m, r in both.items():
+            r.update(method=m, tokens_per_s=r["tokens"] / r["wall_s"], outputs=r1[m]["outputs"] + r2[m]["outputs"],
+                     mean_accepted_tokens=(r1[m]["mean_accepted_tokens"] * r1[m]["decode_steps"] +
+                                           r2[m]["mean_accepted_tokens"] * r2[m]["decode_steps"]) / max(r["decode_steps"], 1))
+        compare(both, both["ar"])
+        print_table("both rounds (multi_round total)", both)
     if args.json:
         figures = lambda results: {m: {key: v for key, v in r.items() if key not in ("outputs", "texts")}
                                    for m, r in results.items()}

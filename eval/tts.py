@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-NEEDS = {"medusa": "head"}  # method -> the option it cannot run without
+NEEDS = {"medusa": "head", "eagle": "head"}  # method -> the option it cannot run without (unless a head ships)
 
 
 def expand_methods(spec: str) -> list[str]:
@@ -167,9 +167,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     methods = expand_methods(args.method)
-    if args.method == "all":  # methods that need a trained artifact join 'all' only when it is given
+    if args.method == "all":  # methods that need a trained artifact join 'all' only when it is given or ships
+        from specjax.heads.io import default_head
+
         given = {item.partition("=")[0] for item in args.option}
-        methods = [m for m in methods if NEEDS.get(m, "") in given | {""}]
+        methods = [m for m in methods if NEEDS.get(m, "") in given | {""} or default_head(args.model, m)]
     options = parse_options(args.option, methods)
     from specjax.tts.datasets import load_dataset
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +46,26 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: keys further back than this are not attended
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # sparse mixture of experts (models/moe.py); dense when num_experts == 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights (Mixtral: always)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert
+    moe_layers: tuple[int, ...] = ()  # which layers are sparse
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"a sparse model needs 0 < num_experts_per_tok <= num_experts, got "
+                             f"{self.num_experts_per_tok} of {self.num_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
 
     @property
     def qkv_size(self) -> int:
@@ -62,7 +76,7 @@ class ModelConfig:
         """Builds the config from a transformers `PretrainedConfig` or its `config.json` dict."""
         d = hf if isinstance(hf, Mapping) else hf.to_dict()
         model_type = d.get("model_type", "llama")
-        family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(model_type)
+        family = model_type if model_type in FAMILIES else None
         if family is None:
             raise ValueError(
                 f"model_type {model_type!r} is not supported by specjax; supported: {', '.join(FAMILIES)}"
@@ -85,6 +99,21 @@ class ModelConfig:
             theta = rs.get("rope_theta")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        moe: dict[str, Any] = {}
+        if family == "mixtral":
+            moe = dict(num_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+                       moe_intermediate_size=d["intermediate_size"], norm_topk_prob=True,
+                       moe_layers=tuple(range(d["num_hidden_layers"])))
+        elif family in ("qwen2_moe", "qwen3_moe"):  # HF: sparse unless in mlp_only_layers, every step-th layer
+            step, dense = d.get("decoder_sparse_step", 1) or 1, set(d.get("mlp_only_layers") or ())
+            experts = d.get("num_experts", d.get("num_local_experts"))  # newer transformers: num_local_experts
+            moe = dict(num_experts=experts, num_experts_per_tok=d["num_experts_per_tok"],
+                       moe_intermediate_size=d["moe_intermediate_size"],
+                       norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                       shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+                       if family == "qwen2_moe" else 0,
+                       moe_layers=tuple(i for i in range(d["num_hidden_layers"])
+                                        if i not in dense and experts > 0 and (i + 1) % step == 0))
         return cls(
             family=family,
             vocab_size=d["vocab_size"],
@@ -98,12 +127,14 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", family == "qwen2")),
-            qk_norm=family == "qwen3",
+            attention_bias=bool(d.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            sliding_window=(d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None),
+            sliding_window=(d.get("sliding_window") if family in ("mistral", "mixtral") or d.get("use_sliding_window")
+                            else None),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **moe,
         )
 
 

@@ -43,6 +43,7 @@ class LoopState:
     done: Bool[Array, "B"]  # hit EOS or max_new_tokens
     cache: KVCache  # lengths == self.lengths - 1
     hidden: Float[Array, "B D"]  # target hidden state that produced the pending token
+    features: Float[Array, "B D1 F"] | None  # proposer.feature_layers outputs along the last accepted path
     proposer_state: Any
     rng: jax.Array
     steps: Int[Array, ""]  # verify forwards run
@@ -60,15 +61,17 @@ class Session:
     """
 
     proposer: Proposer
-    cache: KVCache  # holds history[b, :lengths[b] - 1]
+    cache: KVCache  # holds context.tokens[b, :context.lengths[b] - 1]
     proposer_state: Any
     context: Context  # the final history, on device
-    history: np.ndarray  # [B, S] the same, on the host
-    lengths: np.ndarray  # [B]
 
     @property
     def batch(self) -> int:
-        return int(self.lengths.shape[0])
+        return int(self.context.lengths.shape[0])
+
+    def host_history(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [B, S], lengths [B]) on the host: what the next prompts are matched against."""
+        return jax.device_get((self.context.tokens, self.context.lengths))
 
 
 @dataclasses.dataclass
@@ -83,17 +86,18 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype)) if eos_ids else jnp.zeros(tokens.shape, bool)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new"))
+@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new", "feature_layers"))
 def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng,
             feed: Int[Array, "Q F"] | None = None, start: Int[Array, "Q"] | None = None,
             cache: KVCache | None = None, *, cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int,
-            eos_ids: tuple[int, ...], max_new: int):
+            eos_ids: tuple[int, ...], max_new: int, feature_layers: tuple[int, ...] = ()):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
 
     `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
     copies of the cache rows (cheap) instead of running the prompt N times (a full forward each).
     Continuing a `Session`: `cache` already holds each prompt's first `start[q]` tokens (the prefix it
     shares with the previous call's history), and only `feed[q] = prompt[q, start[q]:]` is run.
+    Also returns the outputs of `feature_layers` at every fed position, [B, F, layers * D] (None without).
     """
     q, p = prompt.shape
     chex.assert_shape(prompt_lengths, (q,))
@@ -105,7 +109,8 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
         chex.assert_equal(cache.max_len, max_len)
         cache, fresh = cache.with_lengths(start), False
     last = (prompt_lengths - start - 1)[:, None]
-    out = transformer.forward(params, cfg, feed, cache, logit_positions=last, cache_is_empty=fresh)
+    out = transformer.forward(params, cfg, feed, cache, logit_positions=last, cache_is_empty=fresh,
+                              hidden_layers=feature_layers)
     lengths = jnp.take(prompt_lengths, rows)
     first = sampling.sample(rng, jnp.take(out.logits[:, 0], rows, axis=0), sampling_cfg).astype(jnp.int32)
     b = rows.shape[0]
@@ -113,8 +118,11 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     tokens = tokens.at[jnp.arange(b), lengths].set(first)
     hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
     done = _eos_mask(first, eos_ids) | (max_new <= 1)
-    cache = out.cache.with_lengths(prompt_lengths).select_rows(rows)
-    return tokens, lengths + 1, cache, jnp.take(hidden, rows, axis=0).astype(jnp.float32), done
+    cache = out.cache.with_lengths(prompt_lengths)
+    if fresh:  # a continued session has one row per prompt already: no copy
+        cache = cache.select_rows(rows)
+    features = jnp.take(jnp.concatenate(out.layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
+    return tokens, lengths + 1, cache, jnp.take(hidden, rows, axis=0).astype(jnp.float32), done, features
 
 
 def verify_widths(k: int) -> tuple[int, ...]:
@@ -123,7 +131,7 @@ def verify_widths(k: int) -> tuple[int, ...]:
 
 
 def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache: KVCache, longest: jax.Array,
-                    template: TreeTemplate | None = None):
+                    template: TreeTemplate | None = None, hidden_layers: tuple[int, ...] = ()):
     """Runs the target on just enough of the K+1 inputs for the longest draft in the batch.
 
     A verify forward of T tokens costs far more than one token on CPUs (3-4x for T=9 here): when no
@@ -139,9 +147,10 @@ def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache:
     def branch(width: int):
         def run(inputs, cache):
             opts = tree if width == k1 and template is not None else {}
-            out = transformer.forward(params, cfg, inputs[:, :width], cache, **opts)
+            out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers, **opts)
             pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - width)) + ((0, 0),) * (x.ndim - 2))
-            return out.replace(logits=pad(out.logits), hidden=pad(out.hidden))
+            return out.replace(logits=pad(out.logits), hidden=pad(out.hidden),
+                               layer_hidden=tuple(map(pad, out.layer_hidden)))
         return run
 
     index = jnp.searchsorted(jnp.asarray(widths), longest + 1)
@@ -158,13 +167,17 @@ def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array
 
 
 @partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
-def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None, *, cfg: ModelConfig,
+def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None,
+           prefill_features: Any = None, feature_start: Any = None, *, cfg: ModelConfig,
            proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int,
            prev_state: Any = None, prev: Context | None = None) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
-    `prev_state`/`prev`: the same proposer's state and history from a continued Session.
+    `prefill_features` [B, F, .] (positions from `feature_start`): what the prefill computed of
+    `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
+    from a continued Session.
     """
+    layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
 
     def context(s: LoopState) -> Context:
@@ -184,7 +197,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None
         draft = draft.replace(num=jnp.where(active, draft.num, 0))
         pending = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)
         inputs = jnp.concatenate([pending, draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
-        out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template)
+        out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template, layers)
         cache = out.cache
         if template is None:
             res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
@@ -207,12 +220,16 @@ def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None
         done = s.done | hit_eos | (lengths - s.prompt_lengths >= max_new)
         hidden_idx = jnp.take_along_axis(node_of_depth, jnp.clip(num_new - 1, 0, depth)[:, None], axis=1)[:, 0]
         hidden = jnp.take_along_axis(out.hidden, hidden_idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        features = None
+        if layers:  # the accepted path's features: position lengths - 1 + i is node node_of_depth[:, i]
+            features = jnp.take_along_axis(jnp.concatenate(out.layer_hidden, axis=-1), node_of_depth[:, :, None], axis=1)
         new = s.replace(
             tokens=_commit(s, res.tokens, num_new),
             lengths=lengths,
             done=done,
             cache=cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)),
             hidden=jnp.where(active[:, None], hidden, s.hidden),
+            features=features,
             rng=rng,
             steps=s.steps + 1,
             accept_hist=s.accept_hist.at[num_new].add(active.astype(jnp.int32)),
@@ -220,11 +237,13 @@ def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None
                 jnp.zeros_like(num_new) if draft.source is None else draft.source
             ].add(active.astype(jnp.int32)),
         )
-        return new.replace(proposer_state=proposer.update(pstate, context(new), s.lengths))
+        ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
+        return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
 
-    pstate = proposer.init(context(state))
+    start_ctx = context(state).replace(features=prefill_features, feature_start=feature_start)
+    pstate = proposer.init(start_ctx)
     if prev is not None:
-        pstate = proposer.resume(pstate, context(state), prev_state, prev)
+        pstate = proposer.resume(pstate, start_ctx, prev_state, prev)
     state = state.replace(proposer_state=pstate)
     return jax.lax.while_loop(cond, body, state)
 
@@ -324,8 +343,8 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
 
     feed = start = None
     if session is not None:
-        start = np.asarray([_shared_prefix(x, session.history[b, : session.lengths[b] - 1]) for b, x in enumerate(ids)],
-                           np.int32)
+        history, hist_lengths = session.host_history()
+        start = np.asarray([_shared_prefix(x, history[b, : hist_lengths[b] - 1]) for b, x in enumerate(ids)], np.int32)
         width = _round_up(max(int(np.max(prompt_lengths - start)), pad_new_to), PROMPT_BUCKET)
         feed = np.zeros((num_prompts, width), np.int32)
         for i, x in enumerate(ids):
@@ -333,18 +352,20 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         feed, start = jnp.asarray(feed), jnp.asarray(start)
 
     t0 = time.perf_counter()
-    tokens, lengths, cache, hidden, done = prefill(
+    tokens, lengths, cache, hidden, done, features = prefill(
         model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, feed, start,
         None if session is None else session.cache, cfg=cfg, sampling_cfg=sampling_cfg, max_len=cache_len,
-        eos_ids=eos_ids, max_new=max_new_tokens)
+        eos_ids=eos_ids, max_new=max_new_tokens, feature_layers=proposer.feature_layers)
     jax.block_until_ready(tokens)
     t1 = time.perf_counter()
     state = LoopState(
         tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths[rows]), done=done, cache=cache,
         hidden=hidden, proposer_state=(), rng=rng_decode, steps=jnp.zeros((), jnp.int32),
+        features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:], features.dtype),
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
     carry = session is not None and session.proposer == proposer
-    state = decode(model.params, state, jnp.asarray(groups), weights, cfg=cfg, proposer=proposer,
+    feature_start = jnp.asarray(start if session is not None else np.zeros(num_prompts, np.int32))[rows]
+    state = decode(model.params, state, jnp.asarray(groups), weights, features, feature_start, cfg=cfg, proposer=proposer,
                    sampling_cfg=sampling_cfg, eos_ids=eos_ids, max_new=max_new_tokens,
                    prev_state=session.proposer_state if carry else None, prev=session.context if carry else None)
     out_tokens, out_lengths, hist, steps, sources = jax.device_get(
@@ -387,6 +408,5 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
                        context=Context(tokens=state.tokens, lengths=state.lengths, group=jnp.asarray(groups),
                                        active=jnp.zeros((batch,), bool), hidden=state.hidden, weights=weights,
-                                       cache=state.cache),
-                       history=out_tokens, lengths=out_lengths)
+                                       cache=state.cache))
     return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)

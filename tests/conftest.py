@@ -120,3 +120,30 @@ def tiny_chat_model(tiny_chat_checkpoint):
     import specjax
 
     return specjax.load(str(tiny_chat_checkpoint))
+
+
+def save_random_eagle_head(model, folder, drop=(3, 17, 40)):
+    """A random (untrained, not degenerate) EAGLE head for `model`, saved like a trained one; the draft
+    vocabulary leaves out the ids in `drop`, so the draft-to-target id mapping is exercised."""
+    import jax
+    import numpy as np
+
+    from specjax.heads.eagle import feature_layers, init_head
+    from specjax.heads.io import save_head
+
+    params = init_head(model, jax.random.PRNGKey(1))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(3), x.shape), params)
+    cfg = model.config
+    ids = np.setdiff1d(np.arange(cfg.vocab_size), drop).astype(np.int32)
+    save_head(folder, {"kind": "eagle", "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+                       "draft_vocab_size": len(ids), "feature_layers": list(feature_layers(cfg.num_layers))},
+              {**jax.tree.map(np.asarray, dict(params)), "draft_vocab": ids}, dtype="float32")
+    return str(folder)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops jit caches after each test module: one process compiles hundreds of programs over the
+    suite, and a late XLA:CPU compile once crashed (segfault) in a run that had kept them all."""
+    yield
+    jax.clear_caches()

@@ -154,14 +154,21 @@ def test_compact_moves_the_accepted_path_behind_the_root():
 
 
 @pytest.mark.real
-def test_real_model_shipped_medusa_head_and_hybrid_equal_ar(real_model):
-    """The head shipped for the embedded model loads by default; medusa (tree) and hybrid (suffix +
-    that head) stay exactly greedy-equal to ar, and the head's drafts are accepted on its own kind of text."""
-    prompts = ["Tom has 12 apples and buys 7 more. Then he gives away 5. How many apples does he have now?"]
+def test_real_model_shipped_heads_and_hybrid_equal_ar(real_model):
+    """The heads shipped for the embedded model load by default; medusa (tree), eagle (tree and gated
+    chain) and hybrid (suffix + the eagle head by default, or the medusa one) stay exactly greedy-equal
+    to ar on a mixed-length batch, and the heads' drafts are accepted."""
+    prompts = ["Tom has 12 apples and buys 7 more. Then he gives away 5. How many apples does he have now?",
+               "What is 2 + 2?"]
     ar = specjax.generate(real_model, prompts, "ar", max_new_tokens=48, eos_token_ids=())
     medusa = specjax.generate(real_model, prompts, "medusa", max_new_tokens=48, eos_token_ids=())
     assert medusa.tokens == ar.tokens
     assert medusa.stats["mean_accepted_tokens"] > 1.3
-    hybrid = specjax.generate(real_model, prompts, "hybrid", max_new_tokens=48, eos_token_ids=())
-    assert hybrid.tokens == ar.tokens
-    assert hybrid.stats["proposer_steps"][2] > 0  # the medusa half drafted
+    for opts in ({}, {"topk": 1, "depth": 5, "min_prob": 0.3}):
+        eagle = specjax.generate(real_model, prompts, "eagle", max_new_tokens=48, eos_token_ids=(), **opts)
+        assert eagle.tokens == ar.tokens, opts
+        assert eagle.stats["mean_accepted_tokens"] > 1.25, opts
+    for head in ("auto", "medusa"):
+        hybrid = specjax.generate(real_model, prompts, "hybrid", head=head, max_new_tokens=48, eos_token_ids=())
+        assert hybrid.tokens == ar.tokens, head
+        assert hybrid.stats["proposer_steps"][2] > 0, head  # the head half drafted

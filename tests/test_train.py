@@ -130,3 +130,37 @@ def test_medusa_targets_and_batches_are_replayable():
     a, b = batch_at(7, 0, 100, 4, 64, 16), batch_at(7, 0, 100, 4, 64, 16)
     assert (a[0] == b[0]).all() and (a[1] == b[1]).all() and a[1].shape == (4, 16)
     assert not (batch_at(8, 0, 100, 4, 64, 16)[1] == a[1]).all()
+
+
+EAGLE_ARGS = ["--head", "eagle", "--dataset", "arith", "--num-prompts", "8", "--seq-len", "48", "--batch-size", "4",
+              "--lr", "3e-2", "--ttt-steps", "3", "--gen-batch", "8", "--save-every", "4", "--keep", "1",
+              "--eval-prompts", "0"]
+
+
+def test_eagle_head_learns_its_data_and_drafts_it_back(tiny_chat_checkpoint, tiny_chat_model, tmp_path):
+    """Trained (a kill and a resume on the way) on the tiny model's own generations, the EAGLE head has
+    learnt them: replaying a training prompt, most drafts are accepted, and the output is still ar's."""
+    from train import draft_head
+
+    out = tmp_path / "eagle"
+    run = lambda steps, *extra: draft_head.main(["--model", str(tiny_chat_checkpoint), "--out", str(out),
+                                                 "--steps", str(steps), *EAGLE_ARGS, *extra])
+    assert run(16, "--stop-after", "8") == 0 and not (out / "head.json").exists()
+    assert run(16) == 0
+    records = _losses(out)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert np.mean([r["loss"] for r in records[-3:]]) < 0.5 * np.mean([r["loss"] for r in records[:3]])
+    assert len(records[-1]["top1_per_step"]) == 3
+    config = json.loads((out / "head.json").read_text())
+    assert config["kind"] == "eagle" and config["ttt_steps"] == 3 and config["draft_vocab_size"] <= 8192
+    with np.load(out / "data.npz") as f:
+        tokens = f["tokens"]
+    for row in tokens[:2]:
+        prompt = row[:26].tolist()
+        ar = specjax.generate(tiny_chat_model, [prompt], "ar", max_new_tokens=20, eos_token_ids=())
+        assert ar.tokens[0] == row[26:46].tolist()  # the training data are the model's own greedy text
+        for opts in ({}, {"topk": 2, "total": 6, "depth": 3}):
+            got = specjax.generate(tiny_chat_model, [prompt], "eagle", head=str(out), max_new_tokens=20,
+                                   eos_token_ids=(), **opts)
+            assert got.tokens == ar.tokens
+            assert got.stats["mean_accepted_tokens"] > 2.5, opts

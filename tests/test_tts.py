@@ -7,6 +7,7 @@ import json
 import pytest
 
 import specjax
+from conftest import save_random_eagle_head
 from specjax.tts import paradigms
 from specjax.tts.datasets import Question
 
@@ -59,11 +60,13 @@ def test_multi_round_chains_previous_answer(tiny_chat_model, monkeypatch):
 
 
 @pytest.mark.parametrize("paradigm, kw", [("single", {}), ("best_of_n", {"n": 2}), ("multi_round", {"rounds": 2})])
-def test_greedy_paradigms_are_lossless_for_every_method(tiny_chat_model, paradigm, kw):
+def test_greedy_paradigms_are_lossless_for_every_method(tiny_chat_model, paradigm, kw, tmp_path):
+    head = save_random_eagle_head(tiny_chat_model, tmp_path / "eagle")
     with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
         ar = paradigms.run(tiny_chat_model, QUESTIONS[:2], "ar", paradigm, max_new_tokens=16, batch_size=2, **kw)
     for method, opts in [("pld", {}), ("suffix", {}), ("pool", {}), ("draft", {"draft": "self:1"}),
-                         ("hybrid", {"draft": "self:1", "head_k": 3})]:
+                         ("hybrid", {"draft": "self:1", "head_k": 3}), ("eagle", {"head": head}),
+                         ("hybrid", {"head_path": head, "head_min_prob": 0.0})]:
         with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
             out = paradigms.run(tiny_chat_model, QUESTIONS[:2], method, paradigm, max_new_tokens=16, batch_size=2,
                                 k=4, **opts, **kw)

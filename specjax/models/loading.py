@@ -122,7 +122,29 @@ def load_dir(folder: Path, dtype) -> tuple[ModelConfig, dict]:
             raise ModelLoadError(f"tensor {name!r} missing from the checkpoint in {folder}")
         return np.asarray(t[name], np.float32)
 
-    return cfg, _assemble(cfg, get, lambda n: n in t, hf_names, dtype)
+    return cfg, _assemble(cfg, get, lambda n: n in t, hf_names, dtype, moe_layer=_hf_moe_layer)
+
+
+def _hf_moe_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool], i: int) -> dict:
+    """A sparse layer's router and experts ([in, out], gate/up fused), from per-expert HF tensors
+    (Mixtral `block_sparse_moe.experts.j.w1/w3/w2`, Qwen `mlp.experts.j.gate_proj/up_proj/down_proj`)
+    or the fused 3-D ones newer transformers write (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)."""
+    block = f"layers.{i}." + ("block_sparse_moe" if cfg.family == "mixtral" else "mlp")
+    names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    if has(f"{block}.experts.gate_up_proj"):
+        gate_up = get(f"{block}.experts.gate_up_proj").transpose(0, 2, 1)  # [E, 2F, D] -> [E, D, 2F]
+        down = get(f"{block}.experts.down_proj").transpose(0, 2, 1)  # [E, D, F] -> [E, F, D]
+    else:
+        expert = lambda j, n: get(f"{block}.experts.{j}.{n}.weight")
+        gate_up = np.stack([np.concatenate([expert(j, names[0]), expert(j, names[1])], axis=0).T
+                            for j in range(cfg.num_experts)])
+        down = np.stack([expert(j, names[2]).T for j in range(cfg.num_experts)])
+    lp = {"router": get(f"{block}.gate.weight").T, "we_gate_up": gate_up, "we_down": down}
+    if cfg.shared_expert_intermediate_size:
+        shared = lambda n: get(f"{block}.shared_expert.{n}.weight")
+        lp.update(shared_gate_up=np.concatenate([shared("gate_proj"), shared("up_proj")], axis=0).T,
+                  shared_down=shared("down_proj").T, shared_gate=get(f"{block}.shared_expert_gate.weight").T)
+    return lp
 
 
 def hf_names(kind: str, i: int | None = None) -> str:
@@ -139,8 +161,9 @@ def hf_names(kind: str, i: int | None = None) -> str:
 
 
 def _assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool],
-              names: Callable[..., str], dtype) -> dict:
-    """Builds the param tree from [out, in] matrices named by `names` (HF or GGUF naming)."""
+              names: Callable[..., str], dtype, moe_layer: Callable[..., dict] | None = None) -> dict:
+    """Builds the param tree from [out, in] matrices named by `names` (HF or GGUF naming); sparse
+    layers' experts come from `moe_layer(cfg, get, has, i)`."""
     cast = lambda a: jnp.asarray(a, dtype)
     layers = []
     for i in range(cfg.num_layers):
@@ -150,9 +173,14 @@ def _assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[
             "wqkv": cast(np.concatenate([get(n("q")), get(n("k")), get(n("v"))], axis=0).T),
             "wo": cast(get(n("o")).T),
             "mlp_norm": cast(get(n("mlp_norm"))),
-            "w_gate_up": cast(np.concatenate([get(n("gate")), get(n("up"))], axis=0).T),
-            "w_down": cast(get(n("down")).T),
         }
+        if i in cfg.moe_layers:
+            if moe_layer is None:
+                raise ModelLoadError(f"{cfg.family} (mixture of experts) is read from safetensors folders only")
+            lp.update({key: cast(v) for key, v in moe_layer(cfg, get, has, i).items()})
+        else:
+            lp.update(w_gate_up=cast(np.concatenate([get(n("gate")), get(n("up"))], axis=0).T),
+                      w_down=cast(get(n("down")).T))
         if cfg.attention_bias:
             lp["bqkv"] = cast(np.concatenate([get(n("qb")), get(n("kb")), get(n("vb"))]))
         if cfg.qk_norm:

@@ -1,4 +1,5 @@
-"""One functional decoder for every supported family (Llama, Llama-3, SmolLM2, Mistral, Qwen2, Qwen3).
+"""One functional decoder for every supported family (Llama, Llama-3, SmolLM2, Mistral, Qwen2, Qwen3,
+and the sparse Mixtral, Qwen2-MoE, Qwen3-MoE: their layers swap the MLP for `moe.moe_mlp`).
 
 Params are a plain pytree; `forward` is a pure function of (params, cfg, tokens, cache). The same code
 serves the target, a draft model, a layer-skip self-draft and the features that draft heads read.
@@ -11,6 +12,7 @@ Param tree (weights stored [in, out] so every matmul is `x @ W`, the fastest for
     layers      tuple of dicts, one per layer (separate buffers: no per-step slicing copies):
         attn_norm [D], wqkv [D, (H + 2 KV) hd], bqkv [(H + 2 KV) hd] (qkv-bias families),
         q_norm [hd], k_norm [hd] (Qwen3), wo [H hd, D], mlp_norm [D], w_gate_up [D, 2 F], w_down [F, D]
+        (sparse layers, `cfg.moe_layers`: router, we_gate_up, we_down [, shared_*] instead: see moe.py)
 
 q/k/v and gate/up are fused into one matmul each: at batch 1 per-op overhead, not FLOPs, dominates
 small matrices on CPU.
@@ -29,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax.config import ModelConfig
 from specjax.models import cache as kv
+from specjax.models import moe
 
 Params = dict[str, Any]
 
@@ -39,6 +42,7 @@ class ForwardOut:
     hidden: Float[Array, "B T D"]  # last layer output after the final norm
     cache: kv.KVCache | None
     layer_hidden: tuple[jax.Array, ...] = ()  # outputs of the requested layers (pre-norm), [B, T, D] each
+    experts_activated: tuple[jax.Array, ...] = ()  # per sparse layer: distinct experts these tokens used
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -117,7 +121,7 @@ def new_token_mask(num_new: int, tree_mask: Bool[Array, "T T"] | None,
 def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     """Attention of new tokens over the committed cache plus themselves; softmax in float32.
 
-    q [B,T,H,hd]; k_new/v_new [B,T,KV,hd]; new_mask [T,T]; ctx = (K, V [B,KV,S,hd], mask [B,T,S]) or None.
+    q [B,T,H,hd]; k_new/v_new [B,T,KV,hd]; new_mask [T,T] or per row [B,T,T]; ctx = (K, V [B,KV,S,hd], mask [B,T,S]) or None.
     Heads are grouped as [B, KV, G*T, hd] and the cache is used in its stored 4-D shape: reshaping the
     freshly updated cache makes XLA duplicate the update into two buffers and copy every layer's cache
     on every step (measured: 240 cache copies per decode step).
@@ -134,7 +138,7 @@ def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
         return jnp.where(mask[:, None, None], s5, neg).reshape(scores.shape)
 
     new_k, new_v = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
-    parts = [masked(scores_of(new_k), new_mask[None])]
+    parts = [masked(scores_of(new_k), new_mask if new_mask.ndim == 3 else new_mask[None])]
     if ctx is not None:
         parts.insert(0, masked(scores_of(ctx[0]), ctx[2]))
     probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(q.dtype)
@@ -145,7 +149,13 @@ def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
 
 
-def _layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, slots):
+def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, slots):
+    """One pre-norm decoder layer; shared by every model and by the EAGLE head.
+
+    new_mask [T, T] or [B, T, T] (which new tokens see each other); ctx_mask/cache_kv/slots: the cache
+    context (None without a cache). Returns (x, (k, v) buffers with the new entries written, or None,
+    distinct experts activated: a scalar for sparse layers, None for dense ones).
+    """
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -168,10 +178,13 @@ def _layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, 
         ctx = None if ctx_mask is None else (new_kv[0], new_kv[1], ctx_mask)
     x = x + _attend(q, k, v, new_mask, ctx, cfg) @ lp["wo"]
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    if "router" in lp:
+        y, activated = moe.moe_mlp(lp, cfg, h)
+        return x + y, new_kv, activated
     gate_up = h @ lp["w_gate_up"]
-    f = cfg.intermediate_size
+    f = gate_up.shape[-1] // 2
     x = x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ lp["w_down"]
-    return x, new_kv
+    return x, new_kv, None
 
 
 def forward(
@@ -215,10 +228,12 @@ def forward(
     rope = rope_tables(positions, rope_inv_freq(cfg))
     dtype = params["lm_head"].dtype
     x = embed(params, cfg, tokens).astype(dtype)
-    new_k, new_v, collected = [], [], []
+    new_k, new_v, collected, activated = [], [], [], []
     for i in range(n_layers):
         layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, written = _layer(params["layers"][i], cfg, x, rope, new_mask, ctx_mask, layer_kv, slots)
+        x, written, experts = decoder_layer(params["layers"][i], cfg, x, rope, new_mask, ctx_mask, layer_kv, slots)
+        if experts is not None:
+            activated.append(experts)
         if written is not None:
             new_k.append(written[0])
             new_v.append(written[1])
@@ -230,24 +245,28 @@ def forward(
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     h = hidden if logit_positions is None else jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
     logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
-    return ForwardOut(logits=logits, hidden=hidden, cache=new_cache, layer_hidden=tuple(collected))
+    return ForwardOut(logits=logits, hidden=hidden, cache=new_cache, layer_hidden=tuple(collected),
+                      experts_activated=tuple(activated))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
     """Random params (tests, draft heads from scratch); loading real weights lives in loading.py."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     keys = iter(jax.random.split(rng, 4 + 4 * cfg.num_layers))
+    moe_keys = iter(jax.random.split(jax.random.fold_in(rng, 1), 6 * cfg.num_layers))
     normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
     layers = []
-    for _ in range(cfg.num_layers):
+    for i in range(cfg.num_layers):
         lp = {
             "attn_norm": jnp.ones((d,), dtype),
             "wqkv": normal((d, cfg.qkv_size)),
             "wo": normal((cfg.num_heads * hd, d)),
             "mlp_norm": jnp.ones((d,), dtype),
-            "w_gate_up": normal((d, 2 * f)),
-            "w_down": normal((f, d)),
         }
+        if i in cfg.moe_layers:
+            lp.update(moe.init_moe(cfg, lambda shape: (scale * jax.random.normal(next(moe_keys), shape)).astype(dtype)))
+        else:
+            lp.update(w_gate_up=normal((d, 2 * f)), w_down=normal((f, d)))
         if cfg.attention_bias:
             lp["bqkv"] = jnp.zeros((cfg.qkv_size,), dtype)
         if cfg.qk_norm:

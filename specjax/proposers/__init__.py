@@ -7,20 +7,27 @@ import dataclasses
 from specjax.proposers.base import NoDraft, Proposer
 
 
-BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer", "hidden")  # set by Proposer.bind, not by users
+BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer", "hidden", "layers", "vocab")  # set by Proposer.bind, not by users
 
 
 def registry() -> dict[str, type[Proposer]]:
     from specjax.proposers.draft_model import DraftModel
+    from specjax.proposers.eagle import Eagle
     from specjax.proposers.hybrid import Hybrid
     from specjax.proposers.medusa import Medusa
     from specjax.proposers.ngram import NGRAM_PROPOSERS
 
-    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "hybrid": Hybrid}
+    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "eagle": Eagle,
+            "hybrid": Hybrid}
 
 
-def make_proposer(method: str, **options) -> Proposer:
-    """Builds the proposer for `method` from its options (e.g. k=8, max_ngram=3); errors name the fix."""
+def make_proposer(method: "str | Proposer", **options) -> Proposer:
+    """Builds the proposer for `method` from its options (e.g. k=8, max_ngram=3); errors name the fix.
+    A Proposer instance (e.g. the analysis oracle) is used as it is."""
+    if isinstance(method, Proposer):
+        if options:
+            raise ValueError(f"options {', '.join(sorted(options))} go into the proposer instance, not generate()")
+        return method
     methods = registry()
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")

@@ -40,6 +40,10 @@ class Context:
     hidden: Float[Array, "B D"] | None = None  # target hidden state that predicted the pending token
     weights: Any = None  # the proposer's own weights (from `bind`), e.g. a draft model's params
     cache: Any = None  # the target's KVCache (read-only), holding every history token but the pending one
+    # target features (the `feature_layers` outputs, concatenated) of consecutive history positions
+    # starting at `feature_start[b]`: the prefill's at init/resume, the accepted path's at update
+    features: Float[Array, "B T F"] | None = None
+    feature_start: Int[Array, "B"] | None = None
 
 
 @struct.dataclass
@@ -75,6 +79,11 @@ class Proposer:
     def depth(self) -> int:
         """Most draft tokens one step can accept."""
         return self.k if self.template is None else self.template.max_depth
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Target layers whose outputs this proposer reads (`ctx.features`); () for none (no extra cost)."""
+        return ()
 
     def bind(self, model, sampling_cfg) -> tuple["Proposer", Any]:
         """Called by generate before the loop: returns the proposer configured for this target and

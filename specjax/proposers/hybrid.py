@@ -2,10 +2,13 @@
 
 Per row and per step, inside the jitted loop: if the longest suffix match is at least `threshold`
 tokens long the row copies its continuation (up to `k` tokens, q one-hot), else it takes the head
-drafter's tokens: `head_k` from a draft model or `self:L` layer-skip draft (real q), or one per head
-from trained Medusa heads (`head="medusa", head_path=DIR`, no draft forward at all). The head only
-runs on steps where some row needs it (`lax.cond`), so a batch-1 stretch of copying costs no draft
-forwards. `Draft.source` says who drafted each row: 1 suffix, 2 head, 0 nobody.
+drafter's tokens: a chain of up to `head_k` from a trained EAGLE head (`head="eagle"`, the default
+when one ships for the model), one per head from trained Medusa heads (`head="medusa"`), or `head_k`
+from a draft model or `self:L` layer-skip draft (`head="draft"`, real q). Trained heads stop their
+chain at the first guess below `head_min_prob`. The head's drafting only runs on steps where some
+row needs it (`lax.cond`), so a batch-1 stretch of copying costs no draft forwards (an EAGLE head
+still absorbs every step's accepted tokens, one small layer). `Draft.source` says who drafted each
+row: 1 suffix, 2 head, 0 nobody.
 """
 
 from __future__ import annotations
@@ -29,22 +32,27 @@ class Hybrid(Proposer):
     name: ClassVar[str] = "hybrid"
     k: int = 16  # suffix draft length (capped at the match length, as `suffix` does)
     threshold: int = 3  # match length from which the suffix drafts (suffix's own min_match)
-    # "medusa" (trained heads in head_path, default: the head shipped for the model), "draft" (a draft
-    # model or self:L), or "auto": medusa when a head ships for the model (or head_path is set), else draft
+    # "eagle" / "medusa" (a trained head in head_path, default: the one shipped for the model), "draft"
+    # (a draft model or self:L), or "auto": head_path's kind if set, else the shipped eagle head, else the
+    # shipped medusa head, else draft
     head: str = "auto"
-    head_k: int = 4  # draft length of a draft-model head; a medusa head drafts one token per head
+    head_k: int = 4  # chain length of an eagle or draft-model head; a medusa head drafts one token per head
     draft: str = "self:8"
     head_path: str = ""
-    head_min_prob: float = 0.6  # a medusa head drafts only its leading guesses at least this sure
+    # a trained head drafts only its leading guesses at least this sure; < 0: per kind, as measured best
+    # on the think-twice benchmark (eagle 0: its chain is cheap to verify in full; medusa 0.6)
+    head_min_prob: float = -1.0
     max_match: int = 32
     store_size: int = 0
     head_proposer: Proposer | None = None  # set by bind
     sampling_cfg: SamplingConfig | None = None
+    vocab: int = 0
 
     def __post_init__(self):
-        if self.head not in ("auto", "draft", "medusa"):
-            raise ValueError(f"hybrid head {self.head!r} is not available; use head='draft' (draft=self:L or a "
-                             "model), head='medusa' (head_path=DIR of a trained head) or head='auto'")
+        if self.head not in ("auto", "draft", "medusa", "eagle"):
+            raise ValueError(f"hybrid head {self.head!r} is not available; use head='eagle' or head='medusa' "
+                             "(head_path=DIR of a trained head, or the shipped one), head='draft' (draft=self:L "
+                             "or a model) or head='auto'")
         if self.threshold < 1:
             raise ValueError(f"threshold (suffix match length) must be >= 1, got {self.threshold}")
 
@@ -58,20 +66,38 @@ class Hybrid(Proposer):
         """K of the loop: the longer of the two drafts."""
         return max(self.k, self.head_k)
 
+    @property
+    def depth(self) -> int:
+        return self.width
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return () if self.head_proposer is None else self.head_proposer.feature_layers
+
     def bind(self, model, sampling_cfg: SamplingConfig) -> tuple["Hybrid", Any]:
-        from specjax.heads.io import default_head
+        from specjax.heads.io import default_head, head_kind
 
         kind = self.head
-        if kind == "auto":
-            kind = "medusa" if self.head_path or default_head(model, "medusa") else "draft"
-        if kind == "medusa":
+        if kind == "auto" and self.head_path:
+            kind = head_kind(self.head_path)
+        elif kind == "auto":
+            kind = next((kind for kind in ("eagle", "medusa") if default_head(model, kind)), "draft")
+        if kind == "eagle":
+            from specjax.proposers.eagle import Eagle
+
+            eagle = Eagle(head=self.head_path, topk=1, depth=self.head_k, total=self.head_k,
+                          min_prob=max(self.head_min_prob, 0.0))
+            head, weights = eagle.bind(model, sampling_cfg)
+        elif kind == "medusa":
             from specjax.proposers.medusa import Medusa
 
-            medusa = Medusa(head=self.head_path, branches=1, min_prob=self.head_min_prob)
+            medusa = Medusa(head=self.head_path, branches=1,
+                            min_prob=0.6 if self.head_min_prob < 0 else self.head_min_prob)
             head, weights = medusa.bind(model, sampling_cfg)
         else:
             head, weights = DraftModel(k=self.head_k, draft=self.draft).bind(model, sampling_cfg)
-        bound = dataclasses.replace(self, head=kind, head_proposer=head, sampling_cfg=sampling_cfg, head_k=head.k)
+        bound = dataclasses.replace(self, head=kind, head_proposer=head, sampling_cfg=sampling_cfg, head_k=head.k,
+                                    vocab=model.config.vocab_size)
         return bound, weights
 
     def _head(self) -> Proposer:
@@ -83,7 +109,8 @@ class Hybrid(Proposer):
         return self.suffix.init(ctx), self._head().init(ctx)
 
     def resume(self, state, ctx: Context, prev_state, prev: Context):
-        return self.suffix.resume(state[0], ctx, prev_state[0], prev), state[1]
+        return (self.suffix.resume(state[0], ctx, prev_state[0], prev),
+                self._head().resume(state[1], ctx, prev_state[1], prev))
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[Any, Draft]:
         head = self._head()
@@ -92,17 +119,16 @@ class Hybrid(Proposer):
         s_state, sd = self.suffix.propose(s_state, ctx, r_suffix)
         use_suffix = sd.num > 0
         need_head = ctx.active & ~use_suffix
-        batch, vocab = ctx.tokens.shape[0], ctx.weights["lm_head"].shape[-1]
+        batch, vocab = ctx.tokens.shape[0], self.vocab
         greedy = self.sampling_cfg.greedy
+        real_q = not greedy and isinstance(head, DraftModel)  # trained heads draft deterministically (q one-hot)
 
         def run_head(h_state):
             h_state, d = head.propose(h_state, ctx.replace(active=need_head), r_head)
-            if not greedy and d.probs is None:  # a deterministic head: q one-hot
-                d = d.replace(probs=jax.nn.one_hot(d.tokens, vocab, dtype=jnp.float32))
-            return h_state, d.replace(valid=None)
+            return h_state, d.replace(valid=None, probs=d.probs if real_q else None)
 
         def skip_head(h_state):
-            probs = None if greedy else jnp.zeros((batch, self.head_k, vocab), jnp.float32)
+            probs = jnp.zeros((batch, self.head_k, vocab), jnp.float32) if real_q else None
             return h_state, Draft(tokens=jnp.zeros((batch, self.head_k), jnp.int32),
                                   num=jnp.zeros((batch,), jnp.int32), probs=probs,
                                   confidence=jnp.zeros((batch,), jnp.float32))
@@ -112,7 +138,7 @@ class Hybrid(Proposer):
         tokens = jnp.where(use_suffix[:, None], pad(sd.tokens), pad(hd.tokens))
         num = jnp.where(use_suffix, sd.num, jnp.where(need_head, hd.num, 0)).astype(jnp.int32)
         probs = None
-        if not greedy:  # suffix rows are deterministic: q one-hot on their tokens
+        if not greedy and hd.probs is not None:  # a draft model's real q; suffix rows are one-hot on their tokens
             one_hot = jax.nn.one_hot(pad(sd.tokens), vocab, dtype=jnp.float32)
             probs = jnp.where(use_suffix[:, None, None], one_hot, pad(hd.probs))
         source = jnp.where(num == 0, 0, jnp.where(use_suffix, SOURCE_SUFFIX, SOURCE_HEAD)).astype(jnp.int32)

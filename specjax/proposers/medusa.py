@@ -33,20 +33,10 @@ class Medusa(Proposer):
             raise ValueError(f"branches must be >= 1, got {self.branches}")
 
     def bind(self, model, sampling_cfg) -> tuple["Medusa", Any]:
-        from specjax.heads.io import default_head, load_head
+        from specjax.heads.io import head_for
 
-        path = self.head or default_head(model, "medusa")
-        if not path:
-            raise ValueError(f"method 'medusa' needs head=DIR (no head ships for {model.name!r}): train one with "
-                             "`python -m train.draft_head --head medusa --out DIR`")
-        config, params = load_head(path)
+        path, config, params = head_for(model, "medusa", self.head)
         cfg = model.config
-        if config["kind"] != "medusa":
-            raise ValueError(f"{path} holds a {config['kind']!r} head, not a medusa one")
-        if (config["hidden_size"], config["vocab_size"]) != (cfg.hidden_size, cfg.vocab_size):
-            raise ValueError(f"head {path} was trained for hidden {config['hidden_size']} / vocab "
-                             f"{config['vocab_size']}, the model has {cfg.hidden_size} / {cfg.vocab_size}: "
-                             "train a head for this model")
         bound = dataclasses.replace(self, head=path, k=int(config["num_heads"]), hidden=cfg.hidden_size)
         dtype = model.params["lm_head"].dtype
         return bound, {"heads": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),

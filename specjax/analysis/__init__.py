@@ -1,0 +1,1 @@
+"""Analytical models: MoESD's speculative-decoding speedup for (sparse) targets."""

@@ -1,0 +1,187 @@
+"""The EAGLE-3 style feature head: one decoder layer of the target's own kind on fused target features.
+
+At history slot j the head reads the pair (u_j, x_{j+1}): u_j the fused low/middle/high target layer
+outputs at position j (EAGLE-3), x_{j+1} the token that position produced. Its output g_j predicts
+x_{j+2} through the target's LM head restricted to a draft vocabulary (EAGLE-3's reduced vocab: the
+most frequent tokens of the training data, so the per-node LM head costs a fraction of the full one).
+Drafting further, a node's own output g replaces u for its children ("training-time test": the head
+is trained on its own outputs, so it stays accurate several steps deep).
+
+The layer is `transformer.decoder_layer`, the model's own code, with the head's one-layer config; it
+keeps its own one-layer KV cache (slot j = pair j), rolled back like the target's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.config import ModelConfig
+from specjax.models import transformer
+from specjax.verify import TreeTemplate
+
+# template shape: a node's top-ranked child is assumed accepted ACCEPT_PRIOR of the time, its rank r+1
+# child RANK_PRIOR times as often as its rank r child (roughly what a trained head shows)
+ACCEPT_PRIOR, RANK_PRIOR = 0.8, 0.35
+
+
+def feature_layers(num_layers: int) -> tuple[int, ...]:
+    """Low, middle and high layers whose outputs are fused (EAGLE-3's choice: 2, N/2, N-3)."""
+    return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0)}))
+
+
+def head_config(cfg: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(cfg, num_layers=1)
+
+
+class EagleHead(nn.Module):
+    """Params: fuse [L*D, D], proj [2D, D], emb_norm/feat_norm/norm [D], layer (decoder_layer params)."""
+
+    cfg: ModelConfig  # the head's one-layer config (`head_config(target)`)
+
+    def setup(self):
+        d = self.cfg.hidden_size
+        self.fuse_dense = nn.Dense(d, use_bias=False, name="fuse")
+        self.proj = nn.Dense(d, use_bias=False, name="proj")
+        self.emb_norm = self.param("emb_norm", nn.initializers.ones, (d,))
+        self.feat_norm = self.param("feat_norm", nn.initializers.ones, (d,))
+        self.norm = self.param("norm", nn.initializers.ones, (d,))
+        self.layer = self.param("layer", lambda rng: transformer.init_params(self.cfg, rng)["layers"][0])
+
+    def fuse(self, features):
+        """Target features [..., L*D] -> u [..., D]."""
+        return self.fuse_dense(features)
+
+    def __call__(self, tok_emb, u, rope, new_mask, ctx_mask=None, cache_kv=None, slots=None):
+        """(token embeddings, features) [B, T, D] -> head outputs g [B, T, D] and the written (k, v)."""
+        eps = self.cfg.rms_norm_eps
+        x = self.proj(jnp.concatenate([transformer.rms_norm(tok_emb, self.emb_norm, eps),
+                                       transformer.rms_norm(u.astype(tok_emb.dtype), self.feat_norm, eps)], axis=-1))
+        x, kv, _ = transformer.decoder_layer(self.layer, self.cfg, x, rope, new_mask, ctx_mask, cache_kv, slots)
+        return x, kv
+
+    def logits(self, g, lm_draft):
+        """g [..., D] -> draft-vocabulary logits [..., Vd] (float32)."""
+        h = transformer.rms_norm(g, self.norm, self.cfg.rms_norm_eps)
+        return jnp.dot(h.astype(lm_draft.dtype), lm_draft, preferred_element_type=jnp.float32)
+
+    def init_all(self, features, tok_emb, lm_draft):
+        """Touches every parameter (for `init`)."""
+        u = self.fuse(features)
+        b, t = tok_emb.shape[:2]
+        rope = transformer.rope_tables(jnp.broadcast_to(jnp.arange(t), (b, t)), transformer.rope_inv_freq(self.cfg))
+        g, _ = self(tok_emb, u, rope, transformer.new_token_mask(t, None))
+        return self.logits(g, lm_draft)
+
+
+def init_head(model, rng: jax.Array) -> dict:
+    """Fresh head params for `model`; the layer starts as a copy of the target's last layer."""
+    cfg = model.config
+    hcfg = head_config(cfg)
+    d, n = cfg.hidden_size, len(feature_layers(cfg.num_layers))
+    params = EagleHead(hcfg).init(rng, jnp.zeros((1, 2, n * d)), jnp.zeros((1, 2, d)), jnp.zeros((d, 4)),
+                                  method=EagleHead.init_all)["params"]
+    params = jax.tree.map(jnp.asarray, dict(params))
+    params["layer"] = jax.tree.map(lambda x: jnp.array(x, jnp.float32), dict(model.params["layers"][-1]))  # a copy
+    return params
+
+
+def draft_vocab(tokens: np.ndarray, mask: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
+    """The `size` most frequent token ids of the training data (EAGLE-3's draft vocabulary), sorted;
+    topped up with the lowest unused ids when the data has fewer distinct tokens."""
+    size = min(size, vocab_size)
+    counts = np.bincount(tokens[mask].ravel(), minlength=vocab_size)
+    order = np.lexsort((np.arange(vocab_size), -counts))  # by count descending, then id
+    return np.sort(order[:size]).astype(np.int32)
+
+
+def eagle_template(total: int, depth: int, topk: int) -> TreeTemplate:
+    """A static draft tree of `total` nodes (root excluded), at most `depth` deep and `topk` children per
+    node: the nodes most likely reached under the ACCEPT_PRIOR / RANK_PRIOR model (EAGLE-2's expected
+    acceptance, with a fixed prior standing in for the per-step confidences). Breadth-first order, so
+    each depth's nodes are one contiguous range and siblings run by rank."""
+    if not 1 <= depth <= total or topk < 1:
+        raise ValueError(f"a draft tree needs 1 <= depth <= total and topk >= 1, got total={total}, depth={depth}, "
+                         f"topk={topk}")
+    chosen: list[tuple[int, ...]] = []
+    frontier = [(-ACCEPT_PRIOR, (0,))]
+    while frontier and len(chosen) < total:
+        neg, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < depth:
+            heapq.heappush(frontier, (neg * ACCEPT_PRIOR, path + (0,)))
+        if path[-1] + 1 < topk:
+            heapq.heappush(frontier, (neg * RANK_PRIOR, path[:-1] + (path[-1] + 1,)))
+    if max(map(len, chosen)) < depth:
+        raise ValueError(f"total={total} nodes do not reach depth {depth} with topk={topk}: raise total or lower depth")
+    chosen.sort(key=lambda p: (len(p), p))
+    index = {p: i + 1 for i, p in enumerate(chosen)}
+    return TreeTemplate((-1,) + tuple(index.get(p[:-1], 0) for p in chosen))
+
+
+def node_ranks(template: TreeTemplate) -> tuple[int, ...]:
+    """Each node's rank among its siblings (root: 0)."""
+    ranks = [0] * template.size
+    for children in template.children:
+        for r, c in enumerate(children):
+            ranks[c] = r
+    return tuple(ranks)
+
+
+def ttt_mask(anchors: jax.Array, length: int, steps: int) -> jax.Array:
+    """Attention mask [B, T, T] of the unrolled training-time test, T = length + (steps - 1) * P.
+
+    Tokens 0..length-1 are step 1 over the whole sequence (causal). Then, per step s >= 2, one token per
+    anchor a (P anchors per row): it sees step-1 tokens up to its anchor and its own anchor's tokens of
+    steps 2..s, exactly what a depth-s draft node sees at inference (committed history + ancestors).
+    Worked example, length 3, anchors [1], steps 2 (T = 4):
+        step1 t0: 1 0 0 | 0
+        step1 t1: 1 1 0 | 0
+        step1 t2: 1 1 1 | 0
+        step2 a1: 1 1 0 | 1
+    """
+    b, p = anchors.shape
+    i = jnp.arange(length)
+    base = jnp.broadcast_to(i[None, :, None] >= i[None, None, :], (b, length, length))
+    rows = [jnp.concatenate([base, jnp.zeros((b, length, (steps - 1) * p), bool)], axis=-1)]
+    eye = jnp.eye(p, dtype=bool)
+    for s in range(2, steps + 1):
+        hist = i[None, None, :] <= anchors[:, :, None]  # [B, P, length]
+        own = [jnp.broadcast_to(eye if t <= s else jnp.zeros_like(eye), (b, p, p)) for t in range(2, steps + 1)]
+        rows.append(jnp.concatenate([hist] + own, axis=-1))
+    return jnp.concatenate(rows, axis=1)
+
+
+def unroll(module: EagleHead, params, target_params, features, tokens, anchors, steps: int, lm_draft):
+    """The training-time test: draft-vocabulary logits [steps, B, P, Vd] of the head at `anchors`
+    [B, P] of full sequences (tokens [B, L], target features [B, L, F]), fed its own outputs.
+
+    Step 1 reads the true pairs (u_j, x_{j+1}) over the whole sequence; step s >= 2 at anchor i reads
+    (its step s-1 output, x_{i+s}) at position i+s-1 with `ttt_mask` attention, as a depth-s draft node
+    would at inference. Step s at anchor i predicts x_{i+s+1}. No cache: the sequence is re-run per step.
+    """
+    cfg = module.cfg
+    b, length = tokens.shape
+    run = lambda *a, **kw: module.apply({"params": params}, *a, **kw)
+    emb_of = lambda t: transformer.embed(target_params, cfg, t).astype(lm_draft.dtype)
+    take = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 2)), axis=1)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)  # x_{j+1} at slot j
+    embs, us = [emb_of(nxt)], [run(features, method=EagleHead.fuse)]
+    positions = [jnp.broadcast_to(jnp.arange(length), (b, length))]
+    inv = transformer.rope_inv_freq(cfg)
+    logits, prev = [], None
+    for s in range(1, steps + 1):
+        if s > 1:
+            embs.append(emb_of(take(tokens, jnp.clip(anchors + s, 0, length - 1))))
+            us.append(prev)
+            positions.append(anchors + s - 1)
+        rope = transformer.rope_tables(jnp.concatenate(positions, axis=1), inv)
+        g, _ = run(jnp.concatenate(embs, axis=1), jnp.concatenate(us, axis=1), rope, ttt_mask(anchors, length, s))
+        prev = take(g, anchors) if s == 1 else g[:, -anchors.shape[1]:]
+        logits.append(run(prev, lm_draft, method=EagleHead.logits))
+    return jnp.stack(logits)

@@ -1,0 +1,183 @@
+"""`eagle`: a trained EAGLE-3 style head drafts a token tree from the target's fused features.
+
+Per step, inside the jitted loop: the head's output at the last committed slot gives the depth-1
+candidates (its top-k); for each further depth the head runs once on all drafted nodes so far (tree
+attention over its own cache plus each node's ancestors), and the top-k of each frontier node fill
+the next depth of a static template (`total` nodes, `depth` deep, `topk` children at most). After
+verification the head absorbs the accepted tokens with the target features the verify forward
+produced (`feature_layers`), so its cache always matches the committed history.
+
+`topk=1` (the default) drafts a chain of `depth` tokens instead; `min_prob` then stops the chain
+where the head's path probability falls below it (a narrower verify forward, when a width is free). Drafts are the
+head's top-k tokens (q one-hot), so sampling stays lossless through the tree/chain verifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from specjax.config import ModelConfig
+from specjax.models import transformer
+from specjax.models.cache import KVCache
+from specjax.proposers.base import Context, Draft, Proposer
+from specjax.verify import TreeTemplate
+
+
+@struct.dataclass
+class EagleState:
+    cache: KVCache  # the head's one-layer cache; lengths = target cache lengths (slot j = pair (u_j, x_{j+1}))
+    last: jax.Array  # [B, D] head output at the last committed slot: predicts the first draft token
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle(Proposer):
+    name: ClassVar[str] = "eagle"
+    head: str = ""  # folder of a trained head (train.draft_head --head eagle --out DIR); '' = the shipped one
+    # defaults measured on a 2-core CPU, where a 5-token verify costs 2.5x a 1-token step: a chain
+    # of 4 beats trees of 6-12 nodes there (see README); on accelerators try topk=2-3, total=16-60
+    total: int = 8  # draft tree nodes (verify width - 1); trees only (topk > 1)
+    depth: int = 4  # most draft tokens per step
+    topk: int = 1  # children per node at most; 1 = a chain of `depth` tokens
+    min_prob: float = 0.0  # chain mode: draft only the leading guesses at least this sure
+    k: int = 0  # set by bind
+    cfg: ModelConfig | None = None  # set by bind: the head's one-layer config
+    layers: tuple[int, ...] = ()  # set by bind: target layers fused
+
+    def __post_init__(self):
+        if self.topk > 1:
+            from specjax.heads.eagle import eagle_template
+
+            eagle_template(self.total, self.depth, self.topk)  # validates the budget
+        elif self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    @property
+    def template(self) -> TreeTemplate | None:
+        from specjax.heads.eagle import eagle_template
+
+        return None if self.topk == 1 else eagle_template(self.total, self.depth, self.topk)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.layers
+
+    def bind(self, model, sampling_cfg) -> tuple["Eagle", Any]:
+        from specjax.heads.eagle import feature_layers, head_config
+        from specjax.heads.io import head_for
+
+        path, config, params = head_for(model, "eagle", self.head)
+        cfg = model.config
+        layers = tuple(config.get("feature_layers", feature_layers(cfg.num_layers)))
+        bound = dataclasses.replace(self, head=path, k=self.depth if self.topk == 1 else self.total,
+                                    cfg=head_config(cfg), layers=layers)
+        dtype = model.params["lm_head"].dtype
+        ids = jnp.asarray(params.pop("draft_vocab"), jnp.int32)
+        target = {key: model.params[key] for key in ("lm_head", "embed") if key in model.params}
+        return bound, {"head": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
+                       "lm_draft": jnp.take(model.params["lm_head"], ids, axis=1), "ids": ids, "target": target}
+
+    def _module(self):
+        from specjax.heads.eagle import EagleHead
+
+        if self.cfg is None:
+            raise ValueError("the eagle proposer is unbound: generate() binds it to the model (call bind())")
+        return EagleHead(self.cfg)
+
+    def _run(self, w, method, *args):
+        return self._module().apply({"params": w["head"]}, *args, method=method)
+
+    def _step(self, w, cache: KVCache, tokens, u, offsets, tree_mask=None):
+        """Head forward on new pairs (u, tokens) [B, T] at slots cache.lengths + t, positions
+        cache.lengths + offsets; returns outputs [B, T, D] and the cache buffers with them written."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        start = cache.lengths
+        rope = transformer.rope_tables(start[:, None] + offsets[None], transformer.rope_inv_freq(cfg))
+        new_mask = transformer.new_token_mask(t, tree_mask, cfg.sliding_window)
+        ctx_mask = transformer.context_mask(start, t, cache.max_len, cfg.sliding_window)
+        emb = transformer.embed(w["target"], cfg, tokens).astype(w["lm_draft"].dtype)
+        g, kv = self._run(w, lambda m, *a: m(*a), emb, u, rope, new_mask, ctx_mask, (cache.k[0], cache.v[0]),
+                          start[:, None] + jnp.arange(t)[None])
+        return g, cache.replace(k=(kv[0],), v=(kv[1],))
+
+    def _absorb(self, state: EagleState, ctx: Context) -> EagleState:
+        """Writes pairs (fused ctx.features[:, i], token at feature_start + 1 + i) for every committed
+        position from feature_start on; the head cache then ends where the target's does."""
+        from specjax.heads.eagle import EagleHead
+
+        w = ctx.weights
+        feats = ctx.features
+        b, t = feats.shape[:2]
+        start = ctx.feature_start
+        chex.assert_shape(start, (b,))
+        idx = jnp.clip(start[:, None] + 1 + jnp.arange(t)[None], 0, ctx.tokens.shape[1] - 1)
+        tokens = jnp.take_along_axis(ctx.tokens, idx, axis=1)
+        u = self._run(w, EagleHead.fuse, feats.astype(w["lm_draft"].dtype))
+        g, cache = self._step(w, state.cache.with_lengths(start), tokens, u, jnp.arange(t))
+        last_i = ctx.lengths - 2 - start  # slot lengths - 2: the newest committed pair
+        last = jnp.take_along_axis(g, jnp.clip(last_i, 0, t - 1)[:, None, None], axis=1)[:, 0]
+        last = jnp.where((last_i >= 0)[:, None], last.astype(state.last.dtype), state.last)
+        return EagleState(cache=cache.with_lengths(jnp.maximum(ctx.lengths - 1, start)), last=last)
+
+    def init(self, ctx: Context) -> EagleState:
+        self._module()
+        b = ctx.tokens.shape[0]
+        cache = KVCache.init(self.cfg, b, ctx.tokens.shape[1], ctx.weights["lm_draft"].dtype)
+        state = EagleState(cache=cache, last=jnp.zeros((b, self.cfg.hidden_size), jnp.float32))
+        return self._absorb(state, ctx)
+
+    def resume(self, state: EagleState, ctx: Context, prev_state: EagleState, prev: Context) -> EagleState:
+        """Next round: the previous head cache holds the shared prefix; redo only the new part on it."""
+        return self._absorb(prev_state.replace(last=state.last), ctx)
+
+    def update(self, state: EagleState, ctx: Context, prev_lengths: jax.Array) -> EagleState:
+        return self._absorb(state, ctx)
+
+    def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
+        from specjax.heads.eagle import EagleHead, eagle_template, node_ranks
+
+        self._module()
+        w = ctx.weights
+        b = ctx.tokens.shape[0]
+        tree = eagle_template(self.total, self.depth, self.topk) if self.topk > 1 else \
+            eagle_template(self.depth, self.depth, 1)
+        size, depths, parents, ranks = tree.size, tree.depth, tree.parents, node_ranks(tree)
+        upto = [sum(1 for d in depths[1:] if d <= level) for level in range(self.depth + 1)]  # nodes 1..upto[d]
+        cache = state.cache.with_lengths(ctx.lengths - 1)
+        tokens = jnp.zeros((b, size), jnp.int32)
+        probs = jnp.ones((b, size), jnp.float32)
+        outs = jnp.zeros((b, size, self.cfg.hidden_size), state.last.dtype).at[:, 0].set(state.last)
+        frontier_logits = self._run(w, EagleHead.logits, state.last[:, None], w["lm_draft"])  # [B, 1, Vd]
+        for level in range(1, self.depth + 1):
+            lo, hi = upto[level - 1] + 1, upto[level] + 1  # nodes of this depth
+            if lo == hi:
+                break
+            prev_lo = upto[level - 2] + 1 if level > 1 else 0  # nodes of the depth above (the root for level 1)
+            top_p, top_i = jax.lax.top_k(jax.nn.softmax(frontier_logits, axis=-1), self.topk)  # [B, m, topk]
+            par = jnp.asarray([parents[n] - prev_lo for n in range(lo, hi)])
+            rk = jnp.asarray([ranks[n] for n in range(lo, hi)])
+            tokens = tokens.at[:, lo:hi].set(jnp.take(w["ids"], top_i[:, par, rk]))
+            probs = probs.at[:, lo:hi].set(top_p[:, par, rk] * probs[:, jnp.asarray(parents[lo:hi])])
+            if level == self.depth or upto[level + 1] == upto[level]:
+                break
+            nodes = slice(1, hi)
+            u = outs[:, jnp.asarray(parents[1:hi])]
+            mask = jnp.asarray(tree.attention_mask[1:hi, 1:hi])
+            g, _ = self._step(w, cache, tokens[:, nodes], u, jnp.asarray(depths[1:hi]) - 1, mask)
+            outs = outs.at[:, nodes].set(g.astype(outs.dtype))
+            frontier_logits = self._run(w, EagleHead.logits, g[:, lo - 1 :], w["lm_draft"])
+        draft_tokens, node_probs = tokens[:, 1:], probs[:, 1:]
+        if self.topk == 1:
+            sure = jnp.cumprod((node_probs >= self.min_prob).astype(jnp.int32), axis=1).sum(axis=1)
+            num = jnp.where(ctx.active, sure, 0).astype(jnp.int32)
+            draft_tokens = jnp.where(jnp.arange(self.depth) < num[:, None], draft_tokens, 0)
+            return state, Draft(tokens=draft_tokens, num=num, confidence=node_probs[:, 0])
+        valid = jnp.broadcast_to(ctx.active[:, None], draft_tokens.shape)
+        num = jnp.where(ctx.active, draft_tokens.shape[1], 0).astype(jnp.int32)
+        return state, Draft(tokens=draft_tokens, num=num, confidence=node_probs[:, 0], valid=valid)

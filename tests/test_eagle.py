@@ -1,0 +1,137 @@
+"""The EAGLE head: static tree templates, the training-time-test mask, drafting that matches the
+training unroll token for token, lossless greedy/sampled decoding, sessions, and the hybrid on it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from conftest import save_random_eagle_head
+from specjax.config import SamplingConfig
+from specjax.heads.eagle import EagleHead, draft_vocab, eagle_template, head_config, node_ranks, ttt_mask, unroll
+from specjax.heads.io import save_head
+from specjax.models import transformer
+from specjax.proposers.base import Context
+from specjax.proposers.eagle import Eagle
+
+
+@pytest.fixture(scope="module")
+def head_dir(tiny_model, tmp_path_factory):
+    return save_random_eagle_head(tiny_model, tmp_path_factory.mktemp("eagle_tiny"))
+
+
+def test_template_is_breadth_first_within_budget():
+    t = eagle_template(total=8, depth=4, topk=2)
+    assert t.size == 9 and t.max_depth == 4
+    assert list(t.depth) == sorted(t.depth)  # each depth one contiguous range
+    assert all(len(c) <= 2 for c in t.children)
+    assert t.children[0] == (1, 2)  # the root's top-2
+    ranks = node_ranks(t)
+    assert [ranks[c] for c in t.children[0]] == [0, 1]
+    chain = eagle_template(total=3, depth=3, topk=1)
+    assert chain.parents == (-1, 0, 1, 2)
+    with pytest.raises(ValueError, match="depth"):
+        eagle_template(total=3, depth=5, topk=2)
+    with pytest.raises(ValueError, match="raise total"):
+        eagle_template(total=6, depth=6, topk=4)  # rank-1 children take the budget before depth 6
+
+
+def test_ttt_mask_worked_example():
+    m = np.asarray(ttt_mask(jnp.asarray([[1]]), 3, 2))[0]
+    assert m.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    m3 = np.asarray(ttt_mask(jnp.asarray([[0, 2]]), 3, 3))[0]  # T = 3 + 2 * 2
+    # step 3, anchor 2 (row 6): step-1 tokens 0..2, its step-2 token (col 4), itself (col 6)
+    assert m3[6].astype(int).tolist() == [1, 1, 1, 0, 1, 0, 1]
+    assert m3[5].astype(int).tolist() == [1, 0, 0, 0, 1, 0, 1][:3] + [1, 0, 1, 0]  # step 3, anchor 0
+
+
+def test_draft_vocab_takes_the_most_frequent_tokens():
+    tokens = np.asarray([[5, 5, 5, 7, 7, 9, 0]])
+    mask = np.asarray([[1, 1, 1, 1, 1, 1, 0]], bool)
+    assert draft_vocab(tokens, mask, 2, 16).tolist() == [5, 7]
+    assert draft_vocab(tokens, mask, 5, 16).tolist() == [0, 1, 5, 7, 9]  # topped up with the lowest unused ids
+
+
+def _context(model, weights, prop, history, size=32):
+    tokens = jnp.zeros((1, size), jnp.int32).at[0, : len(history)].set(jnp.asarray(history))
+    out = transformer.forward(model.params, model.config, tokens, hidden_layers=prop.layers)
+    return Context(tokens=tokens, lengths=jnp.asarray([len(history)]), group=jnp.zeros(1, jnp.int32),
+                   active=jnp.ones(1, bool), weights=weights, features=jnp.concatenate(out.layer_hidden, -1),
+                   feature_start=jnp.zeros(1, jnp.int32))
+
+
+def test_drafts_equal_the_training_unroll(tiny_model, head_dir):
+    """What the head drafts through its cache at inference is exactly what training's unrolled
+    training-time test predicts at that anchor: training and inference read the same pairs."""
+    prop, w = Eagle(head=head_dir, topk=1, depth=3).bind(tiny_model, SamplingConfig())
+    history = [5, 6, 7, 8, 9, 10, 5, 6, 7, 11]
+    ctx = _context(tiny_model, w, prop, history)
+    _, draft = prop.propose(prop.init(ctx), ctx, jax.random.PRNGKey(0))
+    full = ctx.tokens.at[:, len(history) : len(history) + 3].set(draft.tokens)
+    logits = unroll(EagleHead(head_config(tiny_model.config)), w["head"], w["target"], ctx.features, full,
+                    jnp.asarray([[len(history) - 2]]), 3, w["lm_draft"])
+    assert np.asarray(w["ids"][jnp.argmax(logits[:, 0, 0], -1)]).tolist() == np.asarray(draft.tokens[0]).tolist()
+    # the tree's rank-0 path is the chain
+    tree, wt = Eagle(head=head_dir, total=7, depth=3, topk=2).bind(tiny_model, SamplingConfig())
+    _, tdraft = tree.propose(tree.init(ctx), ctx, jax.random.PRNGKey(0))
+    t = tree.template
+    node, path = 0, []
+    for _ in range(3):
+        node = t.children[node][0]
+        path.append(int(tdraft.tokens[0, node - 1]))
+    assert path == np.asarray(draft.tokens[0]).tolist()
+    assert tdraft.valid.shape == (1, 7) and int(tdraft.num[0]) == 7
+
+
+@pytest.mark.parametrize("opts", [{}, {"topk": 1, "depth": 4}, {"topk": 1, "depth": 3, "min_prob": 0.2},
+                                  {"total": 10, "depth": 3, "topk": 3}])
+def test_greedy_eagle_equals_ar_mixed_batch(tiny_model, head_dir, opts):
+    prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 20, 21]]
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=40)
+    out = specjax.generate(tiny_model, prompts, "eagle", head=head_dir, max_new_tokens=40, **opts)
+    assert out.tokens == ar.tokens
+    assert out.stats["target_forwards"] <= ar.stats["target_forwards"]
+    sampled = specjax.generate(tiny_model, prompts, "eagle", head=head_dir, max_new_tokens=20, temperature=0.8,
+                               seed=3, **opts)
+    again = specjax.generate(tiny_model, prompts, "eagle", head=head_dir, max_new_tokens=20, temperature=0.8,
+                             seed=3, **opts)
+    assert sampled.tokens == again.tokens and all(len(t) > 0 for t in sampled.tokens)
+
+
+def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):
+    """Round 2 through a Session (head cache reused for the shared prefix) equals a fresh call."""
+    first = specjax.generate(tiny_model, [[5, 6, 7, 8], [9, 10]], "eagle", head=head_dir, max_new_tokens=12,
+                             keep_session=True, eos_token_ids=())
+    follow = [[5, 6, 7, 8] + first.tokens[0] + [30, 31], [9, 10] + first.tokens[1] + [32]]
+    cont = specjax.generate(tiny_model, follow, "eagle", head=head_dir, max_new_tokens=16, session=first.session,
+                            eos_token_ids=())
+    fresh = specjax.generate(tiny_model, follow, "eagle", head=head_dir, max_new_tokens=16, eos_token_ids=(),
+                             max_len=first.session.cache.max_len)
+    assert cont.tokens == fresh.tokens
+    assert cont.stats["reused_prefix_tokens"] > 0
+    assert cont.stats["mean_accepted_tokens"] == pytest.approx(fresh.stats["mean_accepted_tokens"])
+
+
+def test_hybrid_on_an_eagle_head(tiny_model, head_dir):
+    prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6], [11, 12, 13]]
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=40)
+    out = specjax.generate(tiny_model, prompts, "hybrid", head_path=head_dir, head_min_prob=0.0, max_new_tokens=40)
+    assert out.tokens == ar.tokens
+    assert out.stats["proposer_steps"][2] > 0  # the eagle half drafted
+    sampled = specjax.generate(tiny_model, prompts, "hybrid", head="eagle", head_path=head_dir, max_new_tokens=16,
+                               temperature=0.7)
+    assert all(len(t) > 0 for t in sampled.tokens)
+
+
+def test_eagle_errors_name_the_fix(tiny_model, head_dir, tmp_path):
+    with pytest.raises(ValueError, match="train one with"):
+        specjax.generate(tiny_model, [[1, 2]], "eagle", head=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not a 'eagle' one"):
+        medusa_dir = tmp_path / "m"
+        save_head(medusa_dir, {"kind": "medusa", "num_heads": 1, "hidden_size": 64, "vocab_size": 64}, {})
+        specjax.generate(tiny_model, [[1, 2]], "eagle", head=str(medusa_dir))
+    with pytest.raises(ValueError, match="depth"):
+        specjax.generate(tiny_model, [[1, 2]], "eagle", head=head_dir, total=2, depth=4, topk=2)
