@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 ROUND1 = "{q}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 ROUND2 = ("{q}\n\n{a}\n\nReview the solution above step by step, check each step, "
