@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.cli import int_list
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m eval.moe_sweep", description=__doc__,
@@ -54,16 +56,6 @@ def parse_args(argv):
                    "exit; --tiny-size picks their size")
     p.add_argument("--tiny-size", choices=("tiny", "small"), default="small")
     return p.parse_args(argv)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes a comma list of integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} needs integers >= 1, got {text!r}")
-    return values
 
 
 def make_tiny(folder: Path, size: str = "small", seed: int = 0) -> tuple[Path, Path]:
@@ -124,7 +116,7 @@ def measure_model(name: str, args, log=print) -> dict:
     model = specjax.load(name, dtype=args.dtype, tokenizer=False)
     cfg = model.config
     draft_cfg, draft_params, _ = resolve_draft(model, args.draft)
-    batches, gammas = _ints(args.batch_sizes, "--batch-sizes"), _ints(args.gamma, "--gamma")
+    batches, gammas = int_list(args.batch_sizes, "--batch-sizes"), int_list(args.gamma, "--gamma")
     rng = np.random.default_rng(args.seed)
     step_time = lambda out: out.stats["decode_s"] / max(out.stats["decode_steps"], 1)
     rows = []
@@ -222,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.model:
             raise ValueError("--model is required (or --make-tiny DIR to write synthetic models first)")
-        _ints(args.batch_sizes, "--batch-sizes"), _ints(args.gamma, "--gamma")
+        int_list(args.batch_sizes, "--batch-sizes"), int_list(args.gamma, "--gamma")
         if args.alpha != "draft" and not 0.0 <= float(args.alpha) <= 1.0:
             raise ValueError(f"--alpha takes a rate in [0, 1] or 'draft', got {args.alpha}")
     except ValueError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -145,12 +144,9 @@ def run_method(model, questions, method: str, args, progress=None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return _main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from eval import cli
+
+    return cli.run(parse_args, _main, argv)
 
 
 def _main(args: argparse.Namespace) -> int:

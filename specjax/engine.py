@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import jax
@@ -166,26 +166,46 @@ def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array
     return state.tokens.at[jnp.arange(b)[:, None], cols].set(new_tokens, mode="drop")
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
-def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None,
-           prefill_features: Any = None, feature_start: Any = None, *, cfg: ModelConfig,
-           proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...], max_new: int,
-           prev_state: Any = None, prev: Context | None = None) -> LoopState:
-    """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
+def _context(s: LoopState, group: Int[Array, "B"], weights: Any) -> Context:
+    return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden,
+                   weights=weights, cache=s.cache)
+
+
+@partial(jax.jit, static_argnames=("proposer",), donate_argnums=(0,))
+def start_proposer(state: LoopState, group: Int[Array, "B"], weights: Any = None, prefill_features: Any = None,
+                   feature_start: Any = None, prev_state: Any = None, prev: Context | None = None, *,
+                   proposer: Proposer) -> LoopState:
+    """The proposer's initial state, before the decode loop runs.
 
     `prefill_features` [B, F, .] (positions from `feature_start`): what the prefill computed of
     `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
     from a continued Session.
     """
+    ctx = _context(state, group, weights).replace(features=prefill_features, feature_start=feature_start)
+    pstate = proposer.init(ctx)
+    if prev is not None:
+        pstate = proposer.resume(pstate, ctx, prev_state, prev)
+    return state.replace(proposer_state=pstate)
+
+
+@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
+def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], weights: Any = None, *,
+           cfg: ModelConfig, proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...],
+           max_new: int) -> LoopState:
+    """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
+
+    `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
+    (a traced value, so a caller checking rows on the host every C steps compiles this once); calling
+    again with the returned state resumes exactly where it paused.
+    """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
 
     def context(s: LoopState) -> Context:
-        return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden,
-                       weights=weights, cache=s.cache)
+        return _context(s, group, weights)
 
     def cond(s: LoopState):
-        budget_left = s.steps < max_new
+        budget_left = (s.steps < max_new) & (s.steps < step_limit)
         room_left = jnp.max(jnp.where(s.done, 0, s.lengths)) + k < s.tokens.shape[1]
         return budget_left & jnp.any(~s.done) & room_left
 
@@ -240,11 +260,6 @@ def decode(params, state: LoopState, group: Int[Array, "B"], weights: Any = None
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
         return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
 
-    start_ctx = context(state).replace(features=prefill_features, feature_start=feature_start)
-    pstate = proposer.init(start_ctx)
-    if prev is not None:
-        pstate = proposer.resume(pstate, start_ctx, prev_state, prev)
-    state = state.replace(proposer_state=pstate)
     return jax.lax.while_loop(cond, body, state)
 
 
@@ -287,6 +302,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
              num_samples: int = 1, group: Sequence[int] | None = None, max_len: int | None = None,
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
              session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
+             stop_rows: Callable[[list[list[int]], np.ndarray], Any] | None = None, check_every: int = 32,
              **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method; see DESIGN.md's contract.
 
@@ -301,6 +317,9 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     drafter's store across calls: multi-round thinking prefills only what is new and drafts from every
     earlier round. `pad_new_to` pads the part of the prompts not yet cached (what a continued call
     prefills) to at least this length, for the same reason as `pad_prompts_to`.
+    `stop_rows(generated, finished)` (early stopping, e.g. once a Best-of-N vote is settled): the loop
+    pauses every `check_every` steps and the callback gets each row's tokens so far and which rows
+    finished on their own; rows it returns True for stop (`stats["stopped_rows"]`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -365,9 +384,30 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
     carry = session is not None and session.proposer == proposer
     feature_start = jnp.asarray(start if session is not None else np.zeros(num_prompts, np.int32))[rows]
-    state = decode(model.params, state, jnp.asarray(groups), weights, features, feature_start, cfg=cfg, proposer=proposer,
-                   sampling_cfg=sampling_cfg, eos_ids=eos_ids, max_new=max_new_tokens,
-                   prev_state=session.proposer_state if carry else None, prev=session.context if carry else None)
+    group_arr = jnp.asarray(groups)
+    state = start_proposer(state, group_arr, weights, features, feature_start,
+                           session.proposer_state if carry else None, session.context if carry else None,
+                           proposer=proposer)
+    run = partial(decode, model.params, cfg=cfg, proposer=proposer, sampling_cfg=sampling_cfg, eos_ids=eos_ids,
+                  max_new=max_new_tokens)
+    stopped = np.zeros(batch, bool)
+    if stop_rows is None:
+        state = run(state, group_arr, jnp.asarray(max_new_tokens, jnp.int32), weights)
+    else:  # pause every `check_every` steps: one host sync per pause, never per token
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        limit = 0
+        while True:
+            limit += check_every
+            state = run(state, group_arr, jnp.asarray(limit, jnp.int32), weights)
+            toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
+            if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
+                break
+            gen = [toks[b, prompt_lengths[rows[b]] : lens[b]].tolist() for b in range(batch)]
+            stop = np.asarray(stop_rows(gen, done & ~stopped), bool) & ~done
+            if stop.any():
+                stopped |= stop
+                state = state.replace(done=state.done | jnp.asarray(stop))
     out_tokens, out_lengths, hist, steps, sources = jax.device_get(
         (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
     t2 = time.perf_counter()
@@ -400,6 +440,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         "tokens_per_s": emitted / wall if wall > 0 else 0.0,
         "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
         "draft_k": proposer.width,
+        "stopped_rows": stopped.tolist(),  # rows `stop_rows` ended before EOS or the budget
     }
     if session is not None:
         stats["reused_prefix_tokens"] = int(np.sum(jax.device_get(start)))

@@ -110,26 +110,45 @@ def is_equivalent(pred: str | None, ref: str) -> bool:
     return _equivalent(pred, ref)
 
 
-def majority_vote(answers: list[str | None]) -> str | None:
-    """The answer of the largest group of equivalent answers (ties: the group seen first).
+def answer_classes(answers: list[str | None]) -> tuple[list[int], list[str]]:
+    """Groups answers by equivalence: (class id per answer, -1 for none; one representative per class).
 
     Groups by equivalence, not string equality, so "0.5" and "\\frac{1}{2}" pool their votes.
     """
     reps: list[str] = []
-    counts: list[int] = []
+    ids: list[int] = []
     for a in answers:
         if a is None or not a.strip():
+            ids.append(-1)
             continue
         for i, r in enumerate(reps):
             if is_equivalent(a, r):
-                counts[i] += 1
+                ids.append(i)
                 break
         else:
+            ids.append(len(reps))
             reps.append(a)
-            counts.append(1)
+    return ids, reps
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """The answer of the largest group of equivalent answers (ties: the group seen first)."""
+    ids, reps = answer_classes(answers)
     if not reps:
         return None
+    counts = [ids.count(i) for i in range(len(reps))]
     return reps[counts.index(max(counts))]
+
+
+def vote_settled(answers: list[str | None], unfinished: int) -> bool:
+    """Whether the majority among finished samples' answers can no longer change: its lead over the
+    runner-up exceeds the samples still running (each could at best join the runner-up).
+
+    The early-stopping rule for Best-of-N: stopping the rest then cannot change the maj@N answer.
+    """
+    ids, reps = answer_classes(answers)
+    counts = sorted((ids.count(i) for i in range(len(reps))), reverse=True) + [0, 0]
+    return counts[0] > counts[1] + unfinished
 
 
 def grade_samples(outputs: list[str], ref: str) -> dict[str, Any]:

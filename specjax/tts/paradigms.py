@@ -21,6 +21,7 @@ import numpy as np
 from specjax.engine import generate
 from specjax.proposers import make_proposer
 from specjax.tts.datasets import Question
+from specjax.tts.grading import extract_answer, vote_settled
 
 PARADIGMS = ("single", "best_of_n", "multi_round")
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -73,11 +74,38 @@ def _prompt_length(model, prompts: Sequence[str]) -> int:
                                            tokenize=True)["input_ids"]) for p in prompts)
 
 
+class SettledVote:
+    """`generate(stop_rows=...)` for Best-of-N: stops a question's running branches once the vote of
+    its finished ones is settled. Rows are prompt-major, `samples` per question."""
+
+    def __init__(self, tokenizer, samples: int):
+        self.tokenizer, self.samples = tokenizer, samples
+        self.answers: dict[int, str | None] = {}  # finished row -> its extracted answer (decoded once)
+
+    def __call__(self, generated: list[list[int]], finished: np.ndarray) -> np.ndarray:
+        stop = np.zeros(len(generated), bool)
+        for b in np.flatnonzero(finished):
+            if b not in self.answers:
+                self.answers[b] = extract_answer(self.tokenizer.decode(generated[b], skip_special_tokens=True))
+        for q in range(0, len(generated), self.samples):
+            rows = range(q, q + self.samples)
+            done = [self.answers[b] for b in rows if finished[b]]
+            running = [b for b in rows if not finished[b]]
+            if running and vote_settled(done, len(running)):
+                stop[running] = True
+        return stop
+
+
 def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: int = 1, rounds: int = 2,
         batch_size: int = 1, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, on_batch: Callable[[int], None] | None = None,
-        **method_options) -> ParadigmResult:
-    """Runs `paradigm` with `method` over `questions`; `on_batch(k)` reports k questions done."""
+        early_stop: bool = False, check_every: int = 32, **method_options) -> ParadigmResult:
+    """Runs `paradigm` with `method` over `questions`; `on_batch(k)` reports k questions done.
+
+    `early_stop` (best_of_n): every `check_every` decode steps, a question whose vote among its
+    finished branches is settled (`vote_settled`) stops its remaining branches; its outputs then hold
+    only the finished branches, whose majority is the one all N would have given.
+    """
     if paradigm not in PARADIGMS:
         raise ValueError(f"unknown paradigm {paradigm!r}; use one of {', '.join(PARADIGMS)}")
     if n < 1:
@@ -99,9 +127,14 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
     texts: list[list[str]] = []
     stats = []
     for i, chunk in enumerate(_batches(prompts, step)):
-        out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad, **kw)
+        stop = {}
+        if early_stop and paradigm == "best_of_n":
+            stop = dict(stop_rows=SettledVote(model.tokenizer, samples), check_every=check_every)
+        out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad,
+                       **stop, **kw)
         stats.append(out.stats)
-        texts.extend(out.texts[j * samples : (j + 1) * samples] for j in range(len(chunk)))
+        kept = [t for t, s in zip(out.texts, out.stats["stopped_rows"]) if not s]
+        texts.extend(kept[j * samples : (j + 1) * samples] for j in range(len(chunk)))
         if on_batch is not None:
             on_batch(len(chunk))
     return ParadigmResult(outputs=texts, rounds=[aggregate(stats)], history=[[t[0] for t in texts]])

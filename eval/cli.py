@@ -1,0 +1,30 @@
+"""What every eval CLI shares: comma-list flags, and bad input reported as one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma list of integers >= 1, e.g. `--batch-sizes 1,2,4`."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} needs integers >= 1, got {text!r}")
+    return values
+
+
+def run(parse: Callable[[list[str] | None], argparse.Namespace], body: Callable[[argparse.Namespace], int],
+        argv: list[str] | None) -> int:
+    """Parses argv and runs body; a ValueError or missing file is printed as `error: ...` (exit 2), since
+    those are the user's to fix (the message names the fix), not tracebacks to read."""
+    args = parse(argv)
+    try:
+        return body(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
