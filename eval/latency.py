@@ -186,6 +186,7 @@ def plot_sweep(plans, measured: list[dict[str, Any]], budgets: list[float], path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from specjax.analysis.latency import frontier
 
@@ -197,7 +198,8 @@ def plot_sweep(plans, measured: list[dict[str, Any]], budgets: list[float], path
         members = plans if fam == "combined" else [p for p in plans if p.family == fam or (p.method == "ar" and p.n == 1)]
         front = frontier(members)
         ax.step([p.predicted_s for p in front], [p.predicted_accuracy for p in front], where="post", color=color,
-                label=label, lw=2.5 if fam == "combined" else 1.5, alpha=0.9)
+                label=label, lw=4 if fam == "combined" else 1.5, alpha=0.4 if fam == "combined" else 1.0,
+                zorder=1 if fam == "combined" else 2)
         own = [p for p in plans if p.family == fam]
         ax.scatter([p.predicted_s for p in own], [p.predicted_accuracy for p in own], color=color, s=12, alpha=0.5)
     for m in measured:
@@ -205,6 +207,8 @@ def plot_sweep(plans, measured: list[dict[str, Any]], budgets: list[float], path
     for b in budgets:
         ax.axvline(b, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("latency per question (s)")
     ax.set_ylabel("maj@N accuracy")
     ax.set_title("Predicted accuracy-latency frontier (dots: plans, x: measured runs)")
@@ -249,6 +253,10 @@ def _main(args: argparse.Namespace) -> int:
     cal_path = Path(args.calibration) if args.calibration else None
     if cal_path is not None and cal_path.exists():
         cal = Calibration.load(cal_path)
+        for key in ("model", "dtype", "dataset", "max_new_tokens", "temperature", "top_p"):
+            if cal.meta.get(key) != getattr(args, key):
+                raise ValueError(f"{cal_path} was calibrated with --{key.replace('_', '-')} {cal.meta.get(key)}, this "
+                                 f"run asks for {getattr(args, key)}: use the same setting or a new --calibration file")
         missing = [(m, n) for m in methods for n in n_values if (m, n) not in {(t.method, t.n) for t in cal.timings}]
         if missing:
             raise ValueError(f"{cal_path} has no timings for {missing[:3]}...: drop --calibration or recalibrate "

@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "given to every method of the run that takes it")
     p.add_argument("--no-baseline", action="store_true", help="skip the ar baseline")
     p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed: each process runs a block of the questions; process 0 writes the results")
+    p.add_argument("--coordinator", default=None, help="--distributed: coordinator host:port (omit on a cluster "
+                   "JAX detects, e.g. a TPU pod slice)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -109,21 +115,33 @@ def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:
     return samples, correct / max(len(questions), 1)
 
 
-def run_method(model, questions, method: str, args, progress=None,
-               options: dict[str, Any] | None = None) -> tuple[dict[str, Any], list, Any]:
+def accuracy_fields(samples: list[dict[str, Any]], paradigm: str) -> dict[str, float]:
+    """accuracy (and for best_of_n maj@N, pass@N, mean sample accuracy) over graded samples."""
+    mean = lambda key: sum(float(s[key]) for s in samples) / max(len(samples), 1)
+    out = {"accuracy": mean("correct")}
+    if paradigm == "best_of_n":
+        out.update(maj_at_n=out["accuracy"], pass_at_n=mean("pass_at_n"), mean_sample_accuracy=mean("mean_accuracy"))
+    return out
+
+
+def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,
+               seed_offset: int = 0) -> tuple[dict[str, Any], list, Any]:
+    """Runs one method over `questions` (warmed up first); `seed_offset`: the index of the first batch
+    in the whole run, so that a process running a block of the questions samples what one process would."""
     from specjax.tts import paradigms
 
     options = dict(options or {})
     if method != "ar" and args.k is not None:
         options["k"] = args.k
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **options)
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
+              **options)
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
     # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
     longest = max(questions, key=lambda q: len(q.question))
     paradigms.run(model, [longest], method, args.paradigm, **kw)
     result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, **kw)
-    samples, accuracy = _grade(questions, result)
+    samples, _ = _grade(questions, result)
     r = result.rounds
     total = paradigms.aggregate(r)
     summary = {
@@ -132,11 +150,7 @@ def run_method(model, questions, method: str, args, progress=None,
                                        "mean_accepted_tokens")},
         "accepted_hist": total["accepted_hist"],
     }
-    summary["accuracy"] = accuracy
-    if args.paradigm == "best_of_n":
-        summary["maj_at_n"] = accuracy
-        summary["pass_at_n"] = sum(s["pass_at_n"] for s in samples) / max(len(samples), 1)
-        summary["mean_sample_accuracy"] = sum(s["mean_accuracy"] for s in samples) / max(len(samples), 1)
+    summary.update(accuracy_fields(samples, args.paradigm))
     summary["per_round"] = [{"round": i + 1, "tokens_per_s": x["tokens_per_s"], "wall_s": x["wall_s"],
                              "mean_accepted_tokens": x["mean_accepted_tokens"],
                              "generated_tokens": x["generated_tokens"]} for i, x in enumerate(r)]
@@ -174,11 +188,23 @@ def _main(args: argparse.Namespace) -> int:
     questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,
                              answer_field=args.answer_field, limit=args.limit, shuffle=args.shuffle, seed=args.seed)
     import specjax
+    from specjax import distributed
 
-    console = Console(stderr=True)
+    if args.distributed:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    lead = jax.process_index() == 0
+    step = 1 if args.paradigm == "best_of_n" else args.batch_size  # questions per generate call
+    if len(questions) < jax.process_count():
+        raise ValueError(f"{len(questions)} questions for {jax.process_count()} processes: use fewer processes")
+    start, stop = distributed.block(len(questions), align=step)
+    all_questions, questions = questions, questions[start:stop]
+    console = Console(stderr=True, quiet=not lead)
     t0 = time.perf_counter()
     model = specjax.load(args.model, dtype=args.dtype)
-    console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(questions)} questions")
+    console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(all_questions)} questions"
+                  + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     baseline = "ar" in methods or not args.no_baseline
     order = (["ar"] if baseline else []) + [m for m in methods if m != "ar"]  # ar first: the reference
     summaries: dict[str, dict[str, Any]] = {}
@@ -188,8 +214,15 @@ def _main(args: argparse.Namespace) -> int:
             task = progress.add_task(f"{method} / {args.paradigm}", total=len(questions) * (
                 args.rounds if args.paradigm == "multi_round" else 1))
             summary, samples, _ = run_method(model, questions, method, args,
-                                             lambda k, t=task: progress.advance(t, k), options.get(method))
+                                             lambda k, t=task: progress.advance(t, k), options.get(method),
+                                             seed_offset=start // step)
+            parts = distributed.gather_json({"summary": summary, "samples": samples})
+            samples = [s for p in parts for s in p["samples"]]
+            summary = distributed.merge_stats([p["summary"] for p in parts])
+            summary.update(accuracy_fields(samples, args.paradigm))
             summaries[method], samples_by[method] = summary, samples
+    if not lead:
+        return 0
     base = summaries.get("ar")
     for method, s in summaries.items():
         if base is not None:
@@ -198,7 +231,7 @@ def _main(args: argparse.Namespace) -> int:
             for pr, br in zip(s["per_round"], base["per_round"]):
                 pr["speedup_vs_ar"] = pr["tokens_per_s"] / br["tokens_per_s"] if br["tokens_per_s"] else 0.0
 
-    table = Table(title=f"{args.paradigm} on {args.dataset} ({len(questions)} questions, {args.model})")
+    table = Table(title=f"{args.paradigm} on {args.dataset} ({len(all_questions)} questions, {args.model})")
     for col in ("method", "accuracy", "tok/s", "speedup vs ar", "mean accepted", "target forwards", "per round tok/s"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for method, s in summaries.items():

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from specjax import sampling
+from specjax import sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.models import transformer
 from specjax.models import cache as kv
@@ -86,11 +87,11 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype)) if eos_ids else jnp.zeros(tokens.shape, bool)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new", "feature_layers"))
+@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new", "feature_layers", "mesh"))
 def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng,
             feed: Int[Array, "Q F"] | None = None, start: Int[Array, "Q"] | None = None,
             cache: KVCache | None = None, *, cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int,
-            eos_ids: tuple[int, ...], max_new: int, feature_layers: tuple[int, ...] = ()):
+            eos_ids: tuple[int, ...], max_new: int, feature_layers: tuple[int, ...] = (), mesh: Mesh | None = None):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
 
     `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
@@ -122,7 +123,9 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     if fresh:  # a continued session has one row per prompt already: no copy
         cache = cache.select_rows(rows)
     features = jnp.take(jnp.concatenate(out.layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
-    return tokens, lengths + 1, cache, jnp.take(hidden, rows, axis=0).astype(jnp.float32), done, features
+    hidden = jnp.take(hidden, rows, axis=0).astype(jnp.float32)
+    tokens, lengths, hidden, done, features = sharding.constrain_rows((tokens, lengths + 1, hidden, done, features), mesh)
+    return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features
 
 
 def verify_widths(k: int) -> tuple[int, ...]:
@@ -188,10 +191,11 @@ def start_proposer(state: LoopState, group: Int[Array, "B"], weights: Any = None
     return state.replace(proposer_state=pstate)
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new"), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new", "mesh"),
+         donate_argnums=(1,))
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], weights: Any = None, *,
            cfg: ModelConfig, proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...],
-           max_new: int) -> LoopState:
+           max_new: int, mesh: Mesh | None = None) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
@@ -222,8 +226,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if template is None:
             res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
             node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
+            fed = (jnp.arange(k + 1)[None] <= draft.num[:, None]) & active[:, None]
         else:
             valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & active[:, None]], axis=1)
+            fed = valid & active[:, None]
             res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, r_ver)
             node_of_depth = jnp.concatenate([jnp.zeros_like(res.path[:, :1]), res.path], axis=1)
             if any(len(c) > 1 for c in template.children):  # a real tree: move the accepted path's keys/values
@@ -244,10 +250,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if layers:  # the accepted path's features: position lengths - 1 + i is node node_of_depth[:, i]
             features = jnp.take_along_axis(jnp.concatenate(out.layer_hidden, axis=-1), node_of_depth[:, :, None], axis=1)
         new = s.replace(
-            tokens=_commit(s, res.tokens, num_new),
+            tokens=sharding.constrain_rows(_commit(s, res.tokens, num_new), mesh),
             lengths=lengths,
             done=done,
-            cache=cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)),
+            cache=sharding.constrain_cache(cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)), mesh),
             hidden=jnp.where(active[:, None], hidden, s.hidden),
             features=features,
             rng=rng,
@@ -258,6 +264,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             ].add(active.astype(jnp.int32)),
         )
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
+        if proposer.logit_topk:
+            ctx_new = ctx_new.replace(verified=inputs, verified_topk=jax.lax.top_k(out.logits, proposer.logit_topk)[1],
+                                      verified_valid=fed)
         return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
 
     return jax.lax.while_loop(cond, body, state)
@@ -359,6 +368,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         raise ValueError(f"group must have one entry per prompt ({batch}), got shape {groups.shape}")
     eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
     rng_prefill, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
+    mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
 
     feed = start = None
     if session is not None:
@@ -374,7 +384,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     tokens, lengths, cache, hidden, done, features = prefill(
         model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, feed, start,
         None if session is None else session.cache, cfg=cfg, sampling_cfg=sampling_cfg, max_len=cache_len,
-        eos_ids=eos_ids, max_new=max_new_tokens, feature_layers=proposer.feature_layers)
+        eos_ids=eos_ids, max_new=max_new_tokens, feature_layers=proposer.feature_layers, mesh=mesh)
     jax.block_until_ready(tokens)
     t1 = time.perf_counter()
     state = LoopState(
@@ -389,7 +399,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
                            session.proposer_state if carry else None, session.context if carry else None,
                            proposer=proposer)
     run = partial(decode, model.params, cfg=cfg, proposer=proposer, sampling_cfg=sampling_cfg, eos_ids=eos_ids,
-                  max_new=max_new_tokens)
+                  max_new=max_new_tokens, mesh=mesh)
     stopped = np.zeros(batch, bool)
     if stop_rows is None:
         state = run(state, group_arr, jnp.asarray(max_new_tokens, jnp.int32), weights)

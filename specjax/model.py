@@ -8,7 +8,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from specjax import sharding
 from specjax.config import ModelConfig
 from specjax.models import loading, transformer
 
@@ -19,6 +21,11 @@ class Model:
     params: Any
     tokenizer: Any
     name: str = ""
+
+    @property
+    def mesh(self) -> Mesh | None:
+        """The mesh the params are sharded over (None: one device)."""
+        return sharding.mesh_of(self.params)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -40,10 +47,16 @@ def _full_logits(params, cfg: ModelConfig, tokens):
     return transformer.forward(params, cfg, tokens).logits
 
 
-def load(name: str, dtype: Any = "float32", tokenizer: bool = True) -> Model:
-    """Loads an embedded name, a .gguf file, a local HF folder or a hub id (see `loading.resolve`)."""
+def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh | None = None) -> Model:
+    """Loads an embedded name, a .gguf file, a local HF folder or a hub id (see `loading.resolve`).
+
+    With a `mesh` (`specjax.sharding.make_mesh`), params are placed sharded by `sharding.PARAM_RULES`
+    as they load, and every `generate` on the model runs under that mesh.
+    """
     kind, path = loading.resolve(name)
     jdtype = loading.parse_dtype(dtype)
-    cfg, params = loading.load_gguf(path, jdtype) if kind == "gguf" else loading.load_dir(path, jdtype)
+    cfg, host = loading.load_gguf(path) if kind == "gguf" else loading.load_dir(path)
+    params = sharding.place_params(host, jdtype, mesh)
+    del host
     tok = loading.load_tokenizer(kind, path) if tokenizer else None
     return Model(config=cfg, params=params, tokenizer=tok, name=str(name))

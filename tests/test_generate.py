@@ -8,7 +8,7 @@ import pytest
 import specjax
 from specjax import engine
 
-NGRAM_METHODS = ("pld", "suffix", "pool")
+NGRAM_METHODS = ("pld", "suffix", "pool", "recycling")  # the model-free drafters
 # a prompt that repeats itself, so n-gram drafts get accepted on the tiny random model too
 LOOPY = [5, 6, 7, 8, 9, 10, 11, 12] * 4
 

@@ -165,6 +165,9 @@ def test_cli_end_to_end(tiny_chat_checkpoint, tmp_path):
     # a second run loads the calibration instead of measuring again
     assert latency.main(args + ["--out", str(tmp_path / "out2"), "--no-compare"]) == 0
     assert json.loads((tmp_path / "out2" / "latency.json").read_text())["calibration_meta"] == saved["meta"]
+    # a calibration measured for other settings is refused, not silently reused
+    other = [a if a != "8" else "16" for a in args]  # --max-new-tokens 16
+    assert latency.main(other + ["--out", str(tmp_path / "out3")]) == 2
 
 
 @pytest.mark.parametrize("flag,value,message", [("--budget", "abc", "comma list of seconds"),

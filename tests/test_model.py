@@ -83,7 +83,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_model):
     tokens = np.random.default_rng(1).integers(3, 64, size=(2, 24))
     full = tiny_model.logits(tokens)
     stepped = _step_logits(tiny_model, tokens, [10, 10])
-    np.testing.assert_allclose(stepped, full, atol=1e-5)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)  # jitted vs op-by-op float32 sums
 
 
 def test_multi_token_decode_and_rollback(tiny_model):

@@ -64,7 +64,7 @@ def test_greedy_paradigms_are_lossless_for_every_method(tiny_chat_model, paradig
     head = save_random_eagle_head(tiny_chat_model, tmp_path / "eagle")
     with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():
         ar = paradigms.run(tiny_chat_model, QUESTIONS[:2], "ar", paradigm, max_new_tokens=16, batch_size=2, **kw)
-    for method, opts in [("pld", {}), ("suffix", {}), ("pool", {}), ("draft", {"draft": "self:1"}),
+    for method, opts in [("pld", {}), ("suffix", {}), ("pool", {}), ("recycling", {}), ("draft", {"draft": "self:1"}),
                          ("hybrid", {"draft": "self:1", "head_k": 3}), ("eagle", {"head": head}),
                          ("hybrid", {"head_path": head, "head_min_prob": 0.0})]:
         with pytest.warns(UserWarning) if paradigm == "best_of_n" else _nullcontext():

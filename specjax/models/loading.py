@@ -107,7 +107,9 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_dir(folder: Path, dtype) -> tuple[ModelConfig, dict]:
+def load_dir(folder: Path) -> tuple[ModelConfig, dict]:
+    """Config and host (numpy float32) params of a safetensors folder; `sharding.place_params` puts them
+    on devices."""
     try:
         hf_cfg = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -122,7 +124,7 @@ def load_dir(folder: Path, dtype) -> tuple[ModelConfig, dict]:
             raise ModelLoadError(f"tensor {name!r} missing from the checkpoint in {folder}")
         return np.asarray(t[name], np.float32)
 
-    return cfg, _assemble(cfg, get, lambda n: n in t, hf_names, dtype, moe_layer=_hf_moe_layer)
+    return cfg, _assemble(cfg, get, lambda n: n in t, hf_names, moe_layer=_hf_moe_layer)
 
 
 def _hf_moe_layer(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool], i: int) -> dict:
@@ -161,10 +163,10 @@ def hf_names(kind: str, i: int | None = None) -> str:
 
 
 def _assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[[str], bool],
-              names: Callable[..., str], dtype, moe_layer: Callable[..., dict] | None = None) -> dict:
-    """Builds the param tree from [out, in] matrices named by `names` (HF or GGUF naming); sparse
-    layers' experts come from `moe_layer(cfg, get, has, i)`."""
-    cast = lambda a: jnp.asarray(a, dtype)
+              names: Callable[..., str], moe_layer: Callable[..., dict] | None = None) -> dict:
+    """Builds the host param tree from [out, in] matrices named by `names` (HF or GGUF naming); sparse
+    layers' experts come from `moe_layer(cfg, get, has, i)`. Arrays stay numpy float32 until placed."""
+    cast = lambda a: np.ascontiguousarray(a, np.float32)
     layers = []
     for i in range(cfg.num_layers):
         n = lambda kind: names(kind, i)
@@ -244,7 +246,8 @@ def _gguf_config(fields: dict[str, Any], has_output: bool) -> ModelConfig:
     })
 
 
-def load_gguf(path: Path, dtype) -> tuple[ModelConfig, dict]:
+def load_gguf(path: Path) -> tuple[ModelConfig, dict]:
+    """Config and host (numpy float32) params of a GGUF file (dequantised)."""
     import gguf
 
     try:
@@ -265,7 +268,7 @@ def load_gguf(path: Path, dtype) -> tuple[ModelConfig, dict]:
             w = _unpermute_rope(w, cfg.num_heads if "attn_q" in name else cfg.num_kv_heads)
         return w
 
-    return cfg, _assemble(cfg, get, lambda n: n in tensors, gguf_names, dtype)
+    return cfg, _assemble(cfg, get, lambda n: n in tensors, gguf_names)
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -16,9 +16,10 @@ def registry() -> dict[str, type[Proposer]]:
     from specjax.proposers.hybrid import Hybrid
     from specjax.proposers.medusa import Medusa
     from specjax.proposers.ngram import NGRAM_PROPOSERS
+    from specjax.proposers.recycling import TokenRecycling
 
     return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "eagle": Eagle,
-            "hybrid": Hybrid}
+            "hybrid": Hybrid, "recycling": TokenRecycling}
 
 
 def make_proposer(method: "str | Proposer", **options) -> Proposer:

@@ -44,6 +44,12 @@ class Context:
     # starting at `feature_start[b]`: the prefill's at init/resume, the accepted path's at update
     features: Float[Array, "B T F"] | None = None
     feature_start: Int[Array, "B"] | None = None
+    # at update, for proposers with `logit_topk > 0`: the tokens the verify forward fed (pending token,
+    # then the draft: chain positions or tree nodes), the top-k tokens of its logits at each, and
+    # which of them were real (not padding, row active)
+    verified: Int[Array, "B K1"] | None = None
+    verified_topk: Int[Array, "B K1 C"] | None = None
+    verified_valid: Bool[Array, "B K1"] | None = None
 
 
 @struct.dataclass
@@ -84,6 +90,11 @@ class Proposer:
     def feature_layers(self) -> tuple[int, ...]:
         """Target layers whose outputs this proposer reads (`ctx.features`); () for none (no extra cost)."""
         return ()
+
+    @property
+    def logit_topk(self) -> int:
+        """> 0: `update` receives the verify forward's top-k tokens per fed position (`ctx.verified_topk`)."""
+        return 0
 
     def bind(self, model, sampling_cfg) -> tuple["Proposer", Any]:
         """Called by generate before the loop: returns the proposer configured for this target and
