@@ -23,12 +23,30 @@ def spec(array) -> list:
     return parts + [None] * (array.ndim - len(parts))
 
 
+def save_random_medusa_head(model, folder: Path) -> str:
+    """Two random (not zero) Medusa heads for `model`, saved like trained ones."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from specjax.heads.io import save_head
+    from specjax.heads.medusa import MedusaHeads
+
+    cfg = model.config
+    params = MedusaHeads(2, cfg.hidden_size).init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.hidden_size)))["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape), params)
+    save_head(folder, {"kind": "medusa", "num_heads": 2, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size},
+              jax.tree.map(np.asarray, dict(params)), dtype="float32")
+    return str(folder)
+
+
 def main(checkpoint: str, head_dir: str, moe_checkpoint: str) -> None:
     assert len(jax.devices()) == 8, jax.devices()
     single = specjax.load(checkpoint, tokenizer=False)
     head = save_random_eagle_head(single, Path(head_dir))
+    medusa = save_random_medusa_head(single, Path(head_dir).parent / "medusa")
     methods = {"ar": {}, "pld": {"k": 4}, "suffix": {"k": 4}, "pool": {"k": 4}, "draft": {"draft": "self:1", "k": 3},
-               "eagle": {"head": head}, "hybrid": {"head_path": head, "head_min_prob": 0.0}, "recycling": {"k": 3}}
+               "eagle": {"head": head}, "hybrid": {"head_path": head, "head_min_prob": 0.0}, "recycling": {"k": 3},
+               "medusa": {"head": medusa}}
     # 8 rows of mixed lengths, with repeats so that n-gram drafts get accepted
     prompts = [[5 + (i * 7 + j) % 40 for j in range(3 + 2 * i)] * 2 for i in range(8)]
     kw = dict(max_new_tokens=16, eos_token_ids=())
