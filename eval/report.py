@@ -176,6 +176,32 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# specjax method -> its name in the SpecTTS-Bench table (arXiv 2509.04474), in the paper's row order
+PAPER_METHODS = {"draft": "SpS", "eagle": "EAGLE-3", "pld": "PLD", "lookahead": "Lookahead", "pia": "PIA",
+                 "rest": "REST", "recycling": "Token Recycling", "suffix": "SAM-Decoding",
+                 "hybrid": "SAM[EAGLE-3]"}
+
+
+def paper_table(rows: list[dict[str, Any]]) -> str:
+    """The SpecTTS-Bench layout: methods as rows (the paper's names and order, then any others), paradigms
+    as column groups, each cell `speedup / mean accepted tokens`."""
+    paradigms = _paradigms(rows)
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["method"] == "ar":
+            continue
+        cell = f"{_fmt(r.get('speedup_vs_ar'), '.2f', 'x')} / {_fmt(r.get('mean_accepted_tokens'), '.2f')}"
+        cells.setdefault(r["label"], {})[r["paradigm"]] = cell
+    order = {m: i for i, m in enumerate(PAPER_METHODS)}
+    labels = sorted(cells, key=lambda m: (order.get(m, len(order)), m))
+    head = ["method", "specjax"] + [f"{p.replace('_', '-')}: speedup / MAT" for p in paradigms]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(paradigms)) + "|"]
+    for label in labels:
+        lines.append("| " + " | ".join([PAPER_METHODS.get(label, label), label]
+                                       + [cells[label].get(p, "–") for p in paradigms]) + " |")
+    return "\n".join(lines)
+
+
 def write_report(paths: list[str], out: Path) -> Path:
     """Write the plots and `report.md` into `out`; returns the markdown path."""
     import matplotlib
@@ -186,7 +212,8 @@ def write_report(paths: list[str], out: Path) -> Path:
     plots = [("speedup.png", "Speedup vs AR", plot_speedup),
              ("accepted_hist.png", "Accepted tokens per step", plot_accepted_hist),
              ("rounds.png", "Tokens/s per round (multi-round)", plot_rounds)]
-    md = ["# specjax report", "", f"{len(rows)} results file(s).", "", markdown_table(rows), ""]
+    md = ["# specjax report", "", f"{len(rows)} results file(s).", "", markdown_table(rows), "",
+          "## Method table (SpecTTS-Bench layout)", "", paper_table(rows), ""]
     for name, title, plot in plots:
         if plot(rows, out / name):
             md += [f"## {title}", "", f"![{title}]({name})", ""]

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-NEEDS = {"medusa": "head", "eagle": "head"}  # method -> the option it cannot run without (unless a head ships)
+NEEDS = {"medusa": "head", "eagle": "head", "rest": "datastore"}  # method -> the option it cannot run without (unless one ships)
 
 
 def expand_methods(spec: str) -> list[str]:
@@ -65,6 +65,19 @@ def expand_methods(spec: str) -> list[str]:
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or spec!r}; available: {', '.join(known)}, all")
     return methods
+
+
+def select_methods(spec: str, model: str, option_items: list[str]) -> list[str]:
+    """`expand_methods`, where 'all' keeps a method that needs an artifact (a trained head, a datastore)
+    only when the run gives it (`--option KEY=...` or `METHOD.KEY=...`) or one ships for the model."""
+    methods = expand_methods(spec)
+    if spec != "all":
+        return methods
+    from specjax.heads.io import default_head
+
+    given = {item.partition("=")[0] for item in option_items}
+    return [m for m in methods if m not in NEEDS or {NEEDS[m], f"{m}.{NEEDS[m]}"} & given
+            or default_head(model, m)]
 
 
 def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -176,12 +189,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
-    methods = expand_methods(args.method)
-    if args.method == "all":  # methods that need a trained artifact join 'all' only when it is given or ships
-        from specjax.heads.io import default_head
-
-        given = {item.partition("=")[0] for item in args.option}
-        methods = [m for m in methods if NEEDS.get(m, "") in given | {""} or default_head(args.model, m)]
+    methods = select_methods(args.method, args.model, args.option)
     options = parse_options(args.option, methods)
     from specjax.tts.datasets import load_dataset
 

@@ -47,6 +47,18 @@ def test_report_writes_plots_and_table(tmp_path):
     assert "| ar | single |" in md and "![" in md and "(speedup.png)" in md
 
 
+def test_paper_table_layout():
+    rows = [dict(_results(m, p, 50.0, s, [0, 10])["summary"], label=m) for m, p, s in
+            [("ar", "best_of_n", 1.0), ("suffix", "best_of_n", 1.5), ("suffix", "multi_round", 2.1),
+             ("pld", "multi_round", 1.3), ("hybrid", "best_of_n", 1.7)]]
+    lines = report.paper_table(rows).splitlines()
+    assert lines[0] == "| method | specjax | best-of-n: speedup / MAT | multi-round: speedup / MAT |"
+    # the paper's row order (PLD before SAM-Decoding before SAM[EAGLE-3]); AR is the reference, not a row
+    assert lines[2:] == ["| PLD | pld | – | 1.30x / 2.25 |",
+                         "| SAM-Decoding | suffix | 1.50x / 2.25 | 2.10x / 2.25 |",
+                         "| SAM[EAGLE-3] | hybrid | 1.70x / 2.25 | – |"]
+
+
 def test_report_input_errors(tmp_path, capsys):
     assert report.main(["--out", str(tmp_path / "r")]) == 2
     assert "no results files" in capsys.readouterr().err

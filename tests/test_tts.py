@@ -142,3 +142,16 @@ def test_option_scoping():
     assert got["medusa"] == {"k": 4, "head": "/h"}
     assert got["hybrid"] == {"k": 4, "head": "medusa", "head_path": "/h"}  # the scoped value wins
     assert got["pld"] == {"k": 4}
+
+
+def test_all_covers_the_paper_table_and_needs_artifacts_given():
+    from eval.tts import select_methods
+
+    plain = select_methods("all", "no-such-model", [])
+    # SpS, PLD, Lookahead, PIA, Token Recycling, SAM-Decoding, SAM[EAGLE-3] run without artifacts
+    assert {"ar", "draft", "pld", "lookahead", "pia", "recycling", "suffix", "hybrid"} <= set(plain)
+    assert not {"rest", "eagle", "medusa"} & set(plain)  # no datastore given, no head ships for this name
+    given = select_methods("all", "no-such-model", ["rest.datastore=/d", "head=/h"])
+    assert {"rest", "eagle", "medusa"} <= set(given)
+    shipped = select_methods("all", "smollm2-135m-instruct", [])
+    assert {"eagle", "medusa"} <= set(shipped) and "rest" not in shipped

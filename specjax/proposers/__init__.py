@@ -14,12 +14,15 @@ def registry() -> dict[str, type[Proposer]]:
     from specjax.proposers.draft_model import DraftModel
     from specjax.proposers.eagle import Eagle
     from specjax.proposers.hybrid import Hybrid
+    from specjax.proposers.lookahead import Lookahead
     from specjax.proposers.medusa import Medusa
     from specjax.proposers.ngram import NGRAM_PROPOSERS
+    from specjax.proposers.pia import Pia
     from specjax.proposers.recycling import TokenRecycling
+    from specjax.proposers.rest import Rest
 
     return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "eagle": Eagle,
-            "hybrid": Hybrid, "recycling": TokenRecycling}
+            "hybrid": Hybrid, "lookahead": Lookahead, "pia": Pia, "recycling": TokenRecycling, "rest": Rest}
 
 
 def make_proposer(method: "str | Proposer", **options) -> Proposer:

@@ -53,6 +53,19 @@ def tree_template(branching: tuple[int, ...], depth: int) -> tuple[TreeTemplate,
     return TreeTemplate(tuple(parents)), np.asarray(rank, np.int32)
 
 
+class BranchingTree:
+    """For proposers whose draft is `tree_template(branching, k)` (fields of the dataclass): the static
+    template and each node's sibling rank, built once per configuration."""
+
+    @functools.cached_property
+    def _tree(self) -> tuple[TreeTemplate, np.ndarray]:
+        return tree_template(tuple(self.branching), self.k)
+
+    @property
+    def template(self) -> TreeTemplate:
+        return self._tree[0]
+
+
 def refresh(adj: Adjacency, fed: Int[Array, "B T"], top: Int[Array, "B T C"], valid) -> Adjacency:
     """succ[fed[b, t]] = top[b, t] wherever valid: the newest forward's view of each fed token wins
     (rows or positions feeding the same token in one forward: an arbitrary one of them)."""
@@ -64,7 +77,7 @@ def refresh(adj: Adjacency, fed: Int[Array, "B T"], top: Int[Array, "B T C"], va
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenRecycling(Proposer):
+class TokenRecycling(BranchingTree, Proposer):
     name: ClassVar[str] = "recycling"
     k: int = 4  # tree depth: most tokens one step can accept
     branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
@@ -75,14 +88,6 @@ class TokenRecycling(Proposer):
         if self.k < 1 or any(b < 1 for b in self.branching) or self.top < max(self.branching, default=1):
             raise ValueError(f"recycling needs k >= 1, branching >= 1 and top >= max(branching), got k={self.k}, "
                              f"branching={self.branching}, top={self.top}")
-
-    @functools.cached_property
-    def _tree(self) -> tuple[TreeTemplate, np.ndarray]:
-        return tree_template(tuple(self.branching), self.k)
-
-    @property
-    def template(self) -> TreeTemplate:
-        return self._tree[0]
 
     @property
     def logit_topk(self) -> int:

@@ -15,6 +15,7 @@ import jax  # noqa: E402
 import specjax  # noqa: E402
 from conftest import save_random_eagle_head  # noqa: E402
 from specjax import sharding  # noqa: E402
+from specjax.datastore import build_datastore, save_datastore  # noqa: E402
 
 
 def spec(array) -> list:
@@ -46,9 +47,12 @@ def main(checkpoint: str, head_dir: str, moe_checkpoint: str) -> None:
     medusa = save_random_medusa_head(single, Path(head_dir).parent / "medusa")
     methods = {"ar": {}, "pld": {"k": 4}, "suffix": {"k": 4}, "pool": {"k": 4}, "draft": {"draft": "self:1", "k": 3},
                "eagle": {"head": head}, "hybrid": {"head_path": head, "head_min_prob": 0.0}, "recycling": {"k": 3},
-               "medusa": {"head": medusa}}
+               "medusa": {"head": medusa}, "lookahead": {}, "pia": {}}
     # 8 rows of mixed lengths, with repeats so that n-gram drafts get accepted
     prompts = [[5 + (i * 7 + j) % 40 for j in range(3 + 2 * i)] * 2 for i in range(8)]
+    store = Path(head_dir).parent / "datastore"
+    save_datastore(build_datastore([p * 2 for p in prompts], vocab_size=single.config.vocab_size), store)
+    methods["rest"] = {"datastore": str(store)}
     kw = dict(max_new_tokens=16, eos_token_ids=())
     ref = {m: specjax.generate(single, prompts, m, **kw, **o).tokens for m, o in methods.items()}
     found: dict = {"mismatch": [], "specs": {}}
