@@ -157,7 +157,7 @@ class Lookahead(Proposer):
 
     def update(self, state: LookaheadState, ctx: Context, prev_lengths: Int[Array, "B"]) -> LookaheadState:
         batch = ctx.tokens.shape[0]
-        chex.assert_shape(ctx.verified_topk, (batch, self.template.size, 1))
+        chex.assert_shape(ctx.verified_topk, (batch, self.template.size, self.logit_topk))
         top = self._window_start + (self.k - 1) * self.window
         new = ctx.verified_topk[:, top: top + self.window, 0].astype(jnp.int32)  # the next Jacobi iteration
         ran = ctx.verified_valid[:, 0]  # the row was in this forward
