@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--matmul-dtype", default=None, choices=["bfloat16"], help="bf16 matmul weights, float32 "
+                        "activations (specjax.load(matmul_dtype=))")
     args = parser.parse_args(argv)
 
     import specjax
 
-    model = specjax.load(args.model)
+    model = specjax.load(args.model, matmul_dtype=args.matmul_dtype)
     questions = [json.loads(line)["question"] for line in DATA.read_text().splitlines() if line.strip()]
     prompts = [f"{q}\n{INSTRUCTION}" for q in questions[: args.questions]]
     pad = 64 * -(-max(len(model.tokenizer.apply_chat_template([{"role": "user", "content": p}],

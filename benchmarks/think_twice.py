@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                         "method's own)")
     parser.add_argument("--draft", default="self:8", help="the draft of the draft and hybrid methods")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--matmul-dtype", default=None, choices=["bfloat16"], help="bf16 matmul weights, float32 "
+                        "activations (specjax.load(matmul_dtype=))")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = specjax.load(args.model, dtype="float32")
+    model = specjax.load(args.model, dtype="float32", matmul_dtype=args.matmul_dtype)
     k = args.k
     r1_prompts = [ROUND1.format(q=q["question"]) for q in questions]
     r1 = {"ar": run_round(model, r1_prompts, "ar", args.max_new_tokens, k)}

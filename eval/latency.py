@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from eval.cli import add_precision_flags
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_precision_flags(p)
     p.add_argument("--budget", default="5,10,20", help="seconds per question, a comma list")
     p.add_argument("--dataset", default="arith", help="built-in name, JSONL path or HF dataset id")
     p.add_argument("--split", default="test")
@@ -86,7 +88,7 @@ def measure_forward(model, batch: int, width: int, context: int, repeats: int = 
     from specjax.models.cache import KVCache
 
     cfg = model.config
-    cache = KVCache.init(cfg, batch, context + width, model.params["lm_head"].dtype)
+    cache = KVCache.init(cfg, batch, context + width, transformer.compute_dtype(model.params))
     cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
     tokens = jnp.ones((batch, width), jnp.int32)
     fwd = jax.jit(lambda params, x, c: transformer.forward(params, cfg, x, c).logits)
@@ -248,7 +250,7 @@ def _main(args: argparse.Namespace) -> int:
     from specjax.tts.paradigms import _prompt_length, first_round_prompt
 
     console = Console(stderr=True)
-    model = specjax.load(args.model, dtype=args.dtype)
+    model = specjax.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     pad = _prompt_length(model, [first_round_prompt(q.question) for q in calib_q + held_out])
     cal_path = Path(args.calibration) if args.calibration else None
     if cal_path is not None and cal_path.exists():

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from eval.cli import add_precision_flags
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -21,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.tts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_precision_flags(p)
     p.add_argument("--method", default="hybrid", help="a method, a comma list, or 'all'")
     p.add_argument("--paradigm", default="single", help="single, best_of_n or multi_round")
     p.add_argument("--n", type=int, default=8, help="best_of_n: branches per question")
@@ -210,7 +212,7 @@ def _main(args: argparse.Namespace) -> int:
     all_questions, questions = questions, questions[start:stop]
     console = Console(stderr=True, quiet=not lead)
     t0 = time.perf_counter()
-    model = specjax.load(args.model, dtype=args.dtype)
+    model = specjax.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(all_questions)} questions"
                   + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     baseline = "ar" in methods or not args.no_baseline

@@ -103,7 +103,7 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     q, p = prompt.shape
     chex.assert_shape(prompt_lengths, (q,))
     if cache is None:
-        cache = KVCache.init(cfg, q, max_len, params["lm_head"].dtype)
+        cache = KVCache.init(cfg, q, max_len, transformer.compute_dtype(params))
         feed, start, fresh = prompt, jnp.zeros((q,), jnp.int32), True
     else:
         chex.assert_shape(start, (q,))

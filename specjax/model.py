@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -47,16 +48,26 @@ def _full_logits(params, cfg: ModelConfig, tokens):
     return transformer.forward(params, cfg, tokens).logits
 
 
-def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh | None = None) -> Model:
+def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh | None = None,
+         matmul_dtype: Any = None) -> Model:
     """Loads an embedded name, a .gguf file, a local HF folder or a hub id (see `loading.resolve`).
 
     With a `mesh` (`specjax.sharding.make_mesh`), params are placed sharded by `sharding.PARAM_RULES`
-    as they load, and every `generate` on the model runs under that mesh.
+    as they load, and every `generate` on the model runs under that mesh. `matmul_dtype="bfloat16"`
+    holds the dense layers' and the LM head's weights in bf16 beside `dtype` activations, norms,
+    embeddings and KV cache (`models/linear.py`: products accumulate in float32): half the weight
+    bytes, and on CPUs with AMX/AVX512-BF16 a verify forward of many tokens costs little more than
+    one, where float32 is compute-bound (see README, "CPU precision").
     """
     kind, path = loading.resolve(name)
     jdtype = loading.parse_dtype(dtype)
+    low = None if matmul_dtype is None else loading.parse_dtype(matmul_dtype)
+    if low is not None and jnp.dtype(low).itemsize > jnp.dtype(jdtype).itemsize:
+        raise ValueError(f"matmul_dtype={matmul_dtype!r} is wider than dtype={dtype!r}: it may only lower precision")
     cfg, host = loading.load_gguf(path) if kind == "gguf" else loading.load_dir(path)
     params = sharding.place_params(host, jdtype, mesh)
+    if low is not None and low != jdtype:
+        params = sharding.lower_matmul_weights(params, low)
     del host
     tok = loading.load_tokenizer(kind, path) if tokenizer else None
     return Model(config=cfg, params=params, tokenizer=tok, name=str(name))

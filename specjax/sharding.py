@@ -78,6 +78,16 @@ def place_params(params: Any, dtype: Any, mesh: Mesh | None = None) -> Any:
     return jax.tree_util.tree_map_with_path(put, params)
 
 
+# the weights `models.linear.matmul` multiplies (dense layers, shared experts, the LM head)
+MATMUL_WEIGHTS = frozenset({"wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down", "lm_head"})
+
+
+def lower_matmul_weights(params: Any, dtype: Any) -> Any:
+    """The matmul weights cast to `dtype` where they lie (a sharded array keeps its sharding)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if _leaf_name(path) in MATMUL_WEIGHTS else x, params)
+
+
 def mesh_of(params: Any) -> Mesh | None:
     """The mesh the params were placed on (None: a single device)."""
     leaf = jax.tree_util.tree_leaves(params)[0]

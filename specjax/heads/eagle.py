@@ -23,6 +23,7 @@ import numpy as np
 
 from specjax.config import ModelConfig
 from specjax.models import transformer
+from specjax.models.linear import matmul
 from specjax.verify import TreeTemplate
 
 # template shape: a node's top-ranked child is assumed accepted ACCEPT_PRIOR of the time, its rank r+1
@@ -68,7 +69,7 @@ class EagleHead(nn.Module):
     def logits(self, g, lm_draft):
         """g [..., D] -> draft-vocabulary logits [..., Vd] (float32)."""
         h = transformer.rms_norm(g, self.norm, self.cfg.rms_norm_eps)
-        return jnp.dot(h.astype(lm_draft.dtype), lm_draft, preferred_element_type=jnp.float32)
+        return matmul(h, lm_draft, jnp.float32)
 
     def init_all(self, features, tok_emb, lm_draft):
         """Touches every parameter (for `init`)."""
@@ -157,6 +158,11 @@ def ttt_mask(anchors: jax.Array, length: int, steps: int) -> jax.Array:
     return jnp.concatenate(rows, axis=1)
 
 
+def params_dtype(params) -> jnp.dtype:
+    """The head's compute dtype: its own parameters' (the target's LM head may be held lower)."""
+    return jax.tree.leaves(params)[0].dtype
+
+
 def unroll(module: EagleHead, params, target_params, features, tokens, anchors, steps: int, lm_draft):
     """The training-time test: draft-vocabulary logits [steps, B, P, Vd] of the head at `anchors`
     [B, P] of full sequences (tokens [B, L], target features [B, L, F]), fed its own outputs.
@@ -168,7 +174,7 @@ def unroll(module: EagleHead, params, target_params, features, tokens, anchors, 
     cfg = module.cfg
     b, length = tokens.shape
     run = lambda *a, **kw: module.apply({"params": params}, *a, **kw)
-    emb_of = lambda t: transformer.embed(target_params, cfg, t).astype(lm_draft.dtype)
+    emb_of = lambda t: transformer.embed(target_params, cfg, t).astype(params_dtype(params))
     take = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 2)), axis=1)
     nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)  # x_{j+1} at slot j
     embs, us = [emb_of(nxt)], [run(features, method=EagleHead.fuse)]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from specjax.config import ModelConfig
+from specjax.models.linear import matmul
 
 
 def route(x: Float[Array, "N D"], router: Float[Array, "D E"], k: int,
@@ -69,7 +70,7 @@ def moe_mlp(lp, cfg: ModelConfig, h: Float[Array, "B T D"]) -> tuple[jax.Array, 
     run = experts_gather if b * t * cfg.num_experts_per_tok < cfg.num_experts else experts_grouped
     y = run(x, lp["we_gate_up"], lp["we_down"], idx, weights)
     if "shared_gate_up" in lp:
-        shared = _glu(x @ lp["shared_gate_up"]) @ lp["shared_down"]
+        shared = matmul(_glu(matmul(x, lp["shared_gate_up"])), lp["shared_down"])
         y = y + jax.nn.sigmoid(x @ lp["shared_gate"]) * shared
     activated = jnp.sum(jnp.any(jax.nn.one_hot(idx, cfg.num_experts, dtype=bool), axis=(0, 1)))
     return y.reshape(b, t, d).astype(h.dtype), activated

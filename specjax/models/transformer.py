@@ -32,6 +32,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specjax.config import ModelConfig
 from specjax.models import cache as kv
 from specjax.models import moe
+from specjax.models.linear import matmul
 
 Params = dict[str, Any]
 
@@ -159,7 +160,7 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = h @ lp["wqkv"]
+    qkv = matmul(h, lp["wqkv"])
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     nq, nk = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -176,15 +177,20 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     else:
         new_kv = (kv.write(cache_kv[0], k, slots), kv.write(cache_kv[1], v, slots))
         ctx = None if ctx_mask is None else (new_kv[0], new_kv[1], ctx_mask)
-    x = x + _attend(q, k, v, new_mask, ctx, cfg) @ lp["wo"]
+    x = x + matmul(_attend(q, k, v, new_mask, ctx, cfg), lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "router" in lp:
         y, activated = moe.moe_mlp(lp, cfg, h)
         return x + y, new_kv, activated
-    gate_up = h @ lp["w_gate_up"]
+    gate_up = matmul(h, lp["w_gate_up"])
     f = gate_up.shape[-1] // 2
-    x = x + (jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ lp["w_down"]
+    x = x + matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], lp["w_down"])
     return x, new_kv, None
+
+
+def compute_dtype(params: Params):
+    """The dtype activations and the KV cache are held in: the norms' (matmul weights may be lower)."""
+    return params["final_norm"].dtype
 
 
 def forward(
@@ -226,7 +232,7 @@ def forward(
     new_mask = new_token_mask(t, tree_mask, cfg.sliding_window)
     ctx_mask = None if cache is None or cache_is_empty else context_mask(start, t, num_slots, cfg.sliding_window)
     rope = rope_tables(positions, rope_inv_freq(cfg))
-    dtype = params["lm_head"].dtype
+    dtype = compute_dtype(params)
     x = embed(params, cfg, tokens).astype(dtype)
     new_k, new_v, collected, activated = [], [], [], []
     for i in range(n_layers):
@@ -244,7 +250,7 @@ def forward(
         new_cache = cache.replace(k=tuple(new_k) + cache.k[n_layers:], v=tuple(new_v) + cache.v[n_layers:])
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     h = hidden if logit_positions is None else jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
-    logits = jnp.dot(h, params["lm_head"], preferred_element_type=jnp.float32)
+    logits = matmul(h, params["lm_head"], jnp.float32)
     return ForwardOut(logits=logits, hidden=hidden, cache=new_cache, layer_hidden=tuple(collected),
                       experts_activated=tuple(activated))
 

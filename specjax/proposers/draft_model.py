@@ -58,7 +58,7 @@ def resolve_draft(model, spec: str) -> tuple[ModelConfig, Any, bool]:
         except ValueError:
             raise ValueError(f"draft={spec!r}: write self:L with L an integer, e.g. self:8") from None
         return *self_draft(model, layers), True
-    dtype = str(jnp.dtype(model.params["lm_head"].dtype))
+    dtype = str(jnp.dtype(transformer.compute_dtype(model.params)))
     draft = _load_draft(spec, dtype)
     if draft.config.vocab_size != model.config.vocab_size:
         raise ValueError(f"draft {spec!r} has a vocabulary of {draft.config.vocab_size} tokens, the target "
@@ -115,7 +115,7 @@ class DraftModel(Proposer):
         batch = self._check(ctx)
         if self.shares_cache:
             return ()
-        cache = KVCache.init(self.cfg, batch, ctx.tokens.shape[1], ctx.weights["lm_head"].dtype)
+        cache = KVCache.init(self.cfg, batch, ctx.tokens.shape[1], transformer.compute_dtype(ctx.weights))
         out = transformer.forward(ctx.weights, self.cfg, ctx.tokens, cache, cache_is_empty=True,
                                   logit_positions=jnp.zeros((batch, 1), jnp.int32))
         return DraftState(cache=out.cache.with_lengths(ctx.lengths - 1))

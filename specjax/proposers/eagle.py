@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax.config import ModelConfig
+from specjax.heads.eagle import params_dtype
 from specjax.models import transformer
 from specjax.models.cache import KVCache
 from specjax.proposers.base import Context, Draft, Proposer
@@ -76,7 +77,7 @@ class Eagle(Proposer):
         layers = tuple(config.get("feature_layers", feature_layers(cfg.num_layers)))
         bound = dataclasses.replace(self, head=path, k=self.depth if self.topk == 1 else self.total,
                                     cfg=head_config(cfg), layers=layers)
-        dtype = model.params["lm_head"].dtype
+        dtype = transformer.compute_dtype(model.params)
         ids = jnp.asarray(params.pop("draft_vocab"), jnp.int32)
         target = {key: model.params[key] for key in ("lm_head", "embed") if key in model.params}
         return bound, {"head": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
@@ -101,7 +102,7 @@ class Eagle(Proposer):
         rope = transformer.rope_tables(start[:, None] + offsets[None], transformer.rope_inv_freq(cfg))
         new_mask = transformer.new_token_mask(t, tree_mask, cfg.sliding_window)
         ctx_mask = transformer.context_mask(start, t, cache.max_len, cfg.sliding_window)
-        emb = transformer.embed(w["target"], cfg, tokens).astype(w["lm_draft"].dtype)
+        emb = transformer.embed(w["target"], cfg, tokens).astype(params_dtype(w["head"]))
         g, kv = self._run(w, lambda m, *a: m(*a), emb, u, rope, new_mask, ctx_mask, (cache.k[0], cache.v[0]),
                           start[:, None] + jnp.arange(t)[None])
         return g, cache.replace(k=(kv[0],), v=(kv[1],))
@@ -118,7 +119,7 @@ class Eagle(Proposer):
         chex.assert_shape(start, (b,))
         idx = jnp.clip(start[:, None] + 1 + jnp.arange(t)[None], 0, ctx.tokens.shape[1] - 1)
         tokens = jnp.take_along_axis(ctx.tokens, idx, axis=1)
-        u = self._run(w, EagleHead.fuse, feats.astype(w["lm_draft"].dtype))
+        u = self._run(w, EagleHead.fuse, feats.astype(params_dtype(w["head"])))
         g, cache = self._step(w, state.cache.with_lengths(start), tokens, u, jnp.arange(t))
         last_i = ctx.lengths - 2 - start  # slot lengths - 2: the newest committed pair
         last = jnp.take_along_axis(g, jnp.clip(last_i, 0, t - 1)[:, None, None], axis=1)[:, 0]
@@ -128,7 +129,7 @@ class Eagle(Proposer):
     def init(self, ctx: Context) -> EagleState:
         self._module()
         b = ctx.tokens.shape[0]
-        cache = KVCache.init(self.cfg, b, ctx.tokens.shape[1], ctx.weights["lm_draft"].dtype)
+        cache = KVCache.init(self.cfg, b, ctx.tokens.shape[1], params_dtype(ctx.weights["head"]))
         state = EagleState(cache=cache, last=jnp.zeros((b, self.cfg.hidden_size), jnp.float32))
         return self._absorb(state, ctx)
 

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from specjax.models import transformer
+from specjax.models.linear import matmul
 from specjax.proposers.base import Context, Draft, Proposer
 from specjax.proposers.ngram import branch_template
 from specjax.verify import TreeTemplate
@@ -38,7 +40,7 @@ class Medusa(Proposer):
         path, config, params = head_for(model, "medusa", self.head)
         cfg = model.config
         bound = dataclasses.replace(self, head=path, k=int(config["num_heads"]), hidden=cfg.hidden_size)
-        dtype = model.params["lm_head"].dtype
+        dtype = transformer.compute_dtype(model.params)
         return bound, {"heads": jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
                        "lm_head": model.params["lm_head"]}
 
@@ -53,8 +55,9 @@ class Medusa(Proposer):
             raise ValueError("the medusa proposer is unbound: generate() binds it to the model (call bind())")
         batch = ctx.tokens.shape[0]
         w = ctx.weights
-        feats = MedusaHeads(self.k, self.hidden).apply({"params": w["heads"]}, ctx.hidden.astype(w["lm_head"].dtype))
-        logits = jnp.dot(feats, w["lm_head"], preferred_element_type=jnp.float32)  # [B, K, V]
+        dtype = jax.tree.leaves(w["heads"])[0].dtype  # the target's activations' (its LM head may be lower)
+        feats = MedusaHeads(self.k, self.hidden).apply({"params": w["heads"]}, ctx.hidden.astype(dtype))
+        logits = matmul(feats, w["lm_head"], jnp.float32)  # [B, K, V]
         top1 = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K]
         probs = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, K] each head's top-1 probability
         conf = probs[:, 0]
