@@ -31,6 +31,23 @@ def test_expected_tokens_by_hand():
     assert moesd.estimate_alpha(1.75, 2) == pytest.approx(0.5, abs=1e-9)
 
 
+def test_batch_tokens_per_step_by_hand():
+    # gamma 1, alpha .5, 2 tokens: a row needs 1 step (p .5) or 2; E[steps] = 1.5 -> 2 / 1.5 tokens per step;
+    # two rows end in 1 step only if both do (p .25): E[max] = 1.75 -> 2 / 1.75
+    assert moesd.batch_tokens_per_step(0.5, 1, 1, 2, samples=20000) == pytest.approx(2 / 1.5, abs=0.02)
+    assert moesd.batch_tokens_per_step(0.5, 1, 2, 2, samples=20000) == pytest.approx(2 / 1.75, abs=0.02)
+    assert moesd.batch_tokens_per_step(0.0, 3, 8, 50) == 1.0
+    assert moesd.batch_tokens_per_step(1.0, 3, 8, 160) == 4.0
+    long = moesd.batch_tokens_per_step(0.8, 3, 1, 3000, samples=500)
+    assert long == pytest.approx(float(moesd.expected_tokens(0.8, 3)), rel=0.01)  # one long row: sigma
+    by_batch = [moesd.batch_tokens_per_step(0.8, 3, b, 160) for b in (1, 4, 16, 64)]
+    assert by_batch == sorted(by_batch, reverse=True) and by_batch[-1] < 0.92 * by_batch[0]  # stragglers
+    # it stands for sigma in the speedup
+    assert moesd.speedup(0.8, 3, 10.0, 15.0, tokens_per_step=2.5) == pytest.approx(2.5 / 1.5)
+    with pytest.raises(ValueError, match="new_tokens"):
+        moesd.batch_tokens_per_step(0.8, 3, 4, 0)
+
+
 def test_speedup_and_efficiency_by_hand():
     # sigma(0.8, 3) = 1 + .8 + .64 + .512 = 2.952; cost = 3 * 1/10 + 15/10 + 0.5/10 = 1.85
     assert moesd.speedup(0.8, 3, t_ar=10.0, t_verify=15.0, t_draft=1.0, t_reject=0.5) == pytest.approx(2.952 / 1.85)
@@ -90,6 +107,7 @@ def test_moe_sweep_cli_end_to_end(tmp_path, capsys):
         for r in model["rows"]:
             assert r["t_ar_step_s"] > 0 and r["t_verify_step_s"] > 0 and r["alpha"] == 0.7
             assert r["predicted_speedup"] > 0 and r["measured_speedup"] > 0 and r["fit_efficiency"] > 0
+            assert r["rows_equal_to_ar"] == 1.0  # greedy: the oracle's output is ar's
     assert (out / "moe_sweep.png").stat().st_size > 10_000
     assert "measured" in capsys.readouterr().out
     assert moe_sweep.main(["--model", "x", "--batch-sizes", "0"]) == 2

@@ -10,6 +10,9 @@ which K are routed per token, T_T(B, g) the target's forward time verifying g to
   speedup   = sigma / (gamma * T_D / T_T(B,1) + T_T(B,gamma+1) / T_T(B,1) + T_rej / T_T(B,1))
   efficiency = T_T(B,1) / T_T(B,gamma+1)                       target efficiency
 
+A static batch ends with its slowest row, so its tokens per step fall below sigma as B grows:
+`batch_tokens_per_step` gives that figure, which may stand for sigma in the speedup.
+
 The speedup is the paper's ratio of AR time per token, T_T(B,1), to speculative time per token: one
 speculative step costs gamma draft steps, one target forward over gamma + 1 tokens per row and a
 rejection step, and yields sigma tokens per row. We write the verify forward as T_T(B, gamma + 1)
@@ -46,16 +49,43 @@ def expected_tokens(alpha, gamma: int) -> np.ndarray:
     return np.where(np.isclose(a, 1.0), gamma + 1.0, s)
 
 
+def batch_tokens_per_step(alpha: float, gamma: int, batch: int, new_tokens: int, samples: int = 4000,
+                          seed: int = 0) -> float:
+    """Tokens per row per loop step of a static batch that runs until its slowest row has `new_tokens`.
+
+    sigma is one sequence's mean; a batch of B rows, each accepting independently, steps until its
+    last row is done, so it makes new_tokens / E[max_b steps_b] tokens per row per step: sigma for
+    B = 1 and long outputs, less as B grows (stragglers), 1 at alpha = 0 and gamma + 1 at alpha = 1.
+    E[max] is estimated by simulating `samples` batches (each step a row gains 1 + the run of
+    accepted drafts, at most gamma, each accepted with probability alpha; the last step is cut at
+    new_tokens). Continuous batching, which refills finished rows, would see sigma instead.
+    """
+    if new_tokens < 1 or batch < 1:
+        raise ValueError(f"need batch >= 1 and new_tokens >= 1, got {batch} and {new_tokens}")
+    rng = np.random.default_rng(seed)
+    done = np.zeros((samples, batch), np.int64)
+    steps = np.zeros((samples, batch), np.int64)
+    while (done < new_tokens).any():
+        hits = rng.random((samples, batch, gamma)) < alpha
+        gained = 1 + np.cumprod(hits, axis=-1).sum(axis=-1)  # the bonus token + accepted drafts
+        live = done < new_tokens
+        done = np.where(live, done + gained, done)
+        steps += live
+    return float(new_tokens / steps.max(axis=1).mean())
+
+
 def target_efficiency(t_ar, t_verify) -> np.ndarray:
     """T_T(B, 1) / T_T(B, gamma + 1)."""
     return np.asarray(t_ar, np.float64) / np.asarray(t_verify, np.float64)
 
 
-def speedup(alpha, gamma: int, t_ar, t_verify, t_draft=0.0, t_reject=0.0) -> np.ndarray:
-    """sigma / (gamma T_D / T_T(B,1) + T_T(B,gamma+1) / T_T(B,1) + T_rej / T_T(B,1))."""
+def speedup(alpha, gamma: int, t_ar, t_verify, t_draft=0.0, t_reject=0.0, tokens_per_step=None) -> np.ndarray:
+    """sigma / (gamma T_D / T_T(B,1) + T_T(B,gamma+1) / T_T(B,1) + T_rej / T_T(B,1)); `tokens_per_step`
+    replaces sigma (e.g. `batch_tokens_per_step` for a static batch)."""
     t_ar = np.asarray(t_ar, np.float64)
     cost = gamma * np.asarray(t_draft) / t_ar + np.asarray(t_verify) / t_ar + np.asarray(t_reject) / t_ar
-    return expected_tokens(alpha, gamma) / cost
+    sigma = expected_tokens(alpha, gamma) if tokens_per_step is None else np.asarray(tokens_per_step, np.float64)
+    return sigma / cost
 
 
 def estimate_alpha(mean_accepted_tokens: float, gamma: int) -> float:
