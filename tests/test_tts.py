@@ -112,11 +112,13 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
             assert key in s, key
         assert s["method"] == method and s["paradigm"] == "multi_round" and s["questions"] == 2
         assert s["baseline"]["method"] == "ar" and len(s["per_round"]) == 2
+        assert s["outputs_equal_ar"] == 1.0  # greedy: ar's outputs, question for question
         assert res["config"]["k"] == 4 and res["config"]["rounds"] == 2
         for sample in res["samples"]:
             assert set(sample) >= {"id", "question", "answer", "outputs", "predicted", "correct"}
     printed = capsys.readouterr().out
     assert "speedup" in printed and "hybrid" in printed and "pld" in printed
+    assert "== ar" in printed and "warning" not in printed
 
 
 @pytest.mark.parametrize("argv, match", [
