@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from eval.cli import add_matmul_dtype_flag
+
 DATA = Path(__file__).resolve().parents[2] / "shared/data/spectts_bench_math.jsonl"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -26,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--matmul-dtype", default=None, choices=["bfloat16"], help="bf16 matmul weights, float32 "
-                        "activations (specjax.load(matmul_dtype=))")
+    add_matmul_dtype_flag(parser)
     args = parser.parse_args(argv)
 
     import specjax

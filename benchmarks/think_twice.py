@@ -25,6 +25,8 @@ import argparse
 import json
 import sys
 
+from eval.cli import add_matmul_dtype_flag
+
 ROUND1 = "{q}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 ROUND2 = ("{q}\n\n{a}\n\nReview the solution above step by step, check each step, "
           "and give the final answer in \\boxed{{}}.")
@@ -89,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         "method's own)")
     parser.add_argument("--draft", default="self:8", help="the draft of the draft and hybrid methods")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--matmul-dtype", default=None, choices=["bfloat16"], help="bf16 matmul weights, float32 "
-                        "activations (specjax.load(matmul_dtype=))")
+    add_matmul_dtype_flag(parser)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")

@@ -18,11 +18,16 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def add_matmul_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """--matmul-dtype, given to `specjax.load(matmul_dtype=)` as it is."""
+    p.add_argument("--matmul-dtype", default=None, choices=["bfloat16"],
+                   help="hold the matmul weights in bf16 beside --dtype activations (fast on CPUs with AMX)")
+
+
 def add_precision_flags(p: argparse.ArgumentParser) -> None:
     """--dtype and --matmul-dtype, given to `specjax.load` as they are."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--matmul-dtype", default=None, choices=["bfloat16"],
-                   help="hold the matmul weights in bf16 beside --dtype activations (fast on CPUs with AMX)")
+    add_matmul_dtype_flag(p)
 
 
 def run(parse: Callable[[list[str] | None], argparse.Namespace], body: Callable[[argparse.Namespace], int],

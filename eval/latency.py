@@ -153,7 +153,7 @@ def calibrate(model, questions, methods: list[str], n_values: list[int], args, o
         ids, reps = answer_classes(ans)
         correct = next((i for i, r in enumerate(reps) if is_equivalent(r, q.answer)), -1)
         samples.append(QuestionSamples(lengths=tuple(lens), classes=tuple(ids), correct_class=correct))
-    meta = {"model": args.model, "dtype": args.dtype, "device": str(jax.devices()[0].device_kind),
+    meta = {"model": args.model, "dtype": args.dtype, "matmul_dtype": args.matmul_dtype, "device": str(jax.devices()[0].device_kind),
             "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "methods": methods, "n_values": n_values, "context": context,
             "questions": [q.id for q in questions], "options": options}
@@ -255,7 +255,7 @@ def _main(args: argparse.Namespace) -> int:
     cal_path = Path(args.calibration) if args.calibration else None
     if cal_path is not None and cal_path.exists():
         cal = Calibration.load(cal_path)
-        for key in ("model", "dtype", "dataset", "max_new_tokens", "temperature", "top_p"):
+        for key in ("model", "dtype", "matmul_dtype", "dataset", "max_new_tokens", "temperature", "top_p"):
             if cal.meta.get(key) != getattr(args, key):
                 raise ValueError(f"{cal_path} was calibrated with --{key.replace('_', '-')} {cal.meta.get(key)}, this "
                                  f"run asks for {getattr(args, key)}: use the same setting or a new --calibration file")

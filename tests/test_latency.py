@@ -168,6 +168,7 @@ def test_cli_end_to_end(tiny_chat_checkpoint, tmp_path):
     # a calibration measured for other settings is refused, not silently reused
     other = [a if a != "8" else "16" for a in args]  # --max-new-tokens 16
     assert latency.main(other + ["--out", str(tmp_path / "out3")]) == 2
+    assert latency.main(args + ["--matmul-dtype", "bfloat16", "--out", str(tmp_path / "out4")]) == 2  # other weights
 
 
 @pytest.mark.parametrize("flag,value,message", [("--budget", "abc", "comma list of seconds"),
