@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=1, help="questions per batch (single, multi_round)")
     p.add_argument("--k", type=int, default=None, help="draft length of speculative methods")
+    p.add_argument("--speculate-max-rows", type=int, default=None, metavar="R",
+                   help="draft only in steps with at most R unfinished rows (best_of_n stragglers; "
+                        "default: always)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --option draft=self:8 --option threshold=4); "
                         "given to every method of the run that takes it")
@@ -151,6 +154,8 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
               **options)
+    if args.speculate_max_rows is not None:
+        kw["speculate_max_rows"] = args.speculate_max_rows
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
     # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
     longest = max(questions, key=lambda q: len(q.question))
@@ -189,6 +194,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --paradigm {args.paradigm!r}; use one of {', '.join(PARADIGMS)}")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.speculate_max_rows is not None and args.speculate_max_rows < 0:
+        raise ValueError(f"--speculate-max-rows must be >= 0 (0: never draft), got {args.speculate_max_rows}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     methods = select_methods(args.method, args.model, args.option)

@@ -191,16 +191,18 @@ def start_proposer(state: LoopState, group: Int[Array, "B"], weights: Any = None
     return state.replace(proposer_state=pstate)
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new", "mesh"),
-         donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new", "mesh",
+                                   "speculate_max_rows"), donate_argnums=(1,))
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], weights: Any = None, *,
            cfg: ModelConfig, proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...],
-           max_new: int, mesh: Mesh | None = None) -> LoopState:
+           max_new: int, mesh: Mesh | None = None, speculate_max_rows: int | None = None) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
     (a traced value, so a caller checking rows on the host every C steps compiles this once); calling
-    again with the returned state resumes exactly where it paused.
+    again with the returned state resumes exactly where it paused. `speculate_max_rows`: steps with
+    more unfinished rows than this skip `propose` and verify no draft (a 1-token forward); the
+    proposer still absorbs every step's tokens (`update`).
     """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
@@ -216,9 +218,17 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     def body(s: LoopState) -> LoopState:
         rng, r_prop, r_ver = jax.random.split(s.rng, 3)
         ctx = context(s)
-        pstate, draft = proposer.propose(s.proposer_state, ctx, r_prop)
         active = ~s.done
-        draft = draft.replace(num=jnp.where(active, draft.num, 0))
+        propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
+        if speculate_max_rows is None:
+            pstate, draft = propose()
+            drafting = active
+        else:  # a wide batch, where verify width costs more than drafts win back: no draft, no drafting cost
+            gate_open = jnp.sum(active) <= speculate_max_rows
+            no_draft = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose)[1])
+            pstate, draft = jax.lax.cond(gate_open, propose, lambda: (s.proposer_state, no_draft))
+            drafting = active & gate_open
+        draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         pending = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)
         inputs = jnp.concatenate([pending, draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template, layers)
@@ -228,7 +238,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
             fed = (jnp.arange(k + 1)[None] <= draft.num[:, None]) & active[:, None]
         else:
-            valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & active[:, None]], axis=1)
+            valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & drafting[:, None]], axis=1)
             fed = valid & active[:, None]
             res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, r_ver)
             node_of_depth = jnp.concatenate([jnp.zeros_like(res.path[:, :1]), res.path], axis=1)
@@ -314,7 +324,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
              session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
              stop_rows: Callable[[list[list[int]], np.ndarray], Any] | None = None, check_every: int = 32,
-             **method_options) -> GenerateOutput:
+             speculate_max_rows: int | None = None, **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method; see DESIGN.md's contract.
 
     `num_samples` branches per prompt share one prefill (Best-of-N); rows come out prompt-major
@@ -331,11 +341,17 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     `stop_rows(generated, finished)` (early stopping, e.g. once a Best-of-N vote is settled): the loop
     pauses every `check_every` steps and the callback gets each row's tokens so far and which rows
     finished on their own; rows it returns True for stop (`stats["stopped_rows"]`).
+    `speculate_max_rows` (vLLM's disable-by-batch-size): a step drafts only while at most this many
+    rows are unfinished, e.g. only the last stragglers of a Best-of-N batch on hardware where a wide
+    batch's verify forward is compute-bound; None (default) always drafts, 0 never does.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    gate = speculate_max_rows
+    if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, np.integer)) or gate < 0):
+        raise ValueError(f"speculate_max_rows must be None or an integer >= 0, got {speculate_max_rows!r}")
     cfg: ModelConfig = model.config
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     proposer, weights = make_proposer(method, **method_options).bind(model, sampling_cfg)
@@ -401,7 +417,8 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
                            session.proposer_state if carry else None, session.context if carry else None,
                            proposer=proposer)
     run = partial(decode, model.params, cfg=cfg, proposer=proposer, sampling_cfg=sampling_cfg, eos_ids=eos_ids,
-                  max_new=max_new_tokens, mesh=mesh)
+                  max_new=max_new_tokens, mesh=mesh,
+                  speculate_max_rows=None if gate is None else int(gate))
     stopped = np.zeros(batch, bool)
     if stop_rows is None:
         state = run(state, group_arr, jnp.asarray(max_new_tokens, jnp.int32), weights)
@@ -452,6 +469,7 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
         "tokens_per_s": emitted / wall if wall > 0 else 0.0,
         "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
         "draft_k": proposer.width,
+        "speculate_max_rows": None if gate is None else int(gate),
         "stopped_rows": stopped.tolist(),  # rows `stop_rows` ended before EOS or the budget
     }
     if session is not None:

@@ -76,7 +76,38 @@ def test_decode_compiles_once_per_bucket(tiny_model):
     assert engine.decode._cache_size() == before
 
 
+def test_speculate_max_rows_drafts_only_for_the_last_rows(tiny_checkpoints):
+    folder = str(tiny_checkpoints["llama"][0])
+    model = specjax.load(folder)
+    prompts, eos = [LOOPY, _prompts()[2]], (10,)  # this checkpoint's row 1 says 10 fifth, row 0 never
+    ar = specjax.generate(model, prompts, "ar", max_new_tokens=30, eos_token_ids=eos)
+    assert [len(t) for t in ar.tokens] == [30, 4]
+    # the target itself as draft model: every draft is accepted, so the steps show where drafting ran
+    runs = {r: specjax.generate(model, prompts, "draft", draft=folder, k=4, max_new_tokens=30, eos_token_ids=eos,
+                                speculate_max_rows=r) for r in (None, 0, 1, 2)}
+    for out in runs.values():
+        assert out.tokens == ar.tokens  # lossless whether or not a step drafts
+    assert runs[0].stats["mean_accepted_tokens"] == 1.0 and runs[0].stats["decode_steps"] == ar.stats["decode_steps"]
+    assert runs[2].stats["accepted_hist"] == runs[None].stats["accepted_hist"]  # never more than 2 rows
+    # R=1: after the prefill's token, row 1's 4 steps (3 tokens and EOS) are plain ones for both rows;
+    # then row 0, alone, takes 5 tokens a step for its last 25
+    hist = runs[1].stats["accepted_hist"]
+    assert hist[1] == 2 * 4 and hist[5] == 25 // 5 and sum(hist) == 8 + 5
+    assert runs[None].stats["decode_steps"] < runs[1].stats["decode_steps"] < ar.stats["decode_steps"]
+
+
+@pytest.mark.parametrize("method", ["pld", "suffix", "pool", "recycling", "lookahead", "pia"])
+def test_speculate_max_rows_gates_every_drafter(tiny_model, method):
+    """A closed gate skips `propose`; the state it hands `update` must type-check and stay usable."""
+    prompts = _prompts()
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=20)
+    assert len({len(t) for t in ar.tokens}) > 1  # rows end at different steps: the gate closes, then opens
+    out = specjax.generate(tiny_model, prompts, method, max_new_tokens=20, speculate_max_rows=1)
+    assert out.tokens == ar.tokens
+
+
 @pytest.mark.parametrize("bad, match", [
+    (dict(method="ar", speculate_max_rows=-1), "speculate_max_rows must be None or an integer >= 0"),
     (dict(method="nope"), "unknown method 'nope'"),
     (dict(method="pld", window=3), "does not take option"),
     (dict(method="pld", k=-1), "k .draft length. must be >= 0"),

@@ -34,6 +34,15 @@ def test_best_of_n_paradigm_shape(tiny_chat_model):
     assert res.rounds[0]["prefilled_rows"] == 2 and res.rounds[0]["batch"] == 8
 
 
+def test_speculate_max_rows_reaches_every_round(tiny_chat_model):
+    kw = dict(rounds=2, max_new_tokens=24, k=4)
+    free = paradigms.run(tiny_chat_model, QUESTIONS[:1], "suffix", "multi_round", **kw)
+    gated = paradigms.run(tiny_chat_model, QUESTIONS[:1], "suffix", "multi_round", speculate_max_rows=0, **kw)
+    assert free.rounds[1]["mean_accepted_tokens"] > 1.0  # round 2 copies round 1 ...
+    assert [r["mean_accepted_tokens"] for r in gated.rounds] == [1.0, 1.0]  # ... unless no step may draft
+    assert gated.history == free.history
+
+
 def test_multi_round_chains_previous_answer(tiny_chat_model, monkeypatch):
     seen = []
     real = paradigms.generate
@@ -125,6 +134,7 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
     (["--method", "nope"], "unknown method"),
     (["--paradigm", "nope"], "unknown --paradigm"),
     (["--n", "0", "--paradigm", "best_of_n"], "--n must be >= 1"),
+    (["--speculate-max-rows", "-1"], "--speculate-max-rows must be >= 0"),
     (["--dataset", "/no/such/file.jsonl"], "not"),
     (["--method", "pld", "--option", "threshold=3"], "none of the methods pld takes it"),
     (["--option", "draft"], "write KEY=VALUE"),
