@@ -153,9 +153,7 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
         options["k"] = args.k
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
-              **options)
-    if args.speculate_max_rows is not None:
-        kw["speculate_max_rows"] = args.speculate_max_rows
+              speculate_max_rows=args.speculate_max_rows, **options)
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
     # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
     longest = max(questions, key=lambda q: len(q.question))
