@@ -61,7 +61,7 @@ def run_round(model, prompts: list[str], method: str, max_new: int, k: int | Non
     accepted = sum(o.stats["mean_accepted_tokens"] * o.stats["decode_steps"] for o in outs)
     return {"method": method, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "decode_steps": steps, "mean_accepted_tokens": accepted / max(steps, 1),
-            "calls": [o.stats for o in outs], "outputs": [o.tokens[0] for o in outs],
+            "calls": [o.stats.to_dict() for o in outs], "outputs": [o.tokens[0] for o in outs],
             "texts": [o.texts[0] for o in outs]}
 
 

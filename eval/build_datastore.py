@@ -36,25 +36,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256, help="--source generate: tokens per answer")
     p.add_argument("--batch-size", type=int, default=8, help="--source generate: questions per generate call")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="suffix sort length (>= rest's max_key)")
+    p.add_argument("--resume", action="store_true", help="--source generate: continue a killed run from "
+                   "OUT.records.jsonl (answers are recorded there batch by batch)")
     return p.parse_args(argv)
 
 
-def model_answers(model, questions: Sequence[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+def model_answers(model, questions: Sequence[str], max_new_tokens: int, batch_size: int,
+                  records=None) -> list[list[int]]:
     """The model's greedy chat answers (token ids, EOS excluded), `batch_size` questions per call.
 
     Every batch pads its prompts to the longest question's length, so all of them share one compile.
+    `records` (a `RunRecords`): batches it holds are read from it, the others recorded as they finish.
     """
     import specjax
-    from specjax.engine import _encode_prompts
+    from specjax.plan import encode_prompts
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    longest = max(len(x) for x in _encode_prompts(model.tokenizer, list(questions), True))
+    longest = max(len(x) for x in encode_prompts(model.tokenizer, list(questions), True))
     answers: list[list[int]] = []
     for i in range(0, len(questions), batch_size):
-        out = specjax.generate(model, list(questions[i : i + batch_size]), "ar", max_new_tokens=max_new_tokens,
-                               pad_prompts_to=longest)
-        answers.extend(out.tokens)
+        key = f"answers/{i // batch_size}"
+        if records is None or (tokens := records.get(key)) is None:
+            tokens = specjax.generate(model, list(questions[i : i + batch_size]), "ar", max_new_tokens=max_new_tokens,
+                                      pad_prompts_to=longest).tokens
+            if records is not None:
+                records.add(key, tokens)
+        answers.extend(tokens)
     return answers
 
 
@@ -98,7 +106,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.source == "text":
         docs = text_documents(model.tokenizer, questions)
     else:
-        docs = model_answers(model, [q.question for q in questions], args.max_new_tokens, args.batch_size)
+        from eval.records import RunRecords, records_path
+
+        records = RunRecords(records_path(args.out), {k: v for k, v in vars(args).items() if k != "resume"},
+                             resume=args.resume)
+        if args.resume:
+            print(f"resuming from {records.path}: {records.resumed} finished batches skipped")
+        docs = model_answers(model, [q.question for q in questions], args.max_new_tokens, args.batch_size, records)
     store = build_datastore(docs, vocab_size=model.config.vocab_size, window=args.window, model=args.model,
                             tokenizer=str(getattr(model.tokenizer, "name_or_path", "")), source=args.source,
                             dataset=args.dataset, items=len(questions))

@@ -6,7 +6,7 @@
 2. Plan: for each `--budget` (seconds per question), pick the configuration with the best predicted
    maj@N accuracy whose predicted latency fits; also the best branch-only (ar, N samples) and the best
    speculation-only (one sample) plan.
-3. Run each picked plan on `--questions` held-out questions (those after the calibration ones) and
+3. Run each picked plan on `--limit` held-out questions (those after the calibration ones) and
    report measured latency per question (mean, p90) and accuracy against the predictions.
 `--sweep` plots the predicted accuracy-latency frontier of each family with the measured points (PNG).
 """
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="load this calibration if it exists, else calibrate and save it here")
     p.add_argument("--calibration-questions", type=int, default=8)
-    p.add_argument("--questions", type=int, default=10, help="held-out questions each plan runs on")
+    p.add_argument("--limit", "--questions", dest="limit", type=int, default=10,
+                   help="held-out questions each plan runs on (--questions: its old name)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -64,18 +65,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run only the chosen plan, not the best branch-only and speculation-only ones")
     p.add_argument("--sweep", action="store_true", help="plot the accuracy-latency frontier (PNG)")
     p.add_argument("--out", default="results/latency", help="folder for latency.json and the plot")
+    p.add_argument("--resume", action="store_true", help="continue a killed calibration from OUT/calibration."
+                   "records.jsonl (each configuration is recorded there as it finishes)")
     return p.parse_args(argv)
 
 
 def _questions(args):
     from specjax.tts.datasets import load_dataset
 
-    want = args.calibration_questions + args.questions
+    want = args.calibration_questions + args.limit
     questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,
                              answer_field=args.answer_field, limit=want)
     if len(questions) < want:
         raise ValueError(f"--dataset {args.dataset} has {len(questions)} questions; --calibration-questions "
-                         f"{args.calibration_questions} + --questions {args.questions} need {want}")
+                         f"{args.calibration_questions} + --limit {args.limit} need {want}")
     return questions[: args.calibration_questions], questions[args.calibration_questions:]
 
 
@@ -116,7 +119,9 @@ def _generate_question(model, question, method: str, n: int, args, pad: int, opt
 
 
 def calibrate(model, questions, methods: list[str], n_values: list[int], args, options, pad: int,
-              progress=None):
+              progress=None, records=None):
+    """Times the forward grid and every (method, N) on the calibration questions. `records` (a
+    `RunRecords`): configurations it holds are read from it, the others recorded as they finish."""
     from specjax.analysis.latency import Calibration, ConfigTiming, QuestionSamples
     from specjax.proposers import make_proposer
     from specjax.tts.grading import answer_classes, extract_answer, is_equivalent
@@ -125,23 +130,39 @@ def calibrate(model, questions, methods: list[str], n_values: list[int], args, o
 
     widths = sorted({1} | {make_proposer(m, **options[m]).width + 1 for m in methods})
     context = pad + args.max_new_tokens // 2
-    forward_s = {(b, w): measure_forward(model, b, w, context) for b in n_values for w in widths}
+    grid = records.get("forward") if records is not None else None
+    if grid is None:
+        grid = [[b, w, measure_forward(model, b, w, context)] for b in n_values for w in widths]
+        if records is not None:
+            records.add("forward", grid)
+    forward_s = {(b, w): t for b, w, t in grid}
     timings, answers, lengths = [], [[] for _ in questions], [[] for _ in questions]
     for method in methods:
         for n in n_values:
-            _generate_question(model, questions[0], method, n, args, pad, options[method], seed=10**6)  # compile
-            rows = []
-            for i, q in enumerate(questions):
-                out, wall = _generate_question(model, q, method, n, args, pad, options[method], seed=args.seed + i)
-                s = out.stats
-                emitted = [min(len(t) + 1, args.max_new_tokens) for t in out.tokens]  # + EOS, as decoded
-                row_steps = sum(s["accepted_hist"])
-                rows.append((wall, s["prefill_s"], s["decode_s"], s["decode_steps"], max(emitted),
-                             s["mean_accepted_tokens"] * row_steps, row_steps))
-                answers[i] += [extract_answer(t) for t in out.texts]
-                lengths[i] += emitted
-                if progress is not None:
-                    progress()
+            done = records.get(f"{method}/{n}") if records is not None else None
+            if done is None:
+                _generate_question(model, questions[0], method, n, args, pad, options[method], seed=10**6)  # compile
+                done = {"rows": [], "answers": [], "lengths": []}
+                for i, q in enumerate(questions):
+                    out, wall = _generate_question(model, q, method, n, args, pad, options[method],
+                                                   seed=args.seed + i)
+                    s = out.stats
+                    emitted = [min(len(t) + 1, args.max_new_tokens) for t in out.tokens]  # + EOS, as decoded
+                    row_steps = sum(s["accepted_hist"])
+                    done["rows"].append((wall, s["prefill_s"], s["decode_s"], s["decode_steps"], max(emitted),
+                                         s["mean_accepted_tokens"] * row_steps, row_steps))
+                    done["answers"].append([extract_answer(t) for t in out.texts])
+                    done["lengths"].append(emitted)
+                    if progress is not None:
+                        progress()
+                if records is not None:
+                    records.add(f"{method}/{n}", done)
+            elif progress is not None:
+                progress(len(questions))
+            rows = done["rows"]
+            for i in range(len(questions)):
+                answers[i] += done["answers"][i]
+                lengths[i] += done["lengths"][i]
             wall, pre, dec, steps, longest, accepted, row_steps = np.asarray(rows, np.float64).sum(axis=0)
             width = make_proposer(method, **options[method]).width
             timings.append(ConfigTiming(
@@ -238,7 +259,7 @@ def _main(args: argparse.Namespace) -> int:
     n_values = sorted(set(cli.int_list(args.n_values, "--n-values")))
     methods = expand_methods(args.methods)
     methods = ["ar"] + [m for m in methods if m != "ar"]
-    for flag in ("calibration_questions", "questions", "max_new_tokens", "check_every"):
+    for flag in ("calibration_questions", "limit", "max_new_tokens", "check_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     options = {m: ({"k": args.k} if args.k is not None and m != "ar" else {}) for m in methods}
@@ -269,7 +290,16 @@ def _main(args: argparse.Namespace) -> int:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("calibrating", total=total)
             t0 = time.perf_counter()
-            cal = calibrate(model, calib_q, methods, n_values, args, options, pad, lambda: progress.advance(task))
+            from eval.records import RunRecords
+
+            records = RunRecords(Path(args.out) / "calibration.records.jsonl",
+                                 {k: v for k, v in vars(args).items() if k not in (
+                                     "resume", "budget", "sweep", "no_compare", "limit", "calibration")},
+                                 resume=args.resume)
+            if args.resume:
+                console.print(f"resuming the calibration: {records.resumed} finished units skipped")
+            cal = calibrate(model, calib_q, methods, n_values, args, options, pad,
+                            lambda k=1: progress.advance(task, k), records)
         console.print(f"calibrated {len(cal.timings)} configurations in {time.perf_counter() - t0:.0f}s")
         if cal_path is not None:
             cal.save(cal_path)

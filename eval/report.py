@@ -1,6 +1,6 @@
 """`python -m eval.report results/*.json --out report/`: plots and a markdown table from results files.
 
-Reads the results files `python -m eval.tts --output` writes (DESIGN.md, "Contract") and draws what a
+Reads the results files `python -m eval.tts --output` writes (docs/contract.md) and draws what a
 paper needs: speedup vs AR per method and paradigm, the accepted-tokens-per-step distribution, and
 tokens/s per round for multi-round runs. Optional summary fields (`per_round`, `accepted_hist`) are
 used when present; a plot whose data no file has is skipped, never drawn empty.

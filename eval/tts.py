@@ -2,7 +2,7 @@
 
 Every method is measured on the same questions in the same process as the `ar` baseline (unless
 `--no-baseline`), so speedups are ratios from one run. Each method is warmed up (compiled) on the
-first question before it is timed. Results follow the schema in DESIGN.md; with several methods the
+first question before it is timed. Results follow the schema in docs/contract.md; with several methods the
 output path gets the method name inserted (`results.json` -> `results.pld.json`).
 """
 
@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a method option, repeatable (e.g. --option draft=self:8 --option threshold=4); "
                         "given to every method of the run that takes it")
     p.add_argument("--no-baseline", action="store_true", help="skip the ar baseline")
-    p.add_argument("--output", default=None, help="results JSON path")
+    p.add_argument("--output", default=None, help="results JSON path; finished questions are also appended, as "
+                   "they finish, to OUTPUT's stem + .records.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its records file: finished questions are not run again")
     p.add_argument("--distributed", action="store_true",
                    help="jax.distributed: each process runs a block of the questions; process 0 writes the results")
     p.add_argument("--coordinator", default=None, help="--distributed: coordinator host:port (omit on a cluster "
@@ -143,9 +146,10 @@ def accuracy_fields(samples: list[dict[str, Any]], paradigm: str) -> dict[str, f
 
 
 def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,
-               seed_offset: int = 0) -> tuple[dict[str, Any], list, Any]:
+               seed_offset: int = 0, records=None) -> tuple[dict[str, Any], list, Any]:
     """Runs one method over `questions` (warmed up first); `seed_offset`: the index of the first batch
-    in the whole run, so that a process running a block of the questions samples what one process would."""
+    in the whole run, so that a process running a block of the questions samples what one process would.
+    `records` (a `RunRecords`): batches it holds are taken from it, every other batch is added to it."""
     from specjax.tts import paradigms
 
     options = dict(options or {})
@@ -156,9 +160,17 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
               speculate_max_rows=args.speculate_max_rows, **options)
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
     # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
-    longest = max(questions, key=lambda q: len(q.question))
-    paradigms.run(model, [longest], method, args.paradigm, **kw)
-    result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, **kw)
+    step = 1 if args.paradigm == "best_of_n" else args.batch_size
+    batches = -(-len(questions) // step)
+    finished = {}
+    if records is not None:
+        finished = {i: paradigms.BatchResult(**v) for i in range(batches)
+                    if (v := records.get(f"{method}/{i}")) is not None}
+        kw.update(on_result=lambda i, b: records.add(f"{method}/{i}", b.to_dict()))
+    if len(finished) < batches:
+        longest = max(questions, key=lambda q: len(q.question))
+        paradigms.run(model, [longest], method, args.paradigm, **{k: v for k, v in kw.items() if k != "on_result"})
+    result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, finished=finished, **kw)
     samples, _ = _grade(questions, result)
     r = result.rounds
     total = paradigms.aggregate(r)
@@ -196,6 +208,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--speculate-max-rows must be >= 0 (0: never draft), got {args.speculate_max_rows}")
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.resume and not args.output:
+        raise ValueError("--resume continues from the records beside --output: give the --output of the killed run")
     methods = select_methods(args.method, args.model, args.option)
     options = parse_options(args.option, methods)
     from specjax.tts.datasets import load_dataset
@@ -222,6 +236,15 @@ def _main(args: argparse.Namespace) -> int:
                   + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     baseline = "ar" in methods or not args.no_baseline
     order = (["ar"] if baseline else []) + [m for m in methods if m != "ar"]  # ar first: the reference
+    records = None
+    if args.output:
+        from eval.records import RunRecords, records_path
+
+        path = records_path(args.output, ".records.jsonl" if jax.process_count() == 1
+                            else f".records.p{jax.process_index()}.jsonl")
+        records = RunRecords(path, {k: v for k, v in vars(args).items() if k != "resume"}, resume=args.resume)
+        if args.resume:
+            console.print(f"resuming from {path}: {records.resumed} finished batches of questions skipped")
     summaries: dict[str, dict[str, Any]] = {}
     samples_by: dict[str, list] = {}
     with Progress(console=console, transient=True) as progress:
@@ -230,7 +253,7 @@ def _main(args: argparse.Namespace) -> int:
                 args.rounds if args.paradigm == "multi_round" else 1))
             summary, samples, _ = run_method(model, questions, method, args,
                                              lambda k, t=task: progress.advance(t, k), options.get(method),
-                                             seed_offset=start // step)
+                                             seed_offset=start // step, records=records)
             parts = distributed.gather_json({"summary": summary, "samples": samples})
             samples = [s for p in parts for s in p["samples"]]
             summary = distributed.merge_stats([p["summary"] for p in parts])
@@ -253,7 +276,7 @@ def _main(args: argparse.Namespace) -> int:
         console.print("[yellow]warning: greedy outputs differ from ar's for "
                       + ", ".join(f"{m} ({100 * (1 - f):.0f}% of questions)" for m, f in unequal.items())
                       + (": expected with --matmul-dtype (bf16 rounding of activations amplifies float32 noise; "
-                         "see README, CPU precision)" if args.matmul_dtype else ": a losslessness bug, please report")
+                         "see docs/cpu_precision.md)" if args.matmul_dtype else ": a losslessness bug, please report")
                       + "[/yellow]")
 
     table = Table(title=f"{args.paradigm} on {args.dataset} ({len(all_questions)} questions, {args.model})")
@@ -273,7 +296,8 @@ def _main(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         for method in methods:
             path = out if len(methods) == 1 else out.with_name(f"{out.stem}.{method}{out.suffix or '.json'}")
-            path.write_text(json.dumps({"config": vars(args), "summary": summaries[method],
+            config = {k: v for k, v in vars(args).items() if k != "resume"}  # a resumed run writes the same file
+            path.write_text(json.dumps({"config": config, "summary": summaries[method],
                                         "samples": samples_by[method]}, indent=1))
             console.print(f"wrote {path}")
     return 0

@@ -157,3 +157,26 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def mode(self) -> "SamplingMode":
+        """What of this config changes the compiled program; the numbers themselves are traced."""
+        return SamplingMode(greedy=self.greedy, top_k_cap=top_k_cap(self.top_k), use_top_p=self.top_p < 1.0)
+
+
+TOP_K_MIN_CAP = 64  # top-k values up to this share one program; larger ones take the next power of two
+
+
+def top_k_cap(top_k: int) -> int:
+    """The static `lax.top_k` width that serves a top-k value: 0 (off), 64, 128, 256, ..."""
+    return 0 if top_k <= 0 else max(TOP_K_MIN_CAP, 1 << (int(top_k) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    """The static part of a `SamplingConfig`: proposers bound to it serve every temperature, top-k
+    value (within its cap) and top-p without recompiling; they read the numbers from `Context.sampling`."""
+
+    greedy: bool = True
+    top_k_cap: int = 0
+    use_top_p: bool = False

@@ -28,11 +28,12 @@ from specjax.config import ModelConfig, SamplingConfig
 from specjax.models import transformer
 from specjax.models import cache as kv
 from specjax.models.cache import KVCache
-from specjax.proposers import make_proposer
+from specjax.plan import Plan, bind_proposer, make_plan
 from specjax.proposers.base import Context, Proposer
+from specjax.sampling import Sampling
+from specjax.stats import GenerationStats
 from specjax.verify import TreeTemplate, verify_chain, verify_tree
 
-PROMPT_BUCKET = 64  # prompt lengths are padded up to a multiple of this: one compile per bucket
 NUM_SOURCES = 4  # proposer ids a hybrid may report per step
 
 
@@ -79,7 +80,7 @@ class Session:
 class GenerateOutput:
     tokens: list[list[int]]  # generated ids per row, prompt and EOS excluded
     texts: list[str]
-    stats: dict[str, Any]
+    stats: GenerationStats  # read like a dict; `to_dict()` for a results file
     session: Session | None = None  # set when generate(..., keep_session=True)
 
 
@@ -87,11 +88,11 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype)) if eos_ids else jnp.zeros(tokens.shape, bool)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling_cfg", "max_len", "eos_ids", "max_new", "feature_layers", "mesh"))
-def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"], rng,
-            feed: Int[Array, "Q F"] | None = None, start: Int[Array, "Q"] | None = None,
-            cache: KVCache | None = None, *, cfg: ModelConfig, sampling_cfg: SamplingConfig, max_len: int,
-            eos_ids: tuple[int, ...], max_new: int, feature_layers: tuple[int, ...] = (), mesh: Mesh | None = None):
+@partial(jax.jit, static_argnames=("cfg", "max_len", "eos_ids", "feature_layers", "mesh"))
+def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"],
+            seed: Int[Array, ""], sampling_cfg: Sampling, max_new: Int[Array, ""], feed: Int[Array, "Q F"] | None = None,
+            start: Int[Array, "Q"] | None = None, cache: KVCache | None = None, *, cfg: ModelConfig, max_len: int,
+            eos_ids: tuple[int, ...], feature_layers: tuple[int, ...] = (), mesh: Mesh | None = None):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
 
     `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
@@ -99,7 +100,11 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     Continuing a `Session`: `cache` already holds each prompt's first `start[q]` tokens (the prefix it
     shares with the previous call's history), and only `feed[q] = prompt[q, start[q]:]` is run.
     Also returns the outputs of `feature_layers` at every fed position, [B, F, layers * D] (None without).
+    `sampling_cfg` and the budget `max_new` are traced: one compile serves every temperature and budget.
+    The seed's second key is returned for the decode loop (every per-call value is made in here, so
+    a call runs this program, `start_proposer` and `decode`, and no small eager ones).
     """
+    rng, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
     q, p = prompt.shape
     chex.assert_shape(prompt_lengths, (q,))
     if cache is None:
@@ -125,7 +130,7 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     features = jnp.take(jnp.concatenate(out.layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
     hidden = jnp.take(hidden, rows, axis=0).astype(jnp.float32)
     tokens, lengths, hidden, done, features = sharding.constrain_rows((tokens, lengths + 1, hidden, done, features), mesh)
-    return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features
+    return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features, rng_decode
 
 
 def verify_widths(k: int) -> tuple[int, ...]:
@@ -169,46 +174,54 @@ def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array
     return state.tokens.at[jnp.arange(b)[:, None], cols].set(new_tokens, mode="drop")
 
 
-def _context(s: LoopState, group: Int[Array, "B"], weights: Any) -> Context:
+def _context(s: LoopState, group: Int[Array, "B"], weights: Any, sampling_cfg: Sampling | None = None) -> Context:
     return Context(tokens=s.tokens, lengths=s.lengths, group=group, active=~s.done, hidden=s.hidden,
-                   weights=weights, cache=s.cache)
+                   weights=weights, cache=s.cache, sampling=sampling_cfg)
 
 
 @partial(jax.jit, static_argnames=("proposer",), donate_argnums=(0,))
-def start_proposer(state: LoopState, group: Int[Array, "B"], weights: Any = None, prefill_features: Any = None,
-                   feature_start: Any = None, prev_state: Any = None, prev: Context | None = None, *,
-                   proposer: Proposer) -> LoopState:
-    """The proposer's initial state, before the decode loop runs.
+def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"], weights: Any = None,
+                   feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
+                   sampling_cfg: Sampling | None = None, *, proposer: Proposer) -> LoopState:
+    """The loop's initial state from `prefill`'s outputs, with the proposer's own state.
 
-    `prefill_features` [B, F, .] (positions from `feature_start`): what the prefill computed of
+    The prefill's features [B, F, .] (positions from `feature_start`) are what it computed of
     `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
     from a continued Session.
     """
-    ctx = _context(state, group, weights).replace(features=prefill_features, feature_start=feature_start)
+    tokens, lengths, cache, hidden, done, features, rng = prefilled
+    batch = tokens.shape[0]
+    state = LoopState(
+        tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths, done=done, cache=cache, hidden=hidden,
+        proposer_state=(), rng=rng, steps=jnp.zeros((), jnp.int32),
+        features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:],
+                                                          features.dtype),
+        accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
+    ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start)
     pstate = proposer.init(ctx)
     if prev is not None:
         pstate = proposer.resume(pstate, ctx, prev_state, prev)
     return state.replace(proposer_state=pstate)
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "sampling_cfg", "eos_ids", "max_new", "mesh",
-                                   "speculate_max_rows"), donate_argnums=(1,))
-def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], weights: Any = None, *,
-           cfg: ModelConfig, proposer: Proposer, sampling_cfg: SamplingConfig, eos_ids: tuple[int, ...],
-           max_new: int, mesh: Mesh | None = None, speculate_max_rows: int | None = None) -> LoopState:
+@partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated"), donate_argnums=(1,))
+def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
+           max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None, *, cfg: ModelConfig,
+           proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
     (a traced value, so a caller checking rows on the host every C steps compiles this once); calling
-    again with the returned state resumes exactly where it paused. `speculate_max_rows`: steps with
-    more unfinished rows than this skip `propose` and verify no draft (a 1-token forward); the
-    proposer still absorbs every step's tokens (`update`).
+    again with the returned state resumes exactly where it paused. `gated`: steps with more unfinished
+    rows than `speculate_max_rows` skip `propose` and verify no draft (a 1-token forward); the
+    proposer still absorbs every step's tokens (`update`). The budget `max_new`, the row cut-off and
+    `sampling_cfg`'s numbers are traced, so one compile serves every call of the same shapes.
     """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
 
     def context(s: LoopState) -> Context:
-        return _context(s, group, weights)
+        return _context(s, group, weights, sampling_cfg)
 
     def cond(s: LoopState):
         budget_left = (s.steps < max_new) & (s.steps < step_limit)
@@ -220,7 +233,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         ctx = context(s)
         active = ~s.done
         propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
-        if speculate_max_rows is None:
+        if not gated:
             pstate, draft = propose()
             drafting = active
         else:  # a wide batch, where verify width costs more than drafts win back: no draft, no drafting cost
@@ -284,55 +297,117 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     return jax.lax.while_loop(cond, body, state)
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[int]]:
-    if not prompts:
-        raise ValueError("prompts is empty: pass a list of strings or of token-id lists")
-    encoded = []
-    for p in prompts:
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: load the model with tokenizer=True")
-            if chat:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                    tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = tokenizer(p)["input_ids"]
-            encoded.append([int(i) for i in ids])
-        else:
-            ids = [int(i) for i in p]
-            if not ids:
-                raise ValueError("a token-id prompt is empty")
-            encoded.append(ids)
-    return encoded
+@dataclasses.dataclass
+class _DeviceRun:
+    state: LoopState
+    stopped: np.ndarray  # [B] rows `stop_rows` ended
+    prefill_s: float
+    decode_s: float
 
 
-def _shared_prefix(prompt: Sequence[int], cached: np.ndarray) -> int:
-    """How many leading prompt tokens equal the cached history; at least one token is left to run."""
-    n = min(len(prompt) - 1, len(cached))
-    diff = np.nonzero(np.asarray(prompt[:n]) != cached[:n])[0]
-    return int(diff[0]) if diff.size else n
+def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig, seed: int,
+         eos_ids: tuple[int, ...], session: Session | None, stop_rows, check_every: int,
+         speculate_max_rows: int | None) -> _DeviceRun:
+    """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses."""
+    cfg: ModelConfig = model.config
+    traced = sampling.traced(sampling_cfg)  # numpy leaves: passed as they are, no eager conversion
+    max_new = np.int32(plan.max_new_tokens)
+    rows, batch = plan.rows, plan.batch
+    mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
+    t0 = time.perf_counter()
+    prefilled = prefill(
+        model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed, plan.start,
+        None if session is None else session.cache, cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids,
+        feature_layers=proposer.feature_layers, mesh=mesh)
+    jax.block_until_ready(prefilled[0])
+    t1 = time.perf_counter()
+    carry = session is not None and session.proposer == proposer
+    feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
+    state = start_proposer(prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
+                           session.proposer_state if carry else None, session.context if carry else None,
+                           traced, proposer=proposer)
+    gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
+    run = partial(decode, model.params, cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh,
+                  gated=speculate_max_rows is not None)
+    stopped = np.zeros(batch, bool)
+    if stop_rows is None:
+        state = run(state, plan.groups, max_new, traced, max_new, gate, weights)
+    else:  # pause every `check_every` steps: one host sync per pause, never per token
+        limit = 0
+        row_starts = plan.row_prompt_lengths
+        while True:
+            limit += check_every
+            state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights)
+            toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
+            if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
+                break
+            gen = [toks[b, row_starts[b] : lens[b]].tolist() for b in range(batch)]
+            stop = np.asarray(stop_rows(gen, done & ~stopped), bool) & ~done
+            if stop.any():
+                stopped |= stop
+                state = state.replace(done=state.done | jnp.asarray(stop))
+    jax.block_until_ready(state.tokens)
+    return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun, eos_ids: tuple[int, ...],
+            speculate_max_rows: int | None, keep_session: bool) -> GenerateOutput:
+    """The host half after the device: trim each row at EOS, decode texts, count, keep the session."""
+    state = run.state
+    out_tokens, out_lengths, hist, steps, sources = jax.device_get(
+        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
+    starts, batch = plan.row_prompt_lengths, plan.batch
+    eos = set(eos_ids)
+    generated = []
+    for b in range(batch):
+        gen = out_tokens[b, starts[b] : out_lengths[b]].tolist()
+        if gen and gen[-1] in eos:
+            gen = gen[:-1]
+        generated.append(gen)
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in generated] if model.tokenizer else []
+    emitted = int(np.sum(out_lengths - starts))
+    row_steps = int(hist.sum())
+    wall = run.prefill_s + run.decode_s
+    stats = GenerationStats(
+        method=proposer.name, batch=batch, prefilled_rows=plan.num_prompts,
+        generated_tokens=int(sum(len(r) for r in generated)), emitted_tokens=emitted,
+        target_forwards=int(steps) + 1, decode_steps=int(steps),
+        mean_accepted_tokens=float((hist * np.arange(len(hist))).sum() / max(row_steps, 1)),
+        accepted_hist=hist.tolist(), proposer_steps=sources.tolist(), prefill_s=run.prefill_s,
+        decode_s=run.decode_s, wall_s=wall, tokens_per_s=emitted / wall if wall > 0 else 0.0,
+        decode_tokens_per_s=(emitted - batch) / run.decode_s if run.decode_s > 0 else 0.0,
+        draft_k=proposer.width, speculate_max_rows=speculate_max_rows, stopped_rows=run.stopped.tolist(),
+        reused_prefix_tokens=0 if plan.start is None else int(np.sum(plan.start)),
+        prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len)
+    kept = None
+    if keep_session:
+        kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
+                       context=Context(tokens=state.tokens, lengths=state.lengths, group=plan.groups,
+                                       active=np.zeros((batch,), bool), hidden=state.hidden, weights=weights,
+                                       cache=state.cache))
+    return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)
 
 
-def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_tokens: int = 256,
+def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
              num_samples: int = 1, group: Sequence[int] | None = None, max_len: int | None = None,
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
              session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
              stop_rows: Callable[[list[list[int]], np.ndarray], Any] | None = None, check_every: int = 32,
              speculate_max_rows: int | None = None, **method_options) -> GenerateOutput:
-    """Generates for a batch of prompts with any method; see DESIGN.md's contract.
+    """Generates for a batch of prompts with any method (a name or a `Proposer`); see docs/contract.md.
+
+    Three parts: `plan.make_plan` (host: encode, lay out rows, pick shape buckets), `_run` (device:
+    prefill, then the one decode loop) and `_finish` (host: trim, texts, statistics). Budgets and
+    sampling values are traced, prompt and cache sizes come from fixed buckets (`specjax.plan`), so a
+    run over many prompts, budgets and temperatures compiles each program once per bucket.
 
     `num_samples` branches per prompt share one prefill (Best-of-N); rows come out prompt-major
     (prompt 0's branches first). `group[b]` marks rows that may draft from each other; default: the
-    branches of one prompt form a group. `max_len` fixes the cache size (default: prompt + budget + draft).
-    `eos_token_ids` overrides the model's stop tokens (`()`: never stop early, e.g. for benchmarks).
-    `pad_prompts_to` pads prompts to at least this length, so that a run over many questions compiles
-    once instead of once per prompt-length bucket.
+    branches of one prompt form a group. `max_len` fixes the cache size (default: the bucket holding
+    prompt + budget + draft). `eos_token_ids` overrides the model's stop tokens (`()`: never stop
+    early, e.g. for benchmarks). `pad_prompts_to` pads prompts to at least this length (a bucket is
+    still picked above it).
     `keep_session=True` returns `output.session`; passing it as `session=` to the next call (one prompt
     per row, same batch) reuses each row's cache for the prefix shared with its history and carries the
     drafter's store across calls: multi-round thinking prefills only what is new and drafts from every
@@ -345,139 +420,17 @@ def generate(model, prompts: Sequence[Any], method: str = "ar", *, max_new_token
     rows are unfinished, e.g. only the last stragglers of a Best-of-N batch on hardware where a wide
     batch's verify forward is compute-bound; None (default) always drafts, 0 never does.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     gate = speculate_max_rows
     if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, np.integer)) or gate < 0):
         raise ValueError(f"speculate_max_rows must be None or an integer >= 0, got {speculate_max_rows!r}")
-    cfg: ModelConfig = model.config
+    if stop_rows is not None and check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-    proposer, weights = make_proposer(method, **method_options).bind(model, sampling_cfg)
-    ids = _encode_prompts(model.tokenizer, prompts, chat)
-    num_prompts = len(ids)
-    rows = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
-    batch = len(rows)
-    longest = max(len(x) for x in ids)
-    p_bucket = _round_up(max(longest, pad_prompts_to), PROMPT_BUCKET)
-    need = p_bucket + max_new_tokens + proposer.width + 1
-    cache_len = min(_round_up(need, PROMPT_BUCKET), cfg.max_position_embeddings) if max_len is None else max_len
-    if session is not None:
-        if num_samples != 1 or batch != session.batch:
-            raise ValueError(f"a session continues row by row: pass {session.batch} prompts (one per row of the "
-                             f"previous call) and num_samples=1, got {num_prompts} prompts x {num_samples}")
-        if max_len is not None and max_len != session.cache.max_len:
-            raise ValueError(f"max_len={max_len} differs from the session's cache ({session.cache.max_len}): "
-                             "drop max_len, or size the first call's max_len for every round")
-        cache_len = session.cache.max_len
-    if longest + max_new_tokens + proposer.width + 1 > cache_len or cache_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + draft {proposer.width} does not fit the "
-            f"cache of {min(cache_len, cfg.max_position_embeddings)} positions (model limit "
-            f"{cfg.max_position_embeddings}): shorten the prompt or lower max_new_tokens"
-        )
-    prompt = np.zeros((num_prompts, p_bucket), np.int32)
-    for i, x in enumerate(ids):
-        prompt[i, : len(x)] = x
-    prompt_lengths = np.asarray([len(x) for x in ids], np.int32)
-    groups = rows if group is None else np.asarray(group, np.int32)
-    if groups.shape != (batch,):
-        raise ValueError(f"group must have one entry per prompt ({batch}), got shape {groups.shape}")
+    proposer, weights = bind_proposer(model, method, sampling_cfg, **method_options)
+    the_plan = make_plan(model, prompts, proposer, max_new_tokens=max_new_tokens, chat=chat, num_samples=num_samples,
+                         group=group, max_len=max_len, pad_prompts_to=pad_prompts_to, session=session,
+                         pad_new_to=pad_new_to)
     eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
-    rng_prefill, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
-    mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
-
-    feed = start = None
-    if session is not None:
-        history, hist_lengths = session.host_history()
-        start = np.asarray([_shared_prefix(x, history[b, : hist_lengths[b] - 1]) for b, x in enumerate(ids)], np.int32)
-        width = _round_up(max(int(np.max(prompt_lengths - start)), pad_new_to), PROMPT_BUCKET)
-        feed = np.zeros((num_prompts, width), np.int32)
-        for i, x in enumerate(ids):
-            feed[i, : len(x) - start[i]] = x[start[i]:]
-        feed, start = jnp.asarray(feed), jnp.asarray(start)
-
-    t0 = time.perf_counter()
-    tokens, lengths, cache, hidden, done, features = prefill(
-        model.params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), jnp.asarray(rows), rng_prefill, feed, start,
-        None if session is None else session.cache, cfg=cfg, sampling_cfg=sampling_cfg, max_len=cache_len,
-        eos_ids=eos_ids, max_new=max_new_tokens, feature_layers=proposer.feature_layers, mesh=mesh)
-    jax.block_until_ready(tokens)
-    t1 = time.perf_counter()
-    state = LoopState(
-        tokens=tokens, lengths=lengths, prompt_lengths=jnp.asarray(prompt_lengths[rows]), done=done, cache=cache,
-        hidden=hidden, proposer_state=(), rng=rng_decode, steps=jnp.zeros((), jnp.int32),
-        features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:], features.dtype),
-        accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
-    carry = session is not None and session.proposer == proposer
-    feature_start = jnp.asarray(start if session is not None else np.zeros(num_prompts, np.int32))[rows]
-    group_arr = jnp.asarray(groups)
-    state = start_proposer(state, group_arr, weights, features, feature_start,
-                           session.proposer_state if carry else None, session.context if carry else None,
-                           proposer=proposer)
-    run = partial(decode, model.params, cfg=cfg, proposer=proposer, sampling_cfg=sampling_cfg, eos_ids=eos_ids,
-                  max_new=max_new_tokens, mesh=mesh,
-                  speculate_max_rows=None if gate is None else int(gate))
-    stopped = np.zeros(batch, bool)
-    if stop_rows is None:
-        state = run(state, group_arr, jnp.asarray(max_new_tokens, jnp.int32), weights)
-    else:  # pause every `check_every` steps: one host sync per pause, never per token
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        limit = 0
-        while True:
-            limit += check_every
-            state = run(state, group_arr, jnp.asarray(limit, jnp.int32), weights)
-            toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
-            if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
-                break
-            gen = [toks[b, prompt_lengths[rows[b]] : lens[b]].tolist() for b in range(batch)]
-            stop = np.asarray(stop_rows(gen, done & ~stopped), bool) & ~done
-            if stop.any():
-                stopped |= stop
-                state = state.replace(done=state.done | jnp.asarray(stop))
-    out_tokens, out_lengths, hist, steps, sources = jax.device_get(
-        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
-    t2 = time.perf_counter()
-
-    eos = set(eos_ids)
-    generated = []
-    for b in range(batch):
-        gen = out_tokens[b, prompt_lengths[rows[b]] : out_lengths[b]].tolist()
-        if gen and gen[-1] in eos:
-            gen = gen[:-1]
-        generated.append(gen)
-    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in generated] if model.tokenizer else []
-    emitted = int(np.sum(out_lengths - prompt_lengths[rows]))
-    row_steps = int(hist.sum())
-    wall = t2 - t0
-    stats = {
-        "method": proposer.name,
-        "batch": batch,
-        "prefilled_rows": num_prompts,
-        "generated_tokens": int(sum(len(r) for r in generated)),
-        "emitted_tokens": emitted,  # EOS included
-        "target_forwards": int(steps) + 1,  # verify forwards + the prefill
-        "decode_steps": int(steps),
-        "mean_accepted_tokens": float((hist * np.arange(len(hist))).sum() / max(row_steps, 1)),
-        "accepted_hist": hist.tolist(),
-        "proposer_steps": sources.tolist(),
-        "prefill_s": t1 - t0,
-        "decode_s": t2 - t1,
-        "wall_s": wall,
-        "tokens_per_s": emitted / wall if wall > 0 else 0.0,
-        "decode_tokens_per_s": (emitted - batch) / (t2 - t1) if t2 > t1 else 0.0,
-        "draft_k": proposer.width,
-        "speculate_max_rows": None if gate is None else int(gate),
-        "stopped_rows": stopped.tolist(),  # rows `stop_rows` ended before EOS or the budget
-    }
-    if session is not None:
-        stats["reused_prefix_tokens"] = int(np.sum(jax.device_get(start)))
-    kept = None
-    if keep_session:
-        kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
-                       context=Context(tokens=state.tokens, lengths=state.lengths, group=jnp.asarray(groups),
-                                       active=jnp.zeros((batch,), bool), hidden=state.hidden, weights=weights,
-                                       cache=state.cache))
-    return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)
+    gate = None if gate is None else int(gate)
+    run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every, gate)
+    return _finish(model, the_plan, proposer, weights, run, eos_ids, gate, keep_session)

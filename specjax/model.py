@@ -57,7 +57,7 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
     holds the dense layers' and the LM head's weights in bf16 beside `dtype` activations, norms,
     embeddings and KV cache (`models/linear.py`: products accumulate in float32): half the weight
     bytes, and on CPUs with AMX/AVX512-BF16 a verify forward of many tokens costs little more than
-    one, where float32 is compute-bound (see README, "CPU precision").
+    one, where float32 is compute-bound (docs/cpu_precision.md).
     """
     kind, path = loading.resolve(name)
     jdtype = loading.parse_dtype(dtype)

@@ -148,7 +148,7 @@ def test_cli_end_to_end(tiny_chat_checkpoint, tmp_path):
 
     cal = tmp_path / "cal.json"
     args = ["--model", str(tiny_chat_checkpoint), "--methods", "ar,pld", "--n-values", "1,3", "--budget", "0.5,30",
-            "--calibration-questions", "2", "--questions", "2", "--max-new-tokens", "8", "--early-stop",
+            "--calibration-questions", "2", "--limit", "2", "--max-new-tokens", "8", "--early-stop",
             "--calibration", str(cal), "--check-every", "2"]
     assert latency.main(args + ["--out", str(tmp_path / "out"), "--sweep"]) == 0
     res = json.loads((tmp_path / "out" / "latency.json").read_text())
@@ -162,6 +162,14 @@ def test_cli_end_to_end(tiny_chat_checkpoint, tmp_path):
     assert (tmp_path / "out" / "latency_frontier.png").stat().st_size > 10_000
     saved = json.loads(cal.read_text())
     assert len(saved["questions"]) == 2 and all(len(q["lengths"]) == 2 * (1 + 3) for q in saved["questions"])
+    # a calibration killed after its first configuration resumes from its records: only the rest is run
+    rec = tmp_path / "out" / "calibration.records.jsonl"
+    lines = rec.read_text().splitlines()
+    assert len(lines) == 1 + 1 + 4  # settings, the forward grid, 2 methods x 2 N
+    rec.write_text("\n".join(lines[:3]) + "\n")
+    no_file = [a for a in args if a not in ("--calibration", str(cal))]
+    assert latency.main(no_file + ["--out", str(tmp_path / "out"), "--resume", "--no-compare"]) == 0
+    assert rec.read_text().splitlines()[:3] == lines[:3] and len(rec.read_text().splitlines()) == 6
     # a second run loads the calibration instead of measuring again
     assert latency.main(args + ["--out", str(tmp_path / "out2"), "--no-compare"]) == 0
     assert json.loads((tmp_path / "out2" / "latency.json").read_text())["calibration_meta"] == saved["meta"]
@@ -174,7 +182,7 @@ def test_cli_end_to_end(tiny_chat_checkpoint, tmp_path):
 @pytest.mark.parametrize("flag,value,message", [("--budget", "abc", "comma list of seconds"),
                                                 ("--n-values", "0,2", "integers >= 1"),
                                                 ("--methods", "ar,nope", "unknown method"),
-                                                ("--questions", "0", "--questions must be >= 1")])
+                                                ("--limit", "0", "--limit must be >= 1")])
 def test_cli_bad_flags(flag, value, message, capsys):
     from eval import latency
 

@@ -175,6 +175,21 @@ def test_cli_builds_from_text_and_generations(tiny_chat_checkpoint, tiny_chat_mo
     answer = store.tokens[: np.argmax(store.tokens == -1)].tolist()
     out = specjax.generate(tiny_chat_model, [items[0]["question"]], "rest", max_new_tokens=8, datastore=str(gen))
     assert out.tokens[0] == answer  # the stored greedy answer, drafted back from the store
+    # killed after its first batch: --resume reads that batch from the records and builds the same store
+    gen3 = ["--model", model, "--dataset", str(data), "--out", str(tmp_path / "gen3"), "--max-new-tokens", "8",
+            "--batch-size", "2"]
+    assert main(gen3) == 0
+    whole = load_datastore(tmp_path / "gen3", vocab)
+    rec = tmp_path / "gen3.records.jsonl"
+    lines = rec.read_text().splitlines()
+    assert len(lines) == 1 + 2  # settings, 2 batches
+    rec.write_text(lines[0] + "\n" + lines[1] + "\n")
+    (tmp_path / "gen3.npz").unlink()
+    capsys.readouterr()
+    assert main(gen3 + ["--resume"]) == 0
+    assert "1 finished batches skipped" in capsys.readouterr().out
+    again = load_datastore(tmp_path / "gen3", vocab)
+    assert np.array_equal(again.tokens, whole.tokens) and again.meta == whole.meta
 
     assert main(["--model", model, "--dataset", str(tmp_path / "missing.jsonl"), "--out", str(gen)]) == 2
     assert "not found" in capsys.readouterr().err

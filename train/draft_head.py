@@ -63,7 +63,7 @@ def parse_args(argv):
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this step as if killed (time-boxed sessions, resume tests); no export")
+                   help="stop after this step as if killed (time-boxed runs, resume tests); no export")
     p.add_argument("--eval-prompts", type=int, default=4, help="prompts of the final generate evaluation (0: skip)")
     return p.parse_args(argv)
 

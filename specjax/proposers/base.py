@@ -4,7 +4,7 @@ Every proposer is a frozen (hashable) dataclass holding only its configuration, 
 argument of the jitted decode loop. Its runtime state is a pytree returned by `init` and threaded
 through the loop by the engine:
 
-    proposer, weights = proposer.bind(model, sampling_cfg)  # on the host, before the loop
+    proposer, weights = proposer.bind(model, sampling_mode)  # on the host, before the loop
     state = proposer.init(ctx)                      # once, after prefill
     state, draft = proposer.propose(state, ctx, rng) # every step, before the target forward
     state = proposer.update(state, ctx, prev_lengths) # every step, after acceptance
@@ -50,6 +50,9 @@ class Context:
     verified: Int[Array, "B K1"] | None = None
     verified_topk: Int[Array, "B K1 C"] | None = None
     verified_valid: Bool[Array, "B K1"] | None = None
+    # the call's traced `sampling.Sampling`: a drafter whose q must match the target's processing reads
+    # temperature / top-k / top-p here (it is bound to the static `SamplingMode` only)
+    sampling: Any = None
 
 
 @struct.dataclass
@@ -98,7 +101,9 @@ class Proposer:
 
     def bind(self, model, sampling_cfg) -> tuple["Proposer", Any]:
         """Called by generate before the loop: returns the proposer configured for this target and
-        sampling config, and the weights pytree it reads as `ctx.weights` (None for model-free ones)."""
+        sampling mode (`config.SamplingMode`: greedy or not, which processors are on; the numbers
+        come traced in `ctx.sampling`), and the weights pytree it reads as `ctx.weights` (None for
+        model-free ones)."""
         return self, None
 
     def init(self, ctx: Context) -> State:

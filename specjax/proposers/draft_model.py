@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax import sampling
-from specjax.config import ModelConfig, SamplingConfig
+from specjax.config import ModelConfig, SamplingConfig, SamplingMode
 from specjax.models import transformer
 from specjax.models.cache import KVCache
 from specjax.proposers.base import Context, Draft, Proposer
@@ -66,7 +66,7 @@ def resolve_draft(model, spec: str) -> tuple[ModelConfig, Any, bool]:
     return draft.config, draft.params, False
 
 
-def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: int, sampling_cfg: SamplingConfig,
+def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: int, sampling_cfg: "SamplingConfig | Any",
                 rng: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """K autoregressive draft steps from `first` [B] at slot cache.lengths: tokens [B, K], probs
     [B, K, V] (None when greedy) and the probability the draft gave its first token [B]."""
@@ -98,10 +98,10 @@ class DraftModel(Proposer):
     k: int = 4
     draft: str = "self:8"
     cfg: ModelConfig | None = None  # set by bind
-    sampling_cfg: SamplingConfig | None = None
+    sampling_cfg: SamplingMode | SamplingConfig | None = None  # the static mode (bind); numbers: ctx.sampling
     shares_cache: bool = False
 
-    def bind(self, model, sampling_cfg: SamplingConfig) -> tuple["DraftModel", Any]:
+    def bind(self, model, sampling_cfg: SamplingMode) -> tuple["DraftModel", Any]:
         cfg, params, shares = resolve_draft(model, self.draft)
         return dataclasses.replace(self, cfg=cfg, sampling_cfg=sampling_cfg, shares_cache=shares), params
 
@@ -130,7 +130,7 @@ class DraftModel(Proposer):
         batch = self._check(ctx)
         pending = jnp.take_along_axis(ctx.tokens, (ctx.lengths - 1)[:, None], axis=1)[:, 0]
         tokens, probs, conf = draft_chain(ctx.weights, self.cfg, self._cache(state, ctx), pending, self.k,
-                                          self.sampling_cfg, rng)
+                                          self.sampling_cfg if ctx.sampling is None else ctx.sampling, rng)
         num = jnp.where(ctx.active, self.k, 0).astype(jnp.int32)
         chex.assert_shape(tokens, (batch, self.k))
         return state, Draft(tokens=tokens, num=num, probs=probs, confidence=conf)

@@ -41,7 +41,7 @@ class Eagle(Proposer):
     name: ClassVar[str] = "eagle"
     head: str = ""  # folder of a trained head (train.draft_head --head eagle --out DIR); '' = the shipped one
     # defaults measured on a 2-core CPU, where a 5-token verify costs 2.5x a 1-token step: a chain
-    # of 4 beats trees of 6-12 nodes there (see README); on accelerators try topk=2-3, total=16-60
+    # of 4 beats trees of 6-12 nodes there (docs/benchmarks.md); on accelerators try topk=2-3, total=16-60
     total: int = 8  # draft tree nodes (verify width - 1); trees only (topk > 1)
     depth: int = 4  # most draft tokens per step
     topk: int = 1  # children per node at most; 1 = a chain of `depth` tokens

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from specjax.config import SamplingConfig
+from specjax.config import SamplingMode
 from specjax.proposers.base import Context, Draft, Proposer
 from specjax.proposers.draft_model import DraftModel
 from specjax.proposers.ngram import SuffixMatch
@@ -45,7 +45,7 @@ class Hybrid(Proposer):
     max_match: int = 32
     store_size: int = 0
     head_proposer: Proposer | None = None  # set by bind
-    sampling_cfg: SamplingConfig | None = None
+    sampling_cfg: SamplingMode | None = None  # set by bind: the static mode
     vocab: int = 0
 
     def __post_init__(self):
@@ -74,7 +74,7 @@ class Hybrid(Proposer):
     def feature_layers(self) -> tuple[int, ...]:
         return () if self.head_proposer is None else self.head_proposer.feature_layers
 
-    def bind(self, model, sampling_cfg: SamplingConfig) -> tuple["Hybrid", Any]:
+    def bind(self, model, sampling_cfg: SamplingMode) -> tuple["Hybrid", Any]:
         from specjax.heads.io import default_head, head_kind
 
         kind = self.head

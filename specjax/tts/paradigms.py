@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from specjax.engine import generate
+from specjax.plan import cache_length
 from specjax.proposers import make_proposer
 from specjax.tts.datasets import Question
 from specjax.tts.grading import extract_answer, vote_settled
@@ -44,6 +45,25 @@ class ParadigmResult:
     outputs: list[list[str]]  # per question: its samples (best_of_n) or its final-round answer
     rounds: list[dict[str, Any]]  # per round: aggregated generate stats
     history: list[list[str]] = dataclasses.field(default_factory=list)  # multi_round: answers per round
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """One batch of questions' share of a run: enough to skip the batch when a killed run resumes."""
+
+    outputs: list[list[str]]  # per question of the batch: its samples or final answer
+    stats: list[dict[str, Any]]  # per round: the batch's generate stats (`GenerationStats.to_dict()`)
+    history: list[list[str]]  # per round: the batch's answers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _assemble(batches: Sequence[BatchResult]) -> ParadigmResult:
+    rounds = len(batches[0].stats) if batches else 1
+    return ParadigmResult(outputs=[o for b in batches for o in b.outputs],
+                          rounds=[aggregate([b.stats[r] for b in batches]) for r in range(rounds)],
+                          history=[[t for b in batches for t in b.history[r]] for r in range(rounds)])
 
 
 def aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -99,8 +119,13 @@ class SettledVote:
 def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: int = 1, rounds: int = 2,
         batch_size: int = 1, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, on_batch: Callable[[int], None] | None = None,
-        early_stop: bool = False, check_every: int = 32, **method_options) -> ParadigmResult:
+        early_stop: bool = False, check_every: int = 32, finished: Mapping[int, BatchResult] | None = None,
+        on_result: Callable[[int, BatchResult], None] | None = None, **method_options) -> ParadigmResult:
     """Runs `paradigm` with `method` over `questions`; `on_batch(k)` reports k questions done.
+
+    Resuming: batch i of `finished` is taken as it is instead of run (its seed and shapes are those
+    of batch i, so the other batches run as they would have); `on_result(i, batch)` gets each batch
+    the moment it is done, to be recorded.
 
     `early_stop` (best_of_n): every `check_every` decode steps, a question whose vote among its
     finished branches is settled (`vote_settled`) stops its remaining branches; its outputs then hold
@@ -119,29 +144,34 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
                       stacklevel=2)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **method_options)
     if paradigm == "multi_round":
-        return _multi_round(model, questions, method, rounds, batch_size, seed, on_batch, kw)
+        return _multi_round(model, questions, method, rounds, batch_size, seed, on_batch, kw, finished or {},
+                            on_result)
     samples = n if paradigm == "best_of_n" else 1
     step = 1 if paradigm == "best_of_n" else batch_size  # best_of_n's batch is the N branches
     prompts = [first_round_prompt(q.question) for q in questions]
     pad = _prompt_length(model, prompts)
-    texts: list[list[str]] = []
-    stats = []
+    batches = []
     for i, chunk in enumerate(_batches(prompts, step)):
-        stop = {}
-        if early_stop and paradigm == "best_of_n":
-            stop = dict(stop_rows=SettledVote(model.tokenizer, samples), check_every=check_every)
-        out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad,
-                       **stop, **kw)
-        stats.append(out.stats)
-        kept = [t for t, s in zip(out.texts, out.stats["stopped_rows"]) if not s]
-        texts.extend(kept[j * samples : (j + 1) * samples] for j in range(len(chunk)))
+        if (done := (finished or {}).get(i)) is None:
+            stop = {}
+            if early_stop and paradigm == "best_of_n":
+                stop = dict(stop_rows=SettledVote(model.tokenizer, samples), check_every=check_every)
+            out = generate(model, list(chunk), method, num_samples=samples, seed=seed + i, pad_prompts_to=pad,
+                           **stop, **kw)
+            kept = [t for t, s in zip(out.texts, out.stats["stopped_rows"]) if not s]
+            texts = [kept[j * samples : (j + 1) * samples] for j in range(len(chunk))]
+            done = BatchResult(outputs=texts, stats=[out.stats.to_dict()], history=[[t[0] for t in texts]])
+            if on_result is not None:
+                on_result(i, done)
+        batches.append(done)
         if on_batch is not None:
             on_batch(len(chunk))
-    return ParadigmResult(outputs=texts, rounds=[aggregate(stats)], history=[[t[0] for t in texts]])
+    return _assemble(batches)
 
 
 def _multi_round(model, questions: Sequence[Question], method: str, rounds: int, batch_size: int, seed: int,
-                 on_batch: Callable[[int], None] | None, kw: dict[str, Any]) -> ParadigmResult:
+                 on_batch: Callable[[int], None] | None, kw: dict[str, Any], finished: Mapping[int, BatchResult],
+                 on_result: Callable[[int, BatchResult], None] | None) -> ParadigmResult:
     """Each batch of questions goes through all its rounds before the next batch starts, so the
     rounds chain through one `Session`: round r+1 reuses the cache of the prefix it shares with round
     r's history (chat header, question, instruction) and drafts from a store holding every round.
@@ -149,28 +179,33 @@ def _multi_round(model, questions: Sequence[Question], method: str, rounds: int,
     at most max_new_tokens of answer), so each round compiles once for the whole run.
     """
     max_new = kw["max_new_tokens"]
-    k = make_proposer(method, **{o: v for o, v in kw.items() if o not in GENERATE_KW}).width
+    proposer = make_proposer(method, **{o: v for o, v in kw.items() if o not in GENERATE_KW})
+    kw = {o: v for o, v in kw.items() if o in GENERATE_KW}
     first = [first_round_prompt(q.question) for q in questions]
     pad1 = _prompt_length(model, first)
     # a re-answer prompt: its template around an answer of at most max_new tokens (+ slack for re-tokenising)
     template_pad = _prompt_length(model, [next_round_prompt(q.question, "") for q in questions])
     pad_next = template_pad + max_new + REANSWER_SLACK
     new_part = pad_next - pad1 + REANSWER_SLACK  # what a later round prefills beyond the shared prefix
-    max_len = pad_next + max_new + k + 1
-    per_round: list[list[dict[str, Any]]] = [[] for _ in range(rounds)]
-    history: list[list[str]] = [[] for _ in range(rounds)]
+    max_len = cache_length(pad_next + max_new + proposer.width + 1, model.config)
+    batches = []
     for i, chunk in enumerate(_batches(list(questions), batch_size)):
-        session, previous = None, [""] * len(chunk)
-        for r in range(rounds):
-            prompts = [first_round_prompt(q.question) if r == 0 else next_round_prompt(q.question, prev)
-                       for q, prev in zip(chunk, previous)]
-            out = generate(model, prompts, method, seed=seed + i, pad_prompts_to=pad1 if r == 0 else pad_next,
-                           max_len=-(-max_len // 64) * 64, session=session, keep_session=r + 1 < rounds,
-                           pad_new_to=new_part, **kw)
-            session, previous = out.session, out.texts
-            per_round[r].append(out.stats)
-            history[r].extend(out.texts)
+        if (done := finished.get(i)) is None:
+            session, previous = None, [""] * len(chunk)
+            stats, history = [], []
+            for r in range(rounds):
+                prompts = [first_round_prompt(q.question) if r == 0 else next_round_prompt(q.question, prev)
+                           for q, prev in zip(chunk, previous)]
+                out = generate(model, prompts, proposer, seed=seed + i, pad_prompts_to=pad1 if r == 0 else pad_next,
+                               max_len=max_len, session=session, keep_session=r + 1 < rounds,
+                               pad_new_to=new_part, **kw)
+                session, previous = out.session, out.texts
+                stats.append(out.stats.to_dict())
+                history.append(list(out.texts))
+            done = BatchResult(outputs=[[t] for t in history[-1]], stats=stats, history=history)
+            if on_result is not None:
+                on_result(i, done)
+        batches.append(done)
         if on_batch is not None:
             on_batch(len(chunk))
-    return ParadigmResult(outputs=[[t] for t in history[-1]], rounds=[aggregate(s) for s in per_round],
-                          history=history)
+    return _assemble(batches)

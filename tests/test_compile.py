@@ -1,0 +1,93 @@
+"""Compile once per bucket: traced budgets and sampling values, shape buckets, the persistent cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.monitoring
+import pytest
+
+import specjax
+from specjax import plan as plan_mod
+from specjax.cache_folder import root
+
+_COMPILES: list[float] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: _COMPILES.append(secs) if name == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def test_buckets_are_fixed_and_capped():
+    assert [plan_mod.bucket(n, 64) for n in (1, 64, 65, 96, 97, 129, 200, 300)] == [64, 64, 96, 96, 128, 192,
+                                                                                       256, 384]
+    assert plan_mod.bucket(5000, 256, 4096) == 4096
+    assert {plan_mod.bucket(n, 256) for n in range(1, 2049)} == {256, 384, 512, 768, 1024, 1536, 2048}
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_no_compile_across_prompt_lengths_budgets_and_temperatures(tiny_model, method):
+    """After one warm-up per sampling switch, 3 prompt lengths x 3 budgets x 2 temperatures compile nothing."""
+    prompts = [[5, 6, 7, 8, 5, 6] * 2, [9, 10, 11] * 5, [3, 4] * 10]  # 12, 15, 20 tokens: one prompt bucket
+    for temperature, top_p in ((0.0, 1.0), (0.7, 1.0), (0.7, 0.9)):  # greedy / sampling / nucleus: static switches
+        specjax.generate(tiny_model, [prompts[0]], method, max_new_tokens=8, temperature=temperature, top_p=top_p)
+    _COMPILES.clear()
+    for p in prompts:
+        for budget in (8, 16, 40):
+            for temperature in (0.5, 1.3):
+                out = specjax.generate(tiny_model, [p], method, max_new_tokens=budget, temperature=temperature,
+                                       top_p=0.9 if temperature > 1 else 1.0, seed=budget)
+                assert out.stats["generated_tokens"] <= budget
+            specjax.generate(tiny_model, [p], method, max_new_tokens=budget, temperature=0.0)
+    assert _COMPILES == [], f"{len(_COMPILES)} backend compiles after warm-up"
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_greedy_budget_is_a_prefix(tiny_model, method):
+    """A traced budget cuts the same greedy sequence: 16 tokens are the first 16 of 40."""
+    long = specjax.generate(tiny_model, [[5, 6, 7, 8] * 3], method, max_new_tokens=40, eos_token_ids=())
+    short = specjax.generate(tiny_model, [[5, 6, 7, 8] * 3], method, max_new_tokens=16, eos_token_ids=())
+    assert len(long.tokens[0]) == 40 and short.tokens[0] == long.tokens[0][:16]
+    assert short.stats["cache_len"] == long.stats["cache_len"] == 256
+
+
+def test_cache_folder_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path / "c"))
+    assert root() == tmp_path / "c"
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")
+    assert root() is None
+
+
+_CHILD = textwrap.dedent("""
+    import jax, jax.monitoring as mon
+    hits, compiles = [], []
+    mon.register_event_listener(lambda n, **k: hits.append(n) if n == "/jax/compilation_cache/cache_hits" else None)
+    mon.register_event_duration_secs_listener(
+        lambda n, s, **k: compiles.append(n) if n == "/jax/core/compile/backend_compile_duration" else None)
+    import specjax
+    from specjax.config import ModelConfig
+    from specjax.model import Model
+    from specjax.models.transformer import init_params
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=(2,))
+    model = Model(config=cfg, params=init_params(cfg, jax.random.PRNGKey(0)), tokenizer=None, name="t")
+    hits.clear(); compiles.clear()
+    out = specjax.generate(model, [[5, 6, 7]], "pld", max_new_tokens=6)
+    # JAX times a disk-cache hit as a backend compile too: a real compile is an event without a hit
+    print("HITS", len(hits), "COMPILES", len(compiles) - len(hits), "TOKENS", out.tokens[0])
+""")
+
+
+def test_warm_cache_folder_serves_a_second_process(tmp_path):
+    env = {**os.environ, "SPECJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    runs = [subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    cold, warm = (r.stdout.split("HITS")[-1].split() for r in runs)
+    assert int(cold[0]) == 0 and int(cold[2]) >= 3
+    assert int(warm[0]) >= 3 and int(warm[2]) == 0  # prefill, start_proposer, decode: all from disk
+    assert cold[4:] == warm[4:]  # same tokens
+    assert any(f.name.startswith("jit_decode") for f in (tmp_path / "cache" / "xla").iterdir())
