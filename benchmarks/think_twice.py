@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         for m, r in both.items():
             r.update(method=m, tokens_per_s=r["tokens"] / r["wall_s"], outputs=r1[m]["outputs"] + r2[m]["outputs"],
                      mean_accepted_tokens=(r1[m]["mean_accepted_tokens"] * r1[m]["decode_steps"] +
-                                           r2[m]["mean_accepted_tokens"] * r2[m]["decode_steps"]) / max(r["decode_steps"], 1))
+                                           r2[m]["mean_accepted_tokens"] * r2[m]["decode_steps"])
+                                       / max(r["decode_steps"], 1))
         compare(both, both["ar"])
         print_table("both rounds (multi_round total)", both)
     if args.json:

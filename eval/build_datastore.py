@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -122,11 +122,11 @@ def calibrate(model, questions, methods: list[str], n_values: list[int], args, o
               progress=None, records=None):
     """Times the forward grid and every (method, N) on the calibration questions. `records` (a
     `RunRecords`): configurations it holds are read from it, the others recorded as they finish."""
+    import jax
+
     from specjax.analysis.latency import Calibration, ConfigTiming, QuestionSamples
     from specjax.proposers import make_proposer
     from specjax.tts.grading import answer_classes, extract_answer, is_equivalent
-
-    import jax
 
     widths = sorted({1} | {make_proposer(m, **options[m]).width + 1 for m in methods})
     context = pad + args.max_new_tokens // 2
@@ -174,7 +174,8 @@ def calibrate(model, questions, methods: list[str], n_values: list[int], args, o
         ids, reps = answer_classes(ans)
         correct = next((i for i, r in enumerate(reps) if is_equivalent(r, q.answer)), -1)
         samples.append(QuestionSamples(lengths=tuple(lens), classes=tuple(ids), correct_class=correct))
-    meta = {"model": args.model, "dtype": args.dtype, "matmul_dtype": args.matmul_dtype, "device": str(jax.devices()[0].device_kind),
+    meta = {"model": args.model, "dtype": args.dtype, "matmul_dtype": args.matmul_dtype,
+            "device": str(jax.devices()[0].device_kind),
             "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "methods": methods, "n_values": n_values, "context": context,
             "questions": [q.id for q in questions], "options": options}
@@ -218,7 +219,8 @@ def plot_sweep(plans, measured: list[dict[str, Any]], budgets: list[float], path
               "speculation": ("tab:orange", "speculation only (N = 1)"),
               "combined": ("tab:green", "combined (any method, any N)")}
     for fam, (color, label) in styles.items():
-        members = plans if fam == "combined" else [p for p in plans if p.family == fam or (p.method == "ar" and p.n == 1)]
+        members = plans if fam == "combined" else [p for p in plans
+                                                    if p.family == fam or (p.method == "ar" and p.n == 1)]
         front = frontier(members)
         ax.step([p.predicted_s for p in front], [p.predicted_accuracy for p in front], where="post", color=color,
                 label=label, lw=4 if fam == "combined" else 1.5, alpha=0.4 if fam == "combined" else 1.0,
@@ -266,7 +268,7 @@ def _main(args: argparse.Namespace) -> int:
     calib_q, held_out = _questions(args)
 
     import specjax
-    from specjax.analysis.latency import (Calibration, CostModel, SampleModel, choose, enumerate_plans)
+    from specjax.analysis.latency import Calibration, CostModel, SampleModel, choose, enumerate_plans
     from specjax.analysis.moesd import StepTimeFit, WeightProfile
     from specjax.tts.paradigms import _prompt_length, first_round_prompt
 

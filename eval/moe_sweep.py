@@ -175,7 +175,8 @@ def measure_model(name: str, args, log=print) -> dict:
                    "forward_efficiency": float(moesd.target_efficiency(t1, tg)),
                    "batch_tokens_per_step": per_step,
                    "sigma_predicted_speedup": float(moesd.speedup(alpha, g, ar_step, verify_step, t_d)),
-                   "predicted_speedup": float(moesd.speedup(alpha, g, ar_step, verify_step, t_d, tokens_per_step=per_step)),
+                   "predicted_speedup": float(moesd.speedup(alpha, g, ar_step, verify_step, t_d,
+                                                            tokens_per_step=per_step)),
                    "measured_speedup": spec.stats["decode_tokens_per_s"] / ar.stats["decode_tokens_per_s"],
                    "draft_cost_s": t_d, "rows_equal_to_ar": same}
             row["error"] = row["predicted_speedup"] / row["measured_speedup"] - 1
@@ -214,7 +215,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             line = axes[0, col].plot(b, [r["measured_speedup"] for r in rows], "o-", label=f"measured, γ={g}")[0]
             axes[0, col].plot(b, [r["predicted_speedup"] for r in rows], "--", color=line.get_color(),
                               label=f"predicted, γ={g}")
-            axes[1, col].plot(b, [r["efficiency"] for r in rows], "o-", color=line.get_color(), label=f"measured, γ={g}")
+            axes[1, col].plot(b, [r["efficiency"] for r in rows], "o-", color=line.get_color(),
+                              label=f"measured, γ={g}")
             axes[1, col].plot(b, [r["fit_efficiency"] for r in rows], ":", color=line.get_color(),
                               label=f"roofline fit, γ={g}")
         for ax, title in ((axes[0, col], "speedup over AR"), (axes[1, col], "target efficiency T(B,1)/T(B,γ+1)")):

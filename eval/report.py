@@ -176,10 +176,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# specjax method -> its name in the SpecTTS-Bench table (arXiv 2509.04474), in the paper's row order
-PAPER_METHODS = {"draft": "SpS", "eagle": "EAGLE-3", "pld": "PLD", "lookahead": "Lookahead", "pia": "PIA",
-                 "rest": "REST", "recycling": "Token Recycling", "suffix": "SAM-Decoding",
-                 "hybrid": "SAM[EAGLE-3]"}
+def paper_methods() -> dict[str, str]:
+    """specjax method -> its name in the SpecTTS-Bench table (arXiv 2509.04474), in the paper's row order
+    (each proposer declares its row as `paper`)."""
+    from specjax.proposers import registry
+
+    rows = sorted((cls.paper, name) for name, cls in registry().items() if cls.paper is not None)
+    return {name: paper[1] for paper, name in rows}
 
 
 def paper_table(rows: list[dict[str, Any]]) -> str:
@@ -192,12 +195,13 @@ def paper_table(rows: list[dict[str, Any]]) -> str:
             continue
         cell = f"{_fmt(r.get('speedup_vs_ar'), '.2f', 'x')} / {_fmt(r.get('mean_accepted_tokens'), '.2f')}"
         cells.setdefault(r["label"], {})[r["paradigm"]] = cell
-    order = {m: i for i, m in enumerate(PAPER_METHODS)}
+    names = paper_methods()
+    order = {m: i for i, m in enumerate(names)}
     labels = sorted(cells, key=lambda m: (order.get(m, len(order)), m))
     head = ["method", "specjax"] + [f"{p.replace('_', '-')}: speedup / MAT" for p in paradigms]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(paradigms)) + "|"]
     for label in labels:
-        lines.append("| " + " | ".join([PAPER_METHODS.get(label, label), label]
+        lines.append("| " + " | ".join([names.get(label, label), label]
                                        + [cells[label].get(p, "–") for p in paradigms]) + " |")
     return "\n".join(lines)
 

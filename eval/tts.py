@@ -61,9 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-NEEDS = {"medusa": "head", "eagle": "head", "rest": "datastore"}  # method -> the option it cannot run without (unless one ships)
-
-
 def expand_methods(spec: str) -> list[str]:
     from specjax.proposers import registry
 
@@ -82,9 +79,11 @@ def select_methods(spec: str, model: str, option_items: list[str]) -> list[str]:
     if spec != "all":
         return methods
     from specjax.heads.io import default_head
+    from specjax.proposers import registry
 
     given = {item.partition("=")[0] for item in option_items}
-    return [m for m in methods if m not in NEEDS or {NEEDS[m], f"{m}.{NEEDS[m]}"} & given
+    needs = {m: registry()[m].needs for m in methods}
+    return [m for m in methods if needs[m] is None or {needs[m], f"{m}.{needs[m]}"} & given
             or default_head(model, m)]
 
 
@@ -95,11 +94,10 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, A
     (for keys that mean different things to different methods). A key no method takes is an error.
     """
     import ast
-    import dataclasses
 
-    from specjax.proposers import BOUND_FIELDS, registry
+    from specjax.proposers import option_fields, registry
 
-    fields = {m: {f.name for f in dataclasses.fields(registry()[m])} - set(BOUND_FIELDS) for m in methods}
+    fields = {m: set(option_fields(registry()[m])) for m in methods}
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     scoped: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for item in items:

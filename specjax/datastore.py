@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from jaxtyping import Int

@@ -10,7 +10,8 @@ choose) pass the coordinator address, process count and id.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import chex
 import jax
@@ -25,16 +26,15 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax import sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
-from specjax.models import transformer
+from specjax.drafting import Context, TreeTemplate, at, gather_rows
 from specjax.models import cache as kv
+from specjax.models import transformer
 from specjax.models.cache import KVCache
 from specjax.plan import Plan, bind_proposer, make_plan
-from specjax.proposers.base import Context, Proposer
+from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
 from specjax.stats import GenerationStats
-from specjax.verify import TreeTemplate, verify_chain, verify_tree
-
-NUM_SOURCES = 4  # proposer ids a hybrid may report per step
+from specjax.verify import verify_chain, verify_tree
 
 
 @struct.dataclass
@@ -90,7 +90,8 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("cfg", "max_len", "eos_ids", "feature_layers", "mesh"))
 def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"],
-            seed: Int[Array, ""], sampling_cfg: Sampling, max_new: Int[Array, ""], feed: Int[Array, "Q F"] | None = None,
+            seed: Int[Array, ""], sampling_cfg: Sampling, max_new: Int[Array, ""],
+            feed: Int[Array, "Q F"] | None = None,
             start: Int[Array, "Q"] | None = None, cache: KVCache | None = None, *, cfg: ModelConfig, max_len: int,
             eos_ids: tuple[int, ...], feature_layers: tuple[int, ...] = (), mesh: Mesh | None = None):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
@@ -129,7 +130,8 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
         cache = cache.select_rows(rows)
     features = jnp.take(jnp.concatenate(out.layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
     hidden = jnp.take(hidden, rows, axis=0).astype(jnp.float32)
-    tokens, lengths, hidden, done, features = sharding.constrain_rows((tokens, lengths + 1, hidden, done, features), mesh)
+    tokens, lengths, hidden, done, features = sharding.constrain_rows(
+        (tokens, lengths + 1, hidden, done, features), mesh)
     return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features, rng_decode
 
 
@@ -196,7 +198,8 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
         proposer_state=(), rng=rng, steps=jnp.zeros((), jnp.int32),
         features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:],
                                                           features.dtype),
-        accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32), source_counts=jnp.zeros((NUM_SOURCES,), jnp.int32))
+        accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32),
+        source_counts=jnp.zeros((len(proposer.sources),), jnp.int32))
     ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start)
     pstate = proposer.init(ctx)
     if prev is not None:
@@ -242,8 +245,8 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             pstate, draft = jax.lax.cond(gate_open, propose, lambda: (s.proposer_state, no_draft))
             drafting = active & gate_open
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
-        pending = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)
-        inputs = jnp.concatenate([pending, draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
+        pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
+        inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template, layers)
         cache = out.cache
         if template is None:
@@ -267,11 +270,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         num_new = jnp.where(active, jnp.minimum(num_new, budget), 0)
         lengths = s.lengths + num_new
         done = s.done | hit_eos | (lengths - s.prompt_lengths >= max_new)
-        hidden_idx = jnp.take_along_axis(node_of_depth, jnp.clip(num_new - 1, 0, depth)[:, None], axis=1)[:, 0]
-        hidden = jnp.take_along_axis(out.hidden, hidden_idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        hidden = at(out.hidden, at(node_of_depth, jnp.clip(num_new - 1, 0, depth))).astype(jnp.float32)
         features = None
         if layers:  # the accepted path's features: position lengths - 1 + i is node node_of_depth[:, i]
-            features = jnp.take_along_axis(jnp.concatenate(out.layer_hidden, axis=-1), node_of_depth[:, :, None], axis=1)
+            features = gather_rows(jnp.concatenate(out.layer_hidden, axis=-1), node_of_depth)
         new = s.replace(
             tokens=sharding.constrain_rows(_commit(s, res.tokens, num_new), mesh),
             lengths=lengths,

@@ -14,8 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from flax import struct
+from jax import lax
 from jaxtyping import Array, Float, Int
 
 from specjax.config import SamplingConfig, SamplingMode

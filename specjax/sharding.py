@@ -19,7 +19,8 @@ Rules (a dimension an axis does not divide evenly stays whole, e.g. 2 kv-heads o
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -8,8 +8,8 @@ scores exactly 1.0), and speedups are ratios of `tokens_per_s` measured in the s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 
 @dataclasses.dataclass

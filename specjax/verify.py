@@ -14,9 +14,6 @@ so every step emits n + 1 tokens, and the last of them is the next pending token
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -25,7 +22,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from specjax.config import SamplingConfig
-from specjax.proposers.base import Draft
+from specjax.drafting import Draft, TreeTemplate, at
 from specjax.sampling import process_logits
 
 
@@ -52,12 +49,6 @@ def _draw(rng: jax.Array, weights: Float[Array, "B V"], fallback: Float[Array, "
     """A draw proportional to `weights`, or to `fallback` where rounding left all weights at zero."""
     empty = jnp.sum(weights, axis=-1, keepdims=True) <= 0
     return jax.random.categorical(rng, jnp.log(jnp.where(empty, fallback, weights)), axis=-1).astype(jnp.int32)
-
-
-def _at(x: Array, i: Int[Array, "B"]) -> Array:
-    """x[b, i[b]] for every row: a gather on axis 1 that keeps trailing axes."""
-    idx = i.reshape(i.shape + (1,) * (x.ndim - 1))
-    return jnp.take_along_axis(x, idx, axis=1)[:, 0]
 
 
 def _emit(accepted: Int[Array, "B K"], n: Int[Array, "B"], new: Int[Array, "B"]) -> Int[Array, "B K+1"]:
@@ -90,7 +81,7 @@ def verify_chain(
         best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
         ok = (draft.tokens == best[:, :k]) & live
         n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-        return VerifyResult(_emit(draft.tokens, n, _at(best, n)), n.astype(jnp.int32))
+        return VerifyResult(_emit(draft.tokens, n, at(best, n)), n.astype(jnp.int32))
 
     u_key, s_key = jax.random.split(rng)
     p = jnp.exp(process_logits(target_logits, cfg))
@@ -103,91 +94,18 @@ def verify_chain(
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
     # The new token is drawn at position n: from the residual after a rejection, from p after a full accept.
-    p_n = _at(p, n)
+    p_n = at(p, n)
     rejected = (n < draft.num)[:, None]
     j = jnp.minimum(n, k - 1)  # in range; where nothing was rejected q_n is masked out anyway
     if k == 0:
         q_n = jnp.zeros_like(p_n)
     elif draft.probs is None:
-        q_n = jax.nn.one_hot(_at(draft.tokens, j), p.shape[-1])
+        q_n = jax.nn.one_hot(at(draft.tokens, j), p.shape[-1])
     else:
-        q_n = _at(draft.probs.astype(jnp.float32), j)
+        q_n = at(draft.probs.astype(jnp.float32), j)
     q_n = jnp.where(rejected, q_n, 0.0)
     new = _draw(s_key, _residual(p_n, q_n), p_n)
     return VerifyResult(_emit(draft.tokens, n, new), n.astype(jnp.int32))
-
-
-@dataclasses.dataclass(frozen=True)
-class TreeTemplate:
-    """A static token tree. Node 0 is the root (the pending token, parent -1); `parents[i] < i`.
-
-    The target forward feeds all T nodes at once with `attention_mask` at positions
-    `pending_position + depth`; its logits at node j predict j's children. Siblings are listed in
-    priority order: sampling verification tries them in that order.
-    """
-
-    parents: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not self.parents or self.parents[0] != -1:
-            raise ValueError("node 0 must be the root, with parent -1")
-        bad = [i for i, p in enumerate(self.parents) if i and not 0 <= p < i]
-        if bad:
-            raise ValueError(f"every node's parent must come before it; nodes {bad} do not")
-
-    @property
-    def size(self) -> int:
-        return len(self.parents)
-
-    @functools.cached_property
-    def depth(self) -> tuple[int, ...]:
-        d = [0]
-        for p in self.parents[1:]:
-            d.append(d[p] + 1)
-        return tuple(d)
-
-    @functools.cached_property
-    def max_depth(self) -> int:
-        return max(self.depth)
-
-    @functools.cached_property
-    def children(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(tuple(c for c in range(self.size) if self.parents[c] == i) for i in range(self.size))
-
-    @functools.cached_property
-    def attention_mask(self) -> np.ndarray:
-        """[T, T] bool: node i attends to its ancestors and itself."""
-        mask = np.eye(self.size, dtype=bool)
-        for i in range(1, self.size):
-            mask[i] |= mask[self.parents[i]]
-        return mask
-
-    @functools.cached_property
-    def paths(self) -> np.ndarray:
-        """[T, max_depth] int32 retrieve paths: row i lists i's ancestors below the root then i, 0-padded."""
-        out = np.zeros((self.size, self.max_depth), np.int32)
-        for i in range(1, self.size):
-            out[i] = out[self.parents[i]]
-            out[i, self.depth[i] - 1] = i
-        return out
-
-
-def chain_template(k: int) -> TreeTemplate:
-    """A chain of k draft tokens as a tree: verify_tree on it agrees with verify_chain."""
-    return TreeTemplate(tuple(range(-1, k)))
-
-
-def topk_tree(depth: int, width: int) -> TreeTemplate:
-    """The full tree with `width` children per node down to `depth` (T = sum of width**d), breadth-first."""
-    parents, level = [-1], [0]
-    for _ in range(depth):
-        nxt = []
-        for node in level:
-            for _ in range(width):
-                nxt.append(len(parents))
-                parents.append(node)
-        level = nxt
-    return TreeTemplate(tuple(parents))
 
 
 def verify_tree(
@@ -223,7 +141,7 @@ def verify_tree(
         for _ in range(d):  # acceptance flows one level down per pass
             accepted = match & accepted[:, parent]
         last = jnp.argmax(jnp.where(accepted, depth_of, -1), axis=1).astype(jnp.int32)  # first maximum
-        new = _at(best, last)
+        new = at(best, last)
     else:
         p_all = jnp.exp(process_logits(target_logits, cfg))
         vocab = p_all.shape[-1]
@@ -242,15 +160,15 @@ def verify_tree(
             for w in range(width):
                 child = kids[last, w]
                 c = jnp.maximum(child, 0)
-                tried = (child >= 0) & _at(valid, c) & ~done & ~moved
-                x = _at(tree_tokens, c)
-                take = tried & (u[level, :, w] * jnp.sum(r, -1) < _at(r, x))  # u < r(x) / sum(r)
+                tried = (child >= 0) & at(valid, c) & ~done & ~moved
+                x = at(tree_tokens, c)
+                take = tried & (u[level, :, w] * jnp.sum(r, -1) < at(r, x))  # u < r(x) / sum(r)
                 nxt, moved = jnp.where(take, child, nxt), moved | take
                 r = jnp.where((tried & ~take)[:, None], _residual(r, jax.nn.one_hot(x, vocab)), r)
             done = done | ~moved
             last = nxt
-            r = jnp.where(moved[:, None], _at(p_all, last), r)
-        new = _draw(s_key, r, _at(p_all, last))  # r: what is left at the stopping node
+            r = jnp.where(moved[:, None], at(p_all, last), r)
+        new = _draw(s_key, r, at(p_all, last))  # r: what is left at the stopping node
 
     n = depth_of[last]
     path = jnp.asarray(template.paths)[last]

@@ -7,14 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import save_random_eagle_head
 
 import specjax
-from conftest import save_random_eagle_head
 from specjax.config import SamplingConfig
-from specjax.heads.eagle import EagleHead, draft_vocab, eagle_template, head_config, node_ranks, ttt_mask, unroll
+from specjax.drafting import Context, eagle_tree
+from specjax.heads.eagle import EagleHead, draft_vocab, head_config, ttt_mask, unroll
 from specjax.heads.io import save_head
 from specjax.models import transformer
-from specjax.proposers.base import Context
 from specjax.proposers.eagle import Eagle
 
 
@@ -24,19 +24,19 @@ def head_dir(tiny_model, tmp_path_factory):
 
 
 def test_template_is_breadth_first_within_budget():
-    t = eagle_template(total=8, depth=4, topk=2)
+    t = eagle_tree(total=8, depth=4, topk=2)
     assert t.size == 9 and t.max_depth == 4
     assert list(t.depth) == sorted(t.depth)  # each depth one contiguous range
     assert all(len(c) <= 2 for c in t.children)
     assert t.children[0] == (1, 2)  # the root's top-2
-    ranks = node_ranks(t)
+    ranks = t.ranks
     assert [ranks[c] for c in t.children[0]] == [0, 1]
-    chain = eagle_template(total=3, depth=3, topk=1)
+    chain = eagle_tree(total=3, depth=3, topk=1)
     assert chain.parents == (-1, 0, 1, 2)
     with pytest.raises(ValueError, match="depth"):
-        eagle_template(total=3, depth=5, topk=2)
+        eagle_tree(total=3, depth=5, topk=2)
     with pytest.raises(ValueError, match="raise total"):
-        eagle_template(total=6, depth=6, topk=4)  # rank-1 children take the budget before depth 6
+        eagle_tree(total=6, depth=6, topk=4)  # rank-1 children take the budget before depth 6
 
 
 def test_ttt_mask_worked_example():

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax.analysis.latency import (Calibration, ConfigTiming, CostModel, Plan, QuestionSamples, SampleModel,
-                                      choose, enumerate_plans, frontier)
+from specjax.analysis.latency import (
+    Calibration,
+    ConfigTiming,
+    CostModel,
+    Plan,
+    QuestionSamples,
+    SampleModel,
+    choose,
+    enumerate_plans,
+    frontier,
+)
 from specjax.tts.grading import vote_settled
 from specjax.tts.paradigms import SettledVote
 
@@ -43,7 +52,7 @@ def test_paused_decode_resumes_exactly(tiny_chat_model):
         whole = specjax.generate(tiny_chat_model, ["What is 2 + 3?"], "suffix", temperature=temp, seed=3, **kw)
         calls = []
         paused = specjax.generate(tiny_chat_model, ["What is 2 + 3?"], "suffix", temperature=temp, seed=3,
-                                  stop_rows=lambda g, f: calls.append(len(g[0])) or np.zeros(len(g), bool),
+                                  stop_rows=lambda g, f, calls=calls: calls.append(len(g[0])) or np.zeros(len(g), bool),
                                   check_every=3, **kw)
         assert paused.tokens == whole.tokens
         assert len(calls) >= 2 and calls == sorted(calls)  # it really paused, and saw the rows grow

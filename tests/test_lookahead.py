@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax.proposers.base import Context
-from specjax.proposers.lookahead import Lookahead, LookaheadState, insert_ngrams, lookahead_template
+from specjax.drafting import Context, lookahead_tree
+from specjax.proposers.lookahead import Lookahead, LookaheadState, insert_ngrams
 
 _insert = jax.jit(insert_ngrams)
 
@@ -29,7 +29,7 @@ def _empty(vocab=10, guesses=2, k=2, window=3, batch=1):
 
 
 def test_template_is_the_2d_window_with_its_attention_rule():
-    t = lookahead_template(k=2, window=3, guesses=1)
+    t = lookahead_tree(k=2, window=3, guesses=1)
     assert t.parents == (-1, 0, 1, 0, 3, 4, 3, 4, 5)
     # y[l][i] sits at position i + 1 + l after the pending token
     assert t.depth == (0, 1, 2, 1, 2, 3, 2, 3, 4)

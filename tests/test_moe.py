@@ -11,7 +11,7 @@ import pytest
 import specjax
 from specjax.analysis.moesd import expected_experts
 from specjax.config import ModelConfig
-from specjax.models import moe, transformer
+from specjax.models import moe
 
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 
@@ -94,7 +94,7 @@ def test_activated_expert_counts_follow_n_of_t():
         counts = []
         for _ in range(80):
             key, k1, k2 = jax.random.split(key, 3)
-            lp = moe.init_moe(cfg, lambda shape: jax.random.normal(k1, shape))
+            lp = moe.init_moe(cfg, lambda shape, k1=k1: jax.random.normal(k1, shape))
             counts.append(int(run(lp, jax.random.normal(k2, (1, t, 32)))))
         assert np.mean(counts) == pytest.approx(float(expected_experts(16, 2, t)), rel=0.08), t
 

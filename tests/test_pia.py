@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import specjax
+from specjax.drafting import Context
 from specjax.proposers import make_proposer
-from specjax.proposers.base import Context
 from specjax.proposers.pia import Pia, Trie, empty_trie, insert, prune
 
 RNG = jax.random.PRNGKey(0)
@@ -184,7 +184,7 @@ def test_update_adds_exactly_the_new_ngrams():
     p = dataclasses.replace(P, vocab=8, fanout=4, capacity=256, max_match=2)
     lengths = np.asarray([5, 3, 9])
     state = _init(p, make_ctx([r[:n] for r, n in zip(rows, lengths)]))
-    for step in range(8):
+    for _ in range(8):
         grown = np.minimum(lengths + rng.integers(0, p.depth + 2, 3), len(rows[0]))  # 0 .. depth + 1 tokens
         state = _update(p, state, make_ctx([r[:n] for r, n in zip(rows, grown)]), jnp.asarray(lengths, jnp.int32))
         lengths = grown

@@ -51,7 +51,8 @@ def test_lowered_model_keeps_activations_and_cache_in_float32(tiny_model):
     assert (mixed.argmax(-1) == full.argmax(-1)).mean() > 0.9
 
 
-@pytest.mark.parametrize("method, opts", [("pld", {"k": 5}), ("suffix", {"k": 5}), ("draft", {"k": 3, "draft": "self:1"})])
+@pytest.mark.parametrize("method, opts", [("pld", {"k": 5}), ("suffix", {"k": 5}),
+                                          ("draft", {"k": 3, "draft": "self:1"})])
 def test_greedy_speculative_equals_ar_with_bf16_weights(tiny_model, method, opts):
     from tests.test_generate import _prompts
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import specjax
-from specjax.proposers.base import Context
-from specjax.proposers.recycling import Adjacency, TokenRecycling, refresh, tree_template
+from specjax.drafting import Context, branching_tree
+from specjax.proposers.recycling import Adjacency, TokenRecycling, refresh
 
 
 def _ctx(tokens, lengths):
@@ -18,8 +18,9 @@ def _ctx(tokens, lengths):
                    active=jnp.ones((b,), bool))
 
 
-def test_tree_template_breadth_first():
-    template, rank = tree_template((2, 2), depth=3)
+def test_branching_tree_breadth_first():
+    template = branching_tree((2, 2), depth=3)
+    rank = template.ranks
     # root; depth 1: nodes 1, 2; depth 2: 3, 4 under 1 and 5, 6 under 2; depth 3: one child each
     assert template.parents == (-1, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6)
     assert rank.tolist() == [0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]

@@ -13,8 +13,8 @@ import pytest
 
 import specjax
 from specjax.datastore import build_datastore, datastore_paths, load_datastore, save_datastore, windows
+from specjax.drafting import Context
 from specjax.proposers import make_proposer
-from specjax.proposers.base import Context
 from specjax.proposers.rest import Rest, RestStore, match_range, spread
 
 _propose = jax.jit(lambda p, ctx: p.propose((), ctx, None)[1], static_argnums=0)
@@ -94,7 +94,8 @@ def test_files_round_trip_and_bad_inputs_name_the_fix(tmp_path, tiny_model):
     assert loaded.meta["documents"] == 6 and loaded.tokens.tolist()[:7] == [1, 5, 6, 7, 8, 2, -1]
     with pytest.raises(ValueError, match="no datastore file .*eval.build_datastore"):
         load_datastore(tmp_path / "nope.npz", 64)
-    with pytest.raises(ValueError, match="built for model 'tiny' .*vocab 64.*rebuild it with python -m eval.build_datastore --model"):
+    with pytest.raises(ValueError,
+                       match="built for model 'tiny' .*vocab 64.*rebuild it with python -m eval.build_datastore"):
         load_datastore(path, 49152)
     bad = tmp_path / "bad"
     save_datastore(build_datastore(CRAFTED, vocab_size=64), bad)

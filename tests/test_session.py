@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax.proposers.base import Context
+from specjax.drafting import Context
 from specjax.proposers.ngram import NGramPool, SuffixMatch
 
 LOOPY = [5, 6, 7, 8, 9, 10, 11, 12] * 3

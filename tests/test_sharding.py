@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import hf_tiny_config
 from test_moe import save_tiny_moe
 

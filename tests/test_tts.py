@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_random_eagle_head
 
 import specjax
-from conftest import save_random_eagle_head
 from specjax.tts import paradigms
 from specjax.tts.datasets import Question
 

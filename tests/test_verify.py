@@ -16,9 +16,9 @@ from scipy.stats import chisquare
 
 from specjax import verify
 from specjax.config import SamplingConfig
-from specjax.proposers.base import Draft
+from specjax.drafting import Draft, TreeTemplate, branching_tree
 from specjax.sampling import probs, process_logits, sample
-from specjax.verify import TreeTemplate, chain_template, topk_tree, verify_chain, verify_tree
+from specjax.verify import verify_chain, verify_tree
 
 V, K, N = 5, 3, 40_000
 CFGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.8, top_k=4, top_p=0.9)]
@@ -137,7 +137,7 @@ def test_greedy_chain_exact():
     # the same chain as a tree gives the same answer
     tree_tokens = jnp.pad(drafts, ((0, 0), (1, 0)), constant_values=7)
     valid = jnp.arange(K + 1)[None] <= num[:, None]
-    tres = TREE_JIT(logits, tree_tokens, valid, chain_template(K), SamplingConfig(), jax.random.PRNGKey(0))
+    tres = TREE_JIT(logits, tree_tokens, valid, branching_tree((), K), SamplingConfig(), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(tres.num_accepted, res.num_accepted)
     np.testing.assert_array_equal(tres.tokens, res.tokens)
 
@@ -191,7 +191,7 @@ def test_chain_sampling_is_lossless(cfg, kind, wrong, monkeypatch):
 
 
 def test_template_structure():
-    t = topk_tree(2, 2)
+    t = branching_tree((2, 2), 2)
     assert t.parents == (-1, 0, 0, 1, 1, 2, 2)
     assert t.depth == (0, 1, 1, 2, 2, 2, 2) and t.max_depth == 2
     assert t.children[0] == (1, 2) and t.children[2] == (5, 6) and t.children[6] == ()
@@ -202,7 +202,7 @@ def test_template_structure():
 
 
 def test_greedy_tree_exact():
-    template = topk_tree(2, 2)  # 0 -> (1, 2); 1 -> (3, 4); 2 -> (5, 6)
+    template = branching_tree((2, 2), 2)  # 0 -> (1, 2); 1 -> (3, 4); 2 -> (5, 6)
     tokens = jnp.asarray([[9, 1, 2, 3, 4, 3, 5]] * 3 + [[9, 2, 2, 3, 4, 3, 5]])
     # argmax at each node, per row; the best path is the root's 2nd child, then that node's 2nd child
     best = jnp.asarray([[2, 3, 5, 0, 0, 0, 7]] * 2 + [[8, 3, 5, 0, 0, 0, 7], [2, 3, 5, 6, 0, 0, 7]])

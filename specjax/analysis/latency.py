@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -174,9 +175,9 @@ class SampleModel:
             rng = np.random.default_rng(self.seed)
             acc, length = [], []
             for q in self.questions:
-                a, l = _draw(q, n, early_stop, pause_tokens, self.draws, rng)
+                a, steps = _draw(q, n, early_stop, pause_tokens, self.draws, rng)
                 acc.append(a)
-                length.append(l)
+                length.append(steps)
             self._cache[key] = (float(np.mean(acc)), float(np.mean(length)))
         return self._cache[key]
 

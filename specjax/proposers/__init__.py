@@ -1,28 +1,26 @@
-"""Drafters behind one interface (`base.Proposer`), looked up by method name."""
+"""Drafters behind one interface (`base.Proposer`), looked up by method name.
+
+A proposer registers itself where it is defined (`@register("name")`); `registry()` imports the
+built-in modules once so that every method is known, in the order of the SpecTTS-Bench table's
+families (plain decoding, n-gram copying, draft models and heads, trees, retrieval).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 
-from specjax.proposers.base import NoDraft, Proposer
+from specjax.proposers.base import NoDraft, Proposer, bound, option_fields, register, registered
 
+__all__ = ["NoDraft", "Proposer", "bound", "make_proposer", "option_fields", "register", "registry"]
 
-BOUND_FIELDS = ("cfg", "sampling_cfg", "shares_cache", "head_proposer", "hidden", "layers", "vocab")  # set by Proposer.bind, not by users
+BUILTIN = ("ngram", "draft_model", "medusa", "eagle", "hybrid", "lookahead", "pia", "recycling", "rest")
 
 
 def registry() -> dict[str, type[Proposer]]:
-    from specjax.proposers.draft_model import DraftModel
-    from specjax.proposers.eagle import Eagle
-    from specjax.proposers.hybrid import Hybrid
-    from specjax.proposers.lookahead import Lookahead
-    from specjax.proposers.medusa import Medusa
-    from specjax.proposers.ngram import NGRAM_PROPOSERS
-    from specjax.proposers.pia import Pia
-    from specjax.proposers.recycling import TokenRecycling
-    from specjax.proposers.rest import Rest
-
-    return {"ar": NoDraft, **NGRAM_PROPOSERS, "draft": DraftModel, "medusa": Medusa, "eagle": Eagle,
-            "hybrid": Hybrid, "lookahead": Lookahead, "pia": Pia, "recycling": TokenRecycling, "rest": Rest}
+    """Every method: the built-in ones, then any registered by user code, in registration order."""
+    for module in BUILTIN:
+        importlib.import_module(f"specjax.proposers.{module}")
+    return registered()
 
 
 def make_proposer(method: "str | Proposer", **options) -> Proposer:
@@ -36,8 +34,8 @@ def make_proposer(method: "str | Proposer", **options) -> Proposer:
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
     cls = methods[method]
-    fields = {f.name for f in dataclasses.fields(cls) if f.name not in BOUND_FIELDS}
-    unknown = set(options) - fields
+    fields = option_fields(cls)
+    unknown = set(options) - set(fields)
     if unknown:
         raise ValueError(
             f"method {method!r} does not take option(s) {', '.join(sorted(unknown))}; "

@@ -23,55 +23,59 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-from flax import struct
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Int
+
+from specjax.drafting import Context, Draft, TreeTemplate, branching_tree
+
+__all__ = ["BranchingTree", "Context", "Draft", "NoDraft", "Proposer", "State", "bound", "option_fields",
+           "register", "registered"]
 
 State = Any
+_REGISTRY: dict[str, type["Proposer"]] = {}
 
 
-@struct.dataclass
-class Context:
-    """What every proposer may read at a step."""
+def register(name: str):
+    """Class decorator: the `Proposer` subclass becomes method `name` of `generate`, `make_proposer` and
+    every CLI (`--method name`), with its dataclass fields (but `bound` ones) as its options."""
 
-    tokens: Int[Array, "B S"]  # history, right-padded with zeros
-    lengths: Int[Array, "B"]  # valid tokens per row, the pending token included
-    group: Int[Array, "B"]  # rows sharing a group may draft from each other (Best-of-N branches)
-    active: Bool[Array, "B"]  # rows still generating
-    hidden: Float[Array, "B D"] | None = None  # target hidden state that predicted the pending token
-    weights: Any = None  # the proposer's own weights (from `bind`), e.g. a draft model's params
-    cache: Any = None  # the target's KVCache (read-only), holding every history token but the pending one
-    # target features (the `feature_layers` outputs, concatenated) of consecutive history positions
-    # starting at `feature_start[b]`: the prefill's at init/resume, the accepted path's at update
-    features: Float[Array, "B T F"] | None = None
-    feature_start: Int[Array, "B"] | None = None
-    # at update, for proposers with `logit_topk > 0`: the tokens the verify forward fed (pending token,
-    # then the draft: chain positions or tree nodes), the top-k tokens of its logits at each, and
-    # which of them were real (not padding, row active)
-    verified: Int[Array, "B K1"] | None = None
-    verified_topk: Int[Array, "B K1 C"] | None = None
-    verified_valid: Bool[Array, "B K1"] | None = None
-    # the call's traced `sampling.Sampling`: a drafter whose q must match the target's processing reads
-    # temperature / top-k / top-p here (it is bound to the static `SamplingMode` only)
-    sampling: Any = None
+    def add(cls: type[Proposer]) -> type[Proposer]:
+        if not (isinstance(cls, type) and issubclass(cls, Proposer)):
+            raise TypeError(f"register({name!r}) decorates a Proposer subclass, got {cls!r}")
+        old = _REGISTRY.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"method {name!r} is already registered by {old.__module__}.{old.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
-@struct.dataclass
-class Draft:
-    """K proposed tokens per row; entries at or past `num` are padding."""
+def registered() -> dict[str, type["Proposer"]]:
+    """Every method registered so far, in registration order."""
+    return dict(_REGISTRY)
 
-    tokens: Int[Array, "B K"]
-    num: Int[Array, "B"]
-    probs: Float[Array, "B K V"] | None = None  # draft distribution q; None means deterministic (one-hot)
-    confidence: Float[Array, "B"] | None = None  # proposer-specific, e.g. suffix match length
-    source: Int[Array, "B"] | None = None  # which sub-proposer drafted (hybrid); 0 otherwise
-    valid: Bool[Array, "B K"] | None = None  # tree drafts: which nodes are real (None: the first `num`)
+
+def bound(default: Any) -> Any:
+    """A dataclass field that `Proposer.bind` fills from the model (a config, a vocabulary size): not an
+    option a user passes."""
+    return dataclasses.field(default=default, metadata={"bound": True})
+
+
+def option_fields(cls: type["Proposer"]) -> dict[str, dataclasses.Field]:
+    """The user options of a proposer class: its dataclass fields that are not `bound`."""
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("bound")}
 
 
 @dataclasses.dataclass(frozen=True)
 class Proposer:
     """Base of all drafters; subclasses override the three pure functions."""
 
-    name: ClassVar[str] = "none"
+    name: ClassVar[str] = "none"  # set by `register`
+    # the option a method cannot run without unless one ships for the model (a trained head, a datastore)
+    needs: ClassVar[str | None] = None
+    paper: ClassVar[tuple[int, str] | None] = None  # (row, name) in the SpecTTS-Bench table (arXiv 2509.04474)
+    sources: ClassVar[tuple[str, ...]] = ("drafter",)  # what `Draft.source` ids mean (stats["proposer_steps"])
     k: int = 0
 
     @property
@@ -80,8 +84,8 @@ class Proposer:
         return self.k if self.template is None else self.template.size - 1
 
     @property
-    def template(self):
-        """A static `verify.TreeTemplate` for tree drafters (tokens are its nodes 1..T-1), None for chains."""
+    def template(self) -> TreeTemplate | None:
+        """A static `drafting.TreeTemplate` for tree drafters (tokens are its nodes 1..T-1), None for chains."""
         return None
 
     @property
@@ -126,9 +130,18 @@ class Proposer:
         return state
 
 
+@register("ar")
 @dataclasses.dataclass(frozen=True)
 class NoDraft(Proposer):
     """Plain autoregressive decoding: the verify forward is one token and accepts nothing extra."""
 
-    name: ClassVar[str] = "ar"
     k: int = 0
+
+
+class BranchingTree:
+    """Mixin for proposers whose draft is `drafting.branching_tree(branching, k)` (`branching` and `k`
+    are dataclass fields); node i reads the successor of rank `template.ranks[i]`."""
+
+    @property
+    def template(self) -> TreeTemplate:
+        return branching_tree(tuple(self.branching), self.k)

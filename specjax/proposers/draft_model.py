@@ -24,9 +24,10 @@ from flax import struct
 
 from specjax import sampling
 from specjax.config import ModelConfig, SamplingConfig, SamplingMode
+from specjax.drafting import Context, Draft, gather_rows, pending_tokens
 from specjax.models import transformer
 from specjax.models.cache import KVCache
-from specjax.proposers.base import Context, Draft, Proposer
+from specjax.proposers.base import Proposer, bound, register
 
 
 @struct.dataclass
@@ -66,7 +67,8 @@ def resolve_draft(model, spec: str) -> tuple[ModelConfig, Any, bool]:
     return draft.config, draft.params, False
 
 
-def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: int, sampling_cfg: "SamplingConfig | Any",
+def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: int,
+                sampling_cfg: "SamplingConfig | Any",
                 rng: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """K autoregressive draft steps from `first` [B] at slot cache.lengths: tokens [B, K], probs
     [B, K, V] (None when greedy) and the probability the draft gave its first token [B]."""
@@ -90,16 +92,17 @@ def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: 
     return tokens.T, probs, conf[0]
 
 
+@register("draft")
 @dataclasses.dataclass(frozen=True)
 class DraftModel(Proposer):
     """K tokens from a draft model; `draft` is a model name/path or `self:L`. `bind` fills the rest."""
 
-    name: ClassVar[str] = "draft"
+    paper: ClassVar[tuple[int, str] | None] = (1, "SpS")
     k: int = 4
     draft: str = "self:8"
-    cfg: ModelConfig | None = None  # set by bind
-    sampling_cfg: SamplingMode | SamplingConfig | None = None  # the static mode (bind); numbers: ctx.sampling
-    shares_cache: bool = False
+    cfg: ModelConfig | None = bound(None)
+    sampling_cfg: SamplingMode | SamplingConfig | None = bound(None)  # the static mode; numbers: ctx.sampling
+    shares_cache: bool = bound(False)
 
     def bind(self, model, sampling_cfg: SamplingMode) -> tuple["DraftModel", Any]:
         cfg, params, shares = resolve_draft(model, self.draft)
@@ -128,7 +131,7 @@ class DraftModel(Proposer):
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[Any, Draft]:
         batch = self._check(ctx)
-        pending = jnp.take_along_axis(ctx.tokens, (ctx.lengths - 1)[:, None], axis=1)[:, 0]
+        pending = pending_tokens(ctx)
         tokens, probs, conf = draft_chain(ctx.weights, self.cfg, self._cache(state, ctx), pending, self.k,
                                           self.sampling_cfg if ctx.sampling is None else ctx.sampling, rng)
         num = jnp.where(ctx.active, self.k, 0).astype(jnp.int32)
@@ -141,8 +144,7 @@ class DraftModel(Proposer):
         if self.shares_cache:
             return state
         start = state.cache.lengths
-        window = jnp.take_along_axis(ctx.tokens, jnp.clip(start[:, None] + jnp.arange(self.k + 1), 0,
-                                                          ctx.tokens.shape[1] - 1), axis=1)
+        window = gather_rows(ctx.tokens, start[:, None] + jnp.arange(self.k + 1))
         out = transformer.forward(ctx.weights, self.cfg, window, state.cache,
                                   logit_positions=jnp.zeros((window.shape[0], 1), jnp.int32))
         return DraftState(cache=out.cache.with_lengths(jnp.maximum(ctx.lengths - 1, start)))

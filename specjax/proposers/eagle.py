@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax.config import ModelConfig
+from specjax.drafting import Context, Draft, TreeTemplate, eagle_tree
 from specjax.heads.eagle import params_dtype
 from specjax.models import transformer
 from specjax.models.cache import KVCache
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.verify import TreeTemplate
+from specjax.proposers.base import Proposer, bound, register
 
 
 @struct.dataclass
@@ -36,9 +36,11 @@ class EagleState:
     last: jax.Array  # [B, D] head output at the last committed slot: predicts the first draft token
 
 
+@register("eagle")
 @dataclasses.dataclass(frozen=True)
 class Eagle(Proposer):
-    name: ClassVar[str] = "eagle"
+    needs: ClassVar[str | None] = "head"
+    paper: ClassVar[tuple[int, str] | None] = (2, "EAGLE-3")
     head: str = ""  # folder of a trained head (train.draft_head --head eagle --out DIR); '' = the shipped one
     # defaults measured on a 2-core CPU, where a 5-token verify costs 2.5x a 1-token step: a chain
     # of 4 beats trees of 6-12 nodes there (docs/benchmarks.md); on accelerators try topk=2-3, total=16-60
@@ -47,22 +49,18 @@ class Eagle(Proposer):
     topk: int = 1  # children per node at most; 1 = a chain of `depth` tokens
     min_prob: float = 0.0  # chain mode: draft only the leading guesses at least this sure
     k: int = 0  # set by bind
-    cfg: ModelConfig | None = None  # set by bind: the head's one-layer config
-    layers: tuple[int, ...] = ()  # set by bind: target layers fused
+    cfg: ModelConfig | None = bound(None)  # the head's one-layer config
+    layers: tuple[int, ...] = bound(())  # target layers fused
 
     def __post_init__(self):
         if self.topk > 1:
-            from specjax.heads.eagle import eagle_template
-
-            eagle_template(self.total, self.depth, self.topk)  # validates the budget
+            eagle_tree(self.total, self.depth, self.topk)  # validates the budget
         elif self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
 
     @property
     def template(self) -> TreeTemplate | None:
-        from specjax.heads.eagle import eagle_template
-
-        return None if self.topk == 1 else eagle_template(self.total, self.depth, self.topk)
+        return None if self.topk == 1 else eagle_tree(self.total, self.depth, self.topk)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -141,14 +139,13 @@ class Eagle(Proposer):
         return self._absorb(state, ctx)
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
-        from specjax.heads.eagle import EagleHead, eagle_template, node_ranks
+        from specjax.heads.eagle import EagleHead
 
         self._module()
         w = ctx.weights
         b = ctx.tokens.shape[0]
-        tree = eagle_template(self.total, self.depth, self.topk) if self.topk > 1 else \
-            eagle_template(self.depth, self.depth, 1)
-        size, depths, parents, ranks = tree.size, tree.depth, tree.parents, node_ranks(tree)
+        tree = eagle_tree(self.total, self.depth, self.topk) if self.topk > 1 else eagle_tree(self.depth, self.depth, 1)
+        size, depths, parents, ranks = tree.size, tree.depth, tree.parents, tuple(int(r) for r in tree.ranks)
         upto = [sum(1 for d in depths[1:] if d <= level) for level in range(self.depth + 1)]  # nodes 1..upto[d]
         cache = state.cache.with_lengths(ctx.lengths - 1)
         tokens = jnp.zeros((b, size), jnp.int32)

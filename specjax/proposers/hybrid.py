@@ -20,16 +20,19 @@ import jax
 import jax.numpy as jnp
 
 from specjax.config import SamplingMode
-from specjax.proposers.base import Context, Draft, Proposer
+from specjax.drafting import Context, Draft
+from specjax.proposers.base import Proposer, bound, register
 from specjax.proposers.draft_model import DraftModel
 from specjax.proposers.ngram import SuffixMatch
 
 SOURCE_SUFFIX, SOURCE_HEAD = 1, 2
 
 
+@register("hybrid")
 @dataclasses.dataclass(frozen=True)
 class Hybrid(Proposer):
-    name: ClassVar[str] = "hybrid"
+    paper: ClassVar[tuple[int, str] | None] = (9, "SAM[EAGLE-3]")
+    sources: ClassVar[tuple[str, ...]] = ("none", "suffix", "head")
     k: int = 16  # suffix draft length (capped at the match length, as `suffix` does)
     threshold: int = 3  # match length from which the suffix drafts (suffix's own min_match)
     # "eagle" / "medusa" (a trained head in head_path, default: the one shipped for the model), "draft"
@@ -44,9 +47,9 @@ class Hybrid(Proposer):
     head_min_prob: float = -1.0
     max_match: int = 32
     store_size: int = 0
-    head_proposer: Proposer | None = None  # set by bind
-    sampling_cfg: SamplingMode | None = None  # set by bind: the static mode
-    vocab: int = 0
+    head_proposer: Proposer | None = bound(None)
+    sampling_cfg: SamplingMode | None = bound(None)  # the static mode
+    vocab: int = bound(0)
 
     def __post_init__(self):
         if self.head not in ("auto", "draft", "medusa", "eagle"):

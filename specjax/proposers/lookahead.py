@@ -35,9 +35,8 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Int
 
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.proposers.ngram import _gather_rows
-from specjax.verify import TreeTemplate
+from specjax.drafting import Context, Draft, TreeTemplate, gather_rows, lookahead_tree, pending_tokens
+from specjax.proposers.base import Proposer, bound, register
 
 
 @struct.dataclass
@@ -46,27 +45,6 @@ class LookaheadState:
     pool: Int[Array, "V G L"]  # pool[v, g]: an n-gram's k tokens after its first token v; -1: empty slot
     next_slot: Int[Array, "V"]  # ring pointer: the slot key v writes next (its latest is next_slot - 1)
     steps: Int[Array, ""]  # Jacobi iterations since the window was filled with random history tokens
-
-
-def lookahead_template(k: int, window: int, guesses: int) -> TreeTemplate:
-    """Root; `guesses` chains of k nodes (verification); then the window, level by level.
-
-    In/Out, k=2, window=3, guesses=1 (node ids):
-        root 0; verify chain 1 -> 2; window level 0: 3 -> 4 -> 5 (3's parent the root); level 1: 6, 7, 8
-        over 3, 4, 5. Node 7 = y[1][1] attends to 0, 3, 4, 7: the pending token, y[0][0..1], itself,
-        at depth 3 = position i + 1 + l.
-    """
-    parents = [-1]
-    for _ in range(guesses):
-        parents.extend([0] + list(range(len(parents), len(parents) + k - 1)))
-    base = len(parents)
-    for level in range(k):
-        for i in range(window):
-            if level == 0:
-                parents.append(0 if i == 0 else base + i - 1)
-            else:
-                parents.append(base + (level - 1) * window + i)
-    return TreeTemplate(tuple(parents))
 
 
 def insert_ngrams(state: LookaheadState, ngrams: Int[Array, "M N"], valid) -> LookaheadState:
@@ -92,13 +70,14 @@ def insert_ngrams(state: LookaheadState, ngrams: Int[Array, "M N"], valid) -> Lo
     return state.replace(pool=pool, next_slot=next_slot)
 
 
+@register("lookahead")
 @dataclasses.dataclass(frozen=True)
 class Lookahead(Proposer):
-    name: ClassVar[str] = "lookahead"
+    paper: ClassVar[tuple[int, str] | None] = (4, "Lookahead")
     k: int = 2  # levels of the window = tokens per drafted n-gram (N - 1)
     window: int = 4  # W: Jacobi columns run per step
     guesses: int = 2  # G: pool n-grams verified per step (and kept per key)
-    vocab: int = 0  # bound: the target's vocabulary
+    vocab: int = bound(0)  # the target's vocabulary
 
     def __post_init__(self):
         if self.k < 1 or self.window < 1 or self.guesses < 1:
@@ -107,7 +86,7 @@ class Lookahead(Proposer):
 
     @functools.cached_property
     def _template(self) -> TreeTemplate:
-        return lookahead_template(self.k, self.window, self.guesses)
+        return lookahead_tree(self.k, self.window, self.guesses)
 
     @property
     def template(self) -> TreeTemplate:
@@ -129,7 +108,7 @@ class Lookahead(Proposer):
         batch = ctx.tokens.shape[0]
         u = jax.random.uniform(jax.random.PRNGKey(0), (batch, self.k, self.window))
         pos = jnp.floor(u * ctx.lengths[:, None, None]).astype(jnp.int32)
-        return _gather_rows(ctx.tokens.astype(jnp.int32), pos)
+        return gather_rows(ctx.tokens.astype(jnp.int32), pos)
 
     def init(self, ctx: Context) -> LookaheadState:
         chex.assert_rank(ctx.tokens, 2)
@@ -142,7 +121,7 @@ class Lookahead(Proposer):
     def propose(self, state: LookaheadState, ctx: Context, rng: jax.Array) -> tuple[LookaheadState, Draft]:
         batch = ctx.tokens.shape[0]
         chex.assert_shape(state.window, (batch, self.k, self.window))
-        pending = jnp.take_along_axis(ctx.tokens, (ctx.lengths - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
+        pending = pending_tokens(ctx)
         latest_first = (state.next_slot[pending][:, None] - 1 - jnp.arange(self.guesses)) % self.guesses
         guesses = jnp.take_along_axis(state.pool[pending], latest_first[:, :, None], axis=1)  # [B, G, k]
         found = (guesses[:, :, 0] >= 0) & ctx.active[:, None]

@@ -2,7 +2,7 @@
 
 No draft forward at all: one small matmul per head on the stored hidden state, then the target's LM
 head. Heads guess independently, so a tree whose chains start with the top-`branches` guesses of
-head 0 and continue with the other heads' top-1 (`ngram.branch_template`) is verified in one forward;
+head 0 and continue with the other heads' top-1 (`drafting.branching_tree((branches,), k)`) is verified in one forward;
 `branches=1` is a plain chain. The drafts are deterministic (q one-hot), so sampling stays lossless.
 """
 
@@ -14,21 +14,21 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from specjax.drafting import Context, Draft, TreeTemplate, branching_tree, chains_to_tree
 from specjax.models import transformer
 from specjax.models.linear import matmul
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.proposers.ngram import branch_template
-from specjax.verify import TreeTemplate
+from specjax.proposers.base import Proposer, bound, register
 
 
+@register("medusa")
 @dataclasses.dataclass(frozen=True)
 class Medusa(Proposer):
-    name: ClassVar[str] = "medusa"
+    needs: ClassVar[str | None] = "head"
     head: str = ""  # folder of a trained head (train.draft_head --head medusa --out DIR); '' = the shipped one
     branches: int = 2
     min_prob: float = 0.0  # chain mode: draft only the leading heads whose top-1 probability reaches this
     k: int = 0  # set by bind: the number of heads
-    hidden: int = 0  # set by bind
+    hidden: int = bound(0)
 
     def __post_init__(self):
         if self.branches < 1:
@@ -46,7 +46,7 @@ class Medusa(Proposer):
 
     @property
     def template(self) -> TreeTemplate | None:
-        return None if self.branches == 1 or self.k == 0 else branch_template(self.branches, self.k)
+        return None if self.branches == 1 or self.k == 0 else branching_tree((self.branches,), self.k)
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[Any, Draft]:
         from specjax.heads.medusa import MedusaHeads
@@ -68,8 +68,9 @@ class Medusa(Proposer):
             return state, Draft(tokens=jnp.where(jnp.arange(self.k) < num[:, None], top1, 0), num=num,
                                 confidence=conf)
         firsts = jax.lax.top_k(logits[:, 0], self.branches)[1].astype(jnp.int32)  # [B, branches]
-        chains = [jnp.concatenate([firsts[:, j : j + 1], top1[:, 1:]], axis=1) for j in range(self.branches)]
-        tokens = jnp.concatenate(chains, axis=1)
+        chains = jnp.concatenate([firsts[:, :, None], jnp.broadcast_to(top1[:, None, 1:], (batch, self.branches,
+                                                                                          self.k - 1))], axis=2)
+        tokens = chains_to_tree(chains)
         valid = jnp.broadcast_to(ctx.active[:, None], tokens.shape)
         num = jnp.where(ctx.active, tokens.shape[1], 0).astype(jnp.int32)
         return state, Draft(tokens=tokens, num=num, confidence=conf, valid=valid)

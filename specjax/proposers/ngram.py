@@ -20,29 +20,17 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Int
 
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.verify import TreeTemplate
-
-
-def _check_ctx(ctx: Context) -> int:
-    """Shape-checks the fields n-gram proposers read; returns the batch size."""
-    chex.assert_rank(ctx.tokens, 2)
-    batch = ctx.tokens.shape[0]
-    chex.assert_shape([ctx.lengths, ctx.group, ctx.active], (batch,))
-    return batch
-
-
-def _check_draft(draft: Draft, batch: int, k: int) -> Draft:
-    chex.assert_shape(draft.tokens, (batch, k))
-    chex.assert_shape([draft.num, draft.confidence], (batch,))
-    return draft
-
-
-def _gather_rows(tokens: Int[Array, "B S"], idx: Int[Array, "B ..."]) -> Int[Array, "B ..."]:
-    """tokens[b, idx[b, ...]] with idx clipped into range (callers mask what is out of range)."""
-    flat = jnp.clip(idx, 0, tokens.shape[1] - 1).reshape(idx.shape[0], -1)
-    return jnp.take_along_axis(tokens, flat, axis=1).reshape(idx.shape)
-
+from specjax.drafting import (
+    Context,
+    Draft,
+    TreeTemplate,
+    branching_tree,
+    chains_to_tree,
+    check_context,
+    check_draft,
+    gather_rows,
+)
+from specjax.proposers.base import Proposer, register
 
 # ---------------------------------------------------------------- suffix matching (pld, suffix)
 
@@ -64,7 +52,7 @@ def _match_lengths(
     def one_further_back(carry):
         d, alive, m = carry
         q_idx = qlen - 1 - d
-        q_tok = _gather_rows(query, q_idx[:, None])[:, 0]
+        q_tok = gather_rows(query, q_idx[:, None])[:, 0]
         before = jnp.roll(src, d + 1, axis=-1)  # before[..., i] = src[..., i - 1 - d] where i > d
         alive = alive & (pos > d) & (q_idx >= 0)[:, None, None] & (before == q_tok[:, None, None])
         return d + 1, alive, m + alive
@@ -90,7 +78,8 @@ def _suffix_draft(
     A candidate i (the continuation's first token, src[b, r, i]) needs i < src_len[b, r] and
     ok[b, r]. Ties go to the row's own history (own), then to the latest position. With branches > 1
     the next best candidates whose first token differs from those already taken fill further chains
-    of a tree (`branch_template`): tokens [B, branches * K] chain after chain, `valid` marks real nodes.
+    of a tree (`branching_tree((branches,), K)`): tokens [B, branches * K] breadth-first
+    (`chains_to_tree`), `valid` marks real nodes.
     """
     batch, _, width = src.shape
     tokens = ctx.tokens.astype(jnp.int32)
@@ -118,20 +107,13 @@ def _suffix_draft(
         score = jnp.where(first_token == taken[:, None], -1, score)  # next chain starts differently
     confidence = lengths[0].astype(jnp.float32)
     if branches == 1:
-        return _check_draft(Draft(tokens=chains[0], num=nums[0], confidence=confidence), batch, k)
-    valid_nodes = jnp.concatenate([steps[None] < n[:, None] for n in nums], axis=1)
-    return Draft(tokens=jnp.concatenate(chains, axis=1), num=sum(nums), confidence=confidence,
-                 valid=valid_nodes)
+        return check_draft(Draft(tokens=chains[0], num=nums[0], confidence=confidence), batch, k)
+    valid_nodes = jnp.stack([steps[None] < n[:, None] for n in nums], axis=1)
+    return Draft(tokens=chains_to_tree(jnp.stack(chains, axis=1)), num=sum(nums), confidence=confidence,
+                 valid=chains_to_tree(valid_nodes))
 
 
-def branch_template(branches: int, k: int) -> TreeTemplate:
-    """`branches` chains of k tokens hanging from the root, chain after chain."""
-    parents = [-1]
-    for _ in range(branches):
-        parents.extend([0] + list(range(len(parents), len(parents) + k - 1)))
-    return TreeTemplate(tuple(parents))
-
-
+@register("pld")
 @dataclasses.dataclass(frozen=True)
 class PromptLookup(Proposer):
     """Prompt lookup decoding: copy what followed the latest earlier occurrence of the last n tokens.
@@ -141,7 +123,7 @@ class PromptLookup(Proposer):
     Stateless. `confidence` is the matched n.
     """
 
-    name: ClassVar[str] = "pld"
+    paper: ClassVar[tuple[int, str] | None] = (3, "PLD")
     k: int = 8
     max_ngram: int = 3
     min_ngram: int = 2  # a lone repeated token is a weak predictor; a wide verify costs 3-4x a step on CPU
@@ -152,7 +134,7 @@ class PromptLookup(Proposer):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[tuple, Draft]:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         src = ctx.tokens.astype(jnp.int32)[:, None]
         ok = jnp.ones((batch, 1), bool)
         draft = _suffix_draft(
@@ -182,10 +164,11 @@ def seed_store(store: SuffixStore, tokens: Int[Array, "B S"], lengths: Int[Array
     total = store.lengths + lengths
     keep = jnp.maximum(total - size, 0)[:, None] + jnp.arange(size)  # positions in old ++ new
     idx = jnp.where(keep < store.lengths[:, None], keep, keep - store.lengths[:, None] + size)
-    kept = jnp.where(keep < total[:, None], _gather_rows(both, idx), 0)
+    kept = jnp.where(keep < total[:, None], gather_rows(both, idx), 0)
     return SuffixStore(tokens=kept, lengths=jnp.minimum(total, size).astype(jnp.int32))
 
 
+@register("suffix")
 @dataclasses.dataclass(frozen=True)
 class SuffixMatch(Proposer):
     """Longest-suffix match over the history (the role of SAM-Decoding's suffix automaton).
@@ -198,7 +181,7 @@ class SuffixMatch(Proposer):
     State: `()` when store_size == 0, else a SuffixStore [B, store_size], empty after `init`.
     """
 
-    name: ClassVar[str] = "suffix"
+    paper: ClassVar[tuple[int, str] | None] = (8, "SAM-Decoding")
     k: int = 16
     max_match: int = 32
     min_match: int = 3  # shorter matches rarely predict K tokens; a K+1-wide verify costs 3-4x a step on CPU
@@ -218,10 +201,10 @@ class SuffixMatch(Proposer):
 
     @property
     def template(self) -> TreeTemplate | None:
-        return None if self.branches == 1 else branch_template(self.branches, self.k)
+        return None if self.branches == 1 else branching_tree((self.branches,), self.k)
 
     def init(self, ctx: Context) -> SuffixStore | tuple:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         if not self.store_size:
             return ()
         return SuffixStore(
@@ -229,7 +212,7 @@ class SuffixMatch(Proposer):
         )
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[SuffixStore | tuple, Draft]:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         rows, lens = [ctx.tokens.astype(jnp.int32)], [ctx.lengths]
         if self.store_size:
             chex.assert_shape(state.tokens, (batch, self.store_size))
@@ -281,6 +264,7 @@ def ngram_slot(ngrams: Int[Array, "... N"], table_size: int) -> Int[Array, "..."
     return (h & jnp.uint32(table_size - 1)).astype(jnp.int32)
 
 
+@register("pool")
 @dataclasses.dataclass(frozen=True)
 class NGramPool(Proposer):
     """Hashed n-gram -> continuation table, built at `init` and kept current in `update`.
@@ -293,7 +277,6 @@ class NGramPool(Proposer):
     (re-`init` after appending long text). `confidence` is n on a hit, else 0.
     """
 
-    name: ClassVar[str] = "pool"
     k: int = 8
     ngram: int = 2
     table_size: int = 4096
@@ -304,9 +287,9 @@ class NGramPool(Proposer):
 
     def _entries(self, tokens, lengths, pos):
         """Key, continuation and its length for positions pos [B, P]."""
-        keys = _gather_rows(tokens, pos[..., None] - self.ngram + jnp.arange(self.ngram))
+        keys = gather_rows(tokens, pos[..., None] - self.ngram + jnp.arange(self.ngram))
         cidx = pos[..., None] + jnp.arange(self.k)
-        conts = jnp.where(cidx < lengths[:, None, None], _gather_rows(tokens, cidx), 0)
+        conts = jnp.where(cidx < lengths[:, None, None], gather_rows(tokens, cidx), 0)
         cont_len = jnp.clip(lengths[:, None] - pos, 0, self.k)
         return keys, conts, cont_len
 
@@ -326,7 +309,7 @@ class NGramPool(Proposer):
         )
 
     def init(self, ctx: Context) -> PoolTable:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         size, n = self.table_size, self.ngram
         table = PoolTable(
             keys=jnp.zeros((batch, size, n), jnp.int32),
@@ -339,7 +322,7 @@ class NGramPool(Proposer):
 
     def update(self, state: PoolTable, ctx: Context, prev_lengths: Int[Array, "B"]) -> PoolTable:
         """Re-indexes every position whose continuation gained tokens: p in (prev - K, length)."""
-        _check_ctx(ctx)
+        check_context(ctx)
         chex.assert_shape(prev_lengths, ctx.lengths.shape)
         window = 2 * self.k
         lengths = ctx.lengths
@@ -356,10 +339,10 @@ class NGramPool(Proposer):
         return jax.tree.map(pick, state, prev_state)
 
     def propose(self, state: PoolTable, ctx: Context, rng: jax.Array) -> tuple[PoolTable, Draft]:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         chex.assert_shape(state.conts, (batch, self.table_size, self.k))
         last = ctx.lengths[:, None] - self.ngram + jnp.arange(self.ngram)
-        query = _gather_rows(ctx.tokens.astype(jnp.int32), last)
+        query = gather_rows(ctx.tokens.astype(jnp.int32), last)
         slot = ngram_slot(query, self.table_size)
         rows = jnp.arange(batch)
         same_key = jnp.all(state.keys[rows, slot] == query, axis=-1)
@@ -367,11 +350,4 @@ class NGramPool(Proposer):
         num = jnp.where(hit, state.cont_len[rows, slot], 0).astype(jnp.int32)
         tokens = jnp.where(jnp.arange(self.k) < num[:, None], state.conts[rows, slot], 0)
         confidence = jnp.where(hit, float(self.ngram), 0.0).astype(jnp.float32)
-        return state, _check_draft(Draft(tokens=tokens, num=num, confidence=confidence), batch, self.k)
-
-
-NGRAM_PROPOSERS: dict[str, type[Proposer]] = {
-    "pld": PromptLookup,
-    "suffix": SuffixMatch,
-    "pool": NGramPool,
-}
+        return state, check_draft(Draft(tokens=tokens, num=num, confidence=confidence), batch, self.k)

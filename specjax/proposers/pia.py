@@ -7,7 +7,7 @@ history: the prompt's at `init` (weight `prompt_weight`), the output's as it is 
 so a node's `freq` is the weighted count of history positions whose text starts with the node's path.
 Drafting matches the history's last m tokens (pending token last; the longest m <= `max_match` whose
 walk from the root succeeds and whose end node has children) and hangs the static tree
-`recycling.tree_template(branching, k)` below the matched node: template node (parent p, sibling rank
+`drafting.branching_tree(branching, k)` below the matched node: template node (parent p, sibling rank
 r) is the r-th most frequent child of p's trie node. The trie persists across a session's rounds, as
 PIA keeps it across queries.
 
@@ -31,9 +31,8 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.proposers.ngram import _check_ctx, _gather_rows
-from specjax.proposers.recycling import BranchingTree
+from specjax.drafting import Context, Draft, check_context, gather_rows
+from specjax.proposers.base import BranchingTree, Proposer, bound, register
 
 
 @struct.dataclass
@@ -188,11 +187,12 @@ def walk(trie: Trie, path: Int[Array, "B m"]) -> tuple[Int[Array, "B"], Bool[Arr
     return jnp.where(ok, cur, 0), ok
 
 
+@register("pia")
 @dataclasses.dataclass(frozen=True)
 class Pia(BranchingTree, Proposer):
     """PIA's trie drafter; see the module docstring. `confidence` is the matched m (0: no draft)."""
 
-    name: ClassVar[str] = "pia"
+    paper: ClassVar[tuple[int, str] | None] = (5, "PIA")
     k: int = 4  # tree depth: most tokens one step can accept
     branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
     # n-gram length stored: a match of m tokens drafts at most branch_len - m levels deep, so the default
@@ -205,7 +205,7 @@ class Pia(BranchingTree, Proposer):
     prompt_weight: float = 0.5  # a prompt n-gram counts this much, an output one 1 (PIA weighs output more)
     decay: float = 0.5  # pruning multiplies every freq by this ...
     min_freq: float = 0.5  # ... and frees the nodes left below this, with their subtrees
-    vocab: int = 0  # bound: the target's vocabulary (the root's table)
+    vocab: int = bound(0)  # the target's vocabulary (the root's table)
 
     def __post_init__(self):
         if self.k < 1 or not self.branching or any(b < 1 for b in self.branching):
@@ -238,7 +238,7 @@ class Pia(BranchingTree, Proposer):
         need = ((~trie.used).sum(axis=1) < end) & (end > start)
         trie = jax.lax.cond(need.any(), lambda t: prune(t, need, self.decay, self.min_freq, self.branch_len),
                             lambda t: t, trie)
-        gram = _gather_rows(tokens, pos[:, None] + jnp.arange(self.branch_len))
+        gram = gather_rows(tokens, pos[:, None] + jnp.arange(self.branch_len))
         return insert(trie, gram, start, end, jnp.full(pos.shape, weight, jnp.float32))
 
     def _insert_history(self, trie: Trie, ctx: Context) -> Trie:
@@ -257,7 +257,7 @@ class Pia(BranchingTree, Proposer):
 
         The n-grams of the last branch_len - 1 positions are inserted cut at the history's end; `update`
         extends them as tokens arrive, so every position is counted once at every depth."""
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         if self.vocab < 1:
             raise ValueError("pia must be bound to a model (generate does this) or given vocab= before init")
         return self._insert_history(empty_trie(batch, self.capacity, self.fanout, self.vocab), ctx)
@@ -272,7 +272,7 @@ class Pia(BranchingTree, Proposer):
         included: the newest tokens are matchable at once, not branch_len tokens later. The positions
         are a static window of branch_len + depth (the most one step commits is depth + 1), masked.
         """
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         chex.assert_shape(prev_lengths, (batch,))
         chex.assert_shape(state.children, (batch, self.capacity, self.fanout))
         tokens, lengths = ctx.tokens.astype(jnp.int32), ctx.lengths
@@ -301,16 +301,17 @@ class Pia(BranchingTree, Proposer):
         rows = jnp.arange(ctx.tokens.shape[0])
         node, matched = jnp.zeros_like(ctx.lengths), jnp.zeros_like(ctx.lengths)
         for m in range(1, self.max_match + 1):  # longer matches overwrite shorter ones
-            path = _gather_rows(ctx.tokens.astype(jnp.int32), ctx.lengths[:, None] - m + jnp.arange(m))
+            path = gather_rows(ctx.tokens.astype(jnp.int32), ctx.lengths[:, None] - m + jnp.arange(m))
             end, ok = walk(trie, path)
             ok = ok & (ctx.lengths >= m) & (trie.children[rows, end] >= 0).any(axis=1)
             node, matched = jnp.where(ok, end, node), jnp.where(ok, m, matched)
         return node, matched
 
     def propose(self, state: Trie, ctx: Context, rng: jax.Array) -> tuple[Trie, Draft]:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         chex.assert_shape(state.children, (batch, self.capacity, self.fanout))
-        template, rank = self._tree
+        template = self.template
+        rank = template.ranks
         rows = jnp.arange(batch)
         root, matched = self.match(state, ctx)
         nodes, valid = [root], [(matched > 0) & ctx.active]

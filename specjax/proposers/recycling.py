@@ -18,52 +18,21 @@ the default here is smaller because a CPU verifies 15 tokens at several times th
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jaxtyping import Array, Int
 
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.verify import TreeTemplate
+from specjax.drafting import Context, Draft, pending_tokens
+from specjax.proposers.base import BranchingTree, Proposer, bound, register
 
 
 @struct.dataclass
 class Adjacency:
     succ: Int[Array, "V C"]  # top-C successors per token, best first; -1: not seen yet
-
-
-def tree_template(branching: tuple[int, ...], depth: int) -> tuple[TreeTemplate, np.ndarray]:
-    """The breadth-first tree (children per node at each depth, 1 past `branching`) and each node's
-    sibling rank, which is the successor column it reads."""
-    parents, rank, frontier = [-1], [0], [0]
-    for d in range(depth):
-        children = branching[d] if d < len(branching) else 1
-        nxt = []
-        for p in frontier:
-            for r in range(children):
-                parents.append(p)
-                rank.append(r)
-                nxt.append(len(parents) - 1)
-        frontier = nxt
-    return TreeTemplate(tuple(parents)), np.asarray(rank, np.int32)
-
-
-class BranchingTree:
-    """For proposers whose draft is `tree_template(branching, k)` (fields of the dataclass): the static
-    template and each node's sibling rank, built once per configuration."""
-
-    @functools.cached_property
-    def _tree(self) -> tuple[TreeTemplate, np.ndarray]:
-        return tree_template(tuple(self.branching), self.k)
-
-    @property
-    def template(self) -> TreeTemplate:
-        return self._tree[0]
 
 
 def refresh(adj: Adjacency, fed: Int[Array, "B T"], top: Int[Array, "B T C"], valid) -> Adjacency:
@@ -76,13 +45,14 @@ def refresh(adj: Adjacency, fed: Int[Array, "B T"], top: Int[Array, "B T C"], va
     return Adjacency(succ=adj.succ.at[idx].set(top.reshape(idx.shape[0], -1).astype(jnp.int32), mode="drop"))
 
 
+@register("recycling")
 @dataclasses.dataclass(frozen=True)
 class TokenRecycling(BranchingTree, Proposer):
-    name: ClassVar[str] = "recycling"
+    paper: ClassVar[tuple[int, str] | None] = (7, "Token Recycling")
     k: int = 4  # tree depth: most tokens one step can accept
     branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
     top: int = 4  # successors kept per token (>= max(branching))
-    vocab: int = 0  # bound: the target's vocabulary
+    vocab: int = bound(0)  # the target's vocabulary
 
     def __post_init__(self):
         if self.k < 1 or any(b < 1 for b in self.branching) or self.top < max(self.branching, default=1):
@@ -110,11 +80,11 @@ class TokenRecycling(BranchingTree, Proposer):
         return refresh(Adjacency(succ=succ), ctx.tokens, first, valid)
 
     def propose(self, state: Adjacency, ctx: Context, rng: jax.Array) -> tuple[Adjacency, Draft]:
-        template, rank = self._tree
+        template = self.template
+        rank = template.ranks
         batch = ctx.tokens.shape[0]
         chex.assert_shape(state.succ, (self.vocab, self.top))
-        pending = jnp.take_along_axis(ctx.tokens, (ctx.lengths - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
-        tokens = [pending]
+        tokens = [pending_tokens(ctx)]
         for node in range(1, template.size):  # breadth-first: a parent's token is known before its children's
             parent = tokens[template.parents[node]]
             tokens.append(jnp.where(parent >= 0, state.succ[jnp.maximum(parent, 0), rank[node]], -1))

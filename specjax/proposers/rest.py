@@ -16,7 +16,7 @@ Static shapes, so it all runs inside the jitted loop:
   continuations, while an even spread keeps each continuation's share of the range, i.e. its
   frequency, which is what the tree ranks by;
 - each candidate's next `k` tokens are read, cut at the first -1 (document end): [B, C, k];
-- the tree is the static `recycling.tree_template(branching, k)`; a node (parent p, sibling rank r)
+- the tree is the static `drafting.branching_tree(branching, k)`; a node (parent p, sibling rank r)
   gets the r-th most frequent distinct next token among the candidates whose continuation so far
   equals p's path: masked [B, C, C] counting per parent in a static loop over template nodes. Ties
   go to the earlier candidate in suffix-array order (the smaller token, within the sort window).
@@ -46,10 +46,8 @@ from flax import struct
 from jaxtyping import Array, Bool, Int
 
 from specjax.datastore import BUILD_HINT, SEPARATOR, load_datastore
-from specjax.proposers.base import Context, Draft, Proposer
-from specjax.proposers.ngram import _check_ctx, _gather_rows
-from specjax.proposers.recycling import BranchingTree
-from specjax.verify import TreeTemplate
+from specjax.drafting import Context, Draft, TreeTemplate, check_context, gather_rows
+from specjax.proposers.base import BranchingTree, Proposer, register
 
 
 @struct.dataclass
@@ -152,9 +150,11 @@ def _device_store(path: str, stamp: tuple, vocab_size: int) -> tuple[RestStore, 
     return RestStore(tokens=jnp.asarray(store.tokens), suffix_array=jnp.asarray(store.suffix_array)), store.window
 
 
+@register("rest")
 @dataclasses.dataclass(frozen=True)
 class Rest(BranchingTree, Proposer):
-    name: ClassVar[str] = "rest"
+    needs: ClassVar[str | None] = "datastore"
+    paper: ClassVar[tuple[int, str] | None] = (6, "REST")
     datastore: str = ""  # path of a datastore built by eval.build_datastore
     max_key: int = 8  # longest history suffix looked up
     min_key: int = 2
@@ -185,15 +185,16 @@ class Rest(BranchingTree, Proposer):
         return self, store
 
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[tuple, Draft]:
-        batch = _check_ctx(ctx)
+        batch = check_context(ctx)
         store: RestStore = ctx.weights
         chex.assert_rank([store.tokens, store.suffix_array], 1)
-        template, rank = self._tree
+        template = self.template
+        rank = template.ranks
         history = ctx.tokens.astype(jnp.int32)
         key = jnp.zeros((batch,), jnp.int32)
         lo = hi = jnp.zeros((batch,), jnp.int32)
         for n in range(self.min_key, self.max_key + 1):  # longer keys overwrite: the longest match wins
-            query = _gather_rows(history, ctx.lengths[:, None] - n + jnp.arange(n))
+            query = gather_rows(history, ctx.lengths[:, None] - n + jnp.arange(n))
             lo_n, hi_n = match_range(store, query)
             found = (ctx.lengths >= n) & (hi_n > lo_n)
             key, lo, hi = jnp.where(found, n, key), jnp.where(found, lo_n, lo), jnp.where(found, hi_n, hi)

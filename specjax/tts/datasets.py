@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SPECTTS_FILE = "shared/data/spectts_bench_math.jsonl"
 ARITH_DEFAULT_SIZE = 100

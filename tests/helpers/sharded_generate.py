@@ -11,9 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpers
 
 import jax  # noqa: E402
+from conftest import save_random_eagle_head  # noqa: E402
 
 import specjax  # noqa: E402
-from conftest import save_random_eagle_head  # noqa: E402
 from specjax import sharding  # noqa: E402
 from specjax.datastore import build_datastore, save_datastore  # noqa: E402
 
