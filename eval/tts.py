@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "JAX detects, e.g. a TPU pod slice)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    return p.parse_args(argv)
+    from eval.cli import parse_with_config
+
+    return parse_with_config(p, argv)
 
 
 def expand_methods(spec: str) -> list[str]:

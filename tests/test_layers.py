@@ -108,3 +108,32 @@ def test_a_toy_proposer_runs_through_eval_tts(toy, tiny_chat_checkpoint, tmp_pat
                      "--limit", "1", "--max-new-tokens", "8", "--option", "k=2", "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["summary"]["method"] == "toy_repeat" and res["summary"]["outputs_equal_ar"] == 1.0
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (PACKAGE.parent / "configs").glob("*.toml")))
+def test_config_presets_load_and_run(preset, tiny_chat_checkpoint, tmp_path):
+    """Every shipped preset parses into eval.tts flags and runs (shrunk: tiny model, arith, 1 question)."""
+    from eval import tts
+
+    args = tts.parse_args(["--config", preset])
+    assert args.config == preset and args.dataset in ("arith", "spectts")
+    methods = "ar" if args.method == "all" else args.method.split(",")[0]  # "all" is covered by test_tts
+    out = tmp_path / "r.json"
+    assert tts.main(["--config", preset, "--model", str(tiny_chat_checkpoint), "--dataset", "arith", "--limit", "1",
+                     "--max-new-tokens", "4", "--n", "2", "--method", methods, "--output", str(out)]
+                    + (["--option", "draft=self:1"] if methods == "hybrid" else [])) == 0
+    assert json.loads(out.read_text())["config"]["paradigm"] == args.paradigm
+
+
+def test_config_errors_name_the_fix(tmp_path, capsys):
+    from eval import tts
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('max-new-token = 3\n')
+    with pytest.raises(SystemExit):
+        tts.parse_args(["--config", str(bad)])
+    assert "unknown key 'max-new-token'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tts.parse_args(["--config", "nope"])
+    assert "presets: best_of_n" in capsys.readouterr().err
+    assert tts.parse_args(["--config", "smoke", "--limit", "5"]).limit == 5  # the command line wins

@@ -2,19 +2,28 @@
 
 Every source becomes a list of `Question`, so paradigms and grading never care where questions came from.
 `arith` is generated (no download, a difficulty a 135M model partly solves: accuracy moves when methods
-or paradigms change); `spectts` is the 90-question SpecTTS-Bench math set kept in the shared data dir.
+or paradigms change); `spectts` is the 90-question SpecTTS-Bench math set: `$SPECJAX_SPECTTS`, the shared
+data dir, the specjax cache, else built once from the public Hugging Face datasets into that cache.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SPECTTS_FILE = "shared/data/spectts_bench_math.jsonl"
+from specjax import cache_folder
+
+SPECTTS_NAME = "spectts_bench_math.jsonl"
+SPECTTS_FILE = f"shared/data/{SPECTTS_NAME}"
+SPECTTS_ENV = "SPECJAX_SPECTTS"
 ARITH_DEFAULT_SIZE = 100
 BOX_INSTRUCTION = "Put your final answer in \\boxed{}."
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -114,14 +123,115 @@ def _arith(n: int, seed: int) -> list[Question]:
 
 # ---- files and hub datasets ------------------------------------------------------------------------
 
+# the hub sources of spectts in id order: source -> (mirrors, each (parts (name, config, split), question
+# field)), answer field, rows kept (AIME: exactly all of them), and how its first question starts
+_Part = tuple[str, str | None, str]
+_SPECTTS_HUB: dict[str, tuple[list[tuple[list[_Part], str]], str, int, str]] = {
+    "aime24": ([([("HuggingFaceH4/aime_2024", None, "train")], "problem")], "answer", 30,
+               "Every morning Aya goes for a $9$-kilometer-long walk"),
+    "aime25": ([([("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")],
+                 "question"),
+                ([("yentinglin/aime_2025", None, "train")], "problem")], "answer", 30,
+               "Find the sum of all integer bases $b>9$ for which $17_b$ is a divisor of $97_b"),
+    "math500": ([([("HuggingFaceH4/MATH-500", None, "test")], "problem")], "solution", 30,
+                "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates."),
+}
+_uncached_spectts: Path | None = None  # this process's built copy when there is no (writable) cache
+
+
+def _shared_candidates() -> list[Path]:
+    """The shared data dir next to the repo (/work/shared), then next to the working dir."""
+    return [Path(__file__).resolve().parents[2].parent / SPECTTS_FILE, Path.cwd().parent / SPECTTS_FILE]
+
+
+def _spectts_cache() -> Path | None:
+    root = cache_folder.root()
+    return None if root is None else root / "data" / SPECTTS_NAME
+
+
+def _hub_rows(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    """One split of a Hugging Face hub dataset: the only network access of spectts (tests replace it)."""
+    import datasets as hf
+
+    return list(hf.load_dataset(name, config, split=split))
+
+
+def _boxed(answer: Any) -> str:
+    text = str(answer).strip()
+    return text if text.startswith("\\boxed{") else f"\\boxed{{{text}}}"
+
+
+def _spectts_hub_records() -> list[dict[str, Any]]:
+    """The 90 spectts records (ids 1..90: AIME24, AIME25, MATH-500) from the hub; raises on any mismatch."""
+    records: list[dict[str, Any]] = []
+    for source, (mirrors, answer_field, keep, first) in _SPECTTS_HUB.items():
+        errors = []
+        for parts, question_field in mirrors:
+            try:
+                rows = [row for name, config, split in parts for row in _hub_rows(name, config, split)]
+                pairs = [(str(r[question_field]), str(r[answer_field])) for r in rows]
+                if len(pairs) < keep or (source != "math500" and len(pairs) != keep):
+                    raise ValueError(f"{len(pairs)} rows, expected {keep}")
+                if not pairs[0][0].startswith(first):
+                    raise ValueError(f"its first question starts {pairs[0][0][:40]!r}, expected {first[:40]!r}")
+                break
+            except Exception as e:  # try the next mirror; report every failure when none works
+                errors.append(f"{'+'.join(n + (':' + c if c else '') for n, c, _ in parts)}: {e!r}")
+        else:
+            raise ValueError(f"{source}: " + "; ".join(errors))
+        for question, answer in pairs[:keep]:
+            records.append({"id": len(records) + 1, "source": source, "question": question,
+                            "answer": _boxed(answer) if source == "aime24" else str(answer)})  # as the shared file
+    return records
+
+
+def _write_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    """A temp file in the target dir, renamed over `path`: readers (other processes) never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def spectts_path() -> Path:
-    """The shared SpecTTS-Bench file: next to the repo (/work/shared), else next to the working dir."""
-    candidates = [Path(__file__).resolve().parents[2].parent / SPECTTS_FILE, Path.cwd().parent / SPECTTS_FILE]
-    for p in candidates:
+    """The SpecTTS-Bench file: `$SPECJAX_SPECTTS`, the shared data dir, the specjax cache's copy, else
+    built once from the Hugging Face hub into that cache (a temp dir when the cache is off or read-only)."""
+    global _uncached_spectts
+    env = os.environ.get(SPECTTS_ENV, "").strip()
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{SPECTTS_ENV}={env} is not a file; point it at {SPECTTS_NAME} or unset it")
+        return path
+    shared = _shared_candidates()
+    cached = _spectts_cache()
+    for p in [*shared, *([cached] if cached else []), *([_uncached_spectts] if _uncached_spectts else [])]:
         if p.is_file():
             return p
-    raise ValueError(f"the spectts dataset file is missing; looked at {', '.join(map(str, candidates))}. "
-                     f"Put spectts_bench_math.jsonl in ../{SPECTTS_FILE} or pass its path as the dataset")
+    try:
+        records = _spectts_hub_records()
+    except Exception as e:
+        looked = ", ".join(map(str, shared + ([cached] if cached else [])))
+        raise ValueError(f"the spectts dataset file {SPECTTS_NAME} is missing (looked at {looked}) and building "
+                         f"it from the Hugging Face hub failed ({' '.join(str(e).split())[:400]}); set "
+                         f"{SPECTTS_ENV}=/path/to/{SPECTTS_NAME}, or put it in ../shared/data/, or run where "
+                         "the Hugging Face hub is reachable") from e
+    if cached is not None:
+        try:
+            _write_atomic(cached, records)
+            return cached
+        except OSError:  # a read-only cache: keep this process's copy in a temp dir instead
+            pass
+    folder = tempfile.mkdtemp(prefix="specjax-spectts-")
+    atexit.register(shutil.rmtree, folder, True)
+    _uncached_spectts = Path(folder) / SPECTTS_NAME
+    _write_atomic(_uncached_spectts, records)
+    return _uncached_spectts
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
