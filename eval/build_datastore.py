@@ -18,10 +18,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from eval.cli import Parser
     from specjax.datastore import DEFAULT_WINDOW
 
-    p = argparse.ArgumentParser(prog="python -m eval.build_datastore", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m eval.build_datastore", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--dataset", required=True, help="built-in name (arith, spectts), JSONL path or HF dataset id")
@@ -93,6 +94,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError(f"--max-new-tokens and --batch-size must be >= 1, got {args.max_new_tokens}, "
                          f"{args.batch_size}")
+    from eval import cli
+
+    cli.check_ints(args, 1, "limit")
+    for path in datastore_paths(args.out):  # OUT.npz and OUT.json
+        cli.output_file(path, "--out")
     t0 = time.perf_counter()
     questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,
                              answer_field=args.field,

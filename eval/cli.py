@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from specjax import validation
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # the presets shipped with the project
 
@@ -75,13 +79,114 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
     add_matmul_dtype_flag(p)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad flag is reported like every other bad input: one `error: ...` line, exit 2 (not the
+    usage text and then the message)."""
+
+    def error(self, message: str):  # argparse's hook for every parse error
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def flag(dest: str) -> str:
+    """An argparse dest as the user typed it: `max_new_tokens` -> `--max-new-tokens`."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_ints(args: argparse.Namespace, minimum: int, *dests: str) -> None:
+    """Each of these flags is an integer >= minimum; an optional flag left unset (None) passes."""
+    for dest in dests:
+        if getattr(args, dest) is not None:
+            validation.integer(flag(dest), getattr(args, dest), min=minimum)
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """The `generate` flags this CLI has (--max-new-tokens, --temperature, --top-k, --top-p, --seed), checked
+    as `generate` checks them but before the model loads."""
+    checks = {"max_new_tokens": dict(min=1), "top_k": dict(min=0), "seed": dict(min=validation.INT32[0],
+                                                                                max=validation.INT32[1])}
+    for dest, bounds in checks.items():
+        if hasattr(args, dest):
+            validation.integer(flag(dest), getattr(args, dest), **bounds)
+    if hasattr(args, "temperature"):
+        validation.number("--temperature", args.temperature, min=0)
+    if hasattr(args, "top_p"):
+        validation.number("--top-p", args.top_p, gt=0, max=1)
+
+
+def check_methods(methods: list[str], options: dict[str, dict[str, Any]] | None = None,
+                  k: int | None = None) -> None:
+    """Every method's options (`--k` too, for each method but `ar`) against its proposer's fields, and each
+    proposer built once (its checks across fields), before anything loads. No model is needed for that."""
+    from specjax.proposers import make_proposer, registry
+
+    known = registry()
+    for method in methods:
+        if method not in known:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(known)}")
+        opts, labels = dict((options or {}).get(method, {})), {}
+        if k is not None and method != "ar":
+            opts["k"], labels["k"] = k, "--k"
+        opts = validation.method_options(known[method], method, opts, labels)
+        make_proposer(method, **opts)
+
+
+def option_value(raw: str, hint: Any) -> Any:
+    """The text of `--option KEY=VALUE` as its field holds it: a string field takes the text as it is (or the
+    string a quoted literal spells), a bool field True/False (or true/false), any other a Python literal (4,
+    0.5, 2,2). Text that is no literal stays text, for the field's type check to refuse with a message."""
+    import ast
+
+    if hint is bool and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return raw
+    if hint is str or hint == (str | None):
+        return value if isinstance(value, str) else raw  # head=123 is the text '123'
+    return value
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_dir(value: str | Path, flag: str) -> Path:
+    """A folder a CLI writes into: an existing folder, or one it can create (no file in the way, writable)."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder: pass a folder path (created if missing)")
+    base = _first_existing(path)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: {str(base)!r} is not writable; pass a folder you can write to")
+    return path
+
+
+def output_file(value: str | Path, flag: str) -> Path:
+    """A file a CLI writes: not a folder, and in a folder it can create or write into."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder, not a file: pass a file path")
+    output_dir(path.parent, flag)
+    return path
+
+
 def run(parse: Callable[[list[str] | None], argparse.Namespace], body: Callable[[argparse.Namespace], int],
         argv: list[str] | None) -> int:
-    """Parses argv and runs body; a ValueError or missing file is printed as `error: ...` (exit 2), since
-    those are the user's to fix (the message names the fix), not tracebacks to read."""
-    args = parse(argv)
+    """Parses argv and runs body; a ValueError, a wrong type found by `specjax.validation` or a missing file is
+    printed as one `error: ...` line (exit 2), since those are the user's to fix (the message names the fix),
+    not tracebacks to read. A bad flag (`Parser`) exits 2 the same way; --help exits 0."""
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # argparse: --help, or a bad flag already reported
+        return e.code if isinstance(e.code, int) else 2
     try:
         return body(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, validation.InvalidType) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.cli import add_precision_flags
+from eval.cli import Parser, add_precision_flags
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -37,8 +37,8 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.latency", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m eval.latency", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
     add_precision_flags(p)
     p.add_argument("--budget", default="5,10,20", help="seconds per question, a comma list")
@@ -264,6 +264,9 @@ def _main(args: argparse.Namespace) -> int:
     for flag in ("calibration_questions", "limit", "max_new_tokens", "check_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    cli.check_sampling(args)
+    cli.check_methods(methods, k=args.k)
+    cli.output_dir(args.out, "--out")
     options = {m: ({"k": args.k} if args.k is not None and m != "ar" else {}) for m in methods}
     calib_q, held_out = _questions(args)
 
@@ -273,10 +276,11 @@ def _main(args: argparse.Namespace) -> int:
     from specjax.tts.paradigms import _prompt_length, first_round_prompt
 
     console = Console(stderr=True)
-    model = specjax.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
-    pad = _prompt_length(model, [first_round_prompt(q.question) for q in calib_q + held_out])
     cal_path = Path(args.calibration) if args.calibration else None
-    if cal_path is not None and cal_path.exists():
+    cal = None
+    if cal_path is not None:
+        cli.output_file(cal_path, "--calibration")  # read from there, or calibrated and saved there
+    if cal_path is not None and cal_path.exists():  # read and matched to this run before the model loads
         cal = Calibration.load(cal_path)
         for key in ("model", "dtype", "matmul_dtype", "dataset", "max_new_tokens", "temperature", "top_p"):
             if cal.meta.get(key) != getattr(args, key):
@@ -286,6 +290,9 @@ def _main(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"{cal_path} has no timings for {missing[:3]}...: drop --calibration or recalibrate "
                              "to a new file with these --methods/--n-values")
+    model = specjax.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
+    pad = _prompt_length(model, [first_round_prompt(q.question) for q in calib_q + held_out])
+    if cal is not None:
         console.print(f"loaded calibration {cal_path}")
     else:
         total = len(methods) * len(n_values) * len(calib_q)

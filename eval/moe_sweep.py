@@ -28,19 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from eval.cli import int_list
+from eval.cli import Parser, int_list
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m eval.moe_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m eval.moe_sweep", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="the sparse MoE target (anything specjax.load takes)")
     p.add_argument("--dense", default="", help="a dense target of similar active size, measured side by side")
     p.add_argument("--draft", default="self:1", help="draft model for T_D and --alpha draft (anything load takes, "
@@ -235,27 +234,42 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from eval import cli
+
+    return cli.run(parse_args, _main, argv)
+
+
+def _check_alpha(text: str) -> None:
+    if text == "draft":
+        return
     try:
-        if args.make_tiny:
-            moe_dir, dense_dir = make_tiny(Path(args.make_tiny), args.tiny_size, args.seed)
-            print(f"wrote {moe_dir} and {dense_dir}")
-            return 0
-        if not args.model:
-            raise ValueError("--model is required (or --make-tiny DIR to write synthetic models first)")
-        int_list(args.batch_sizes, "--batch-sizes"), int_list(args.gamma, "--gamma")
-        if args.alpha != "draft" and not 0.0 <= float(args.alpha) <= 1.0:
-            raise ValueError(f"--alpha takes a rate in [0, 1] or 'draft', got {args.alpha}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+        alpha = float(text)
+    except ValueError:
+        raise ValueError(f"--alpha takes a rate in [0, 1] or 'draft', got {text!r}") from None
+    if not 0.0 <= alpha <= 1.0:  # NaN fails too
+        raise ValueError(f"--alpha takes a rate in [0, 1] or 'draft', got {text}")
+
+
+def _main(args: argparse.Namespace) -> int:
+    from eval import cli
+    from specjax.models.loading import DTYPES
+
+    cli.check_ints(args, 0, "seed")
+    if args.make_tiny:
+        moe_dir, dense_dir = make_tiny(cli.output_dir(args.make_tiny, "--make-tiny"), args.tiny_size, args.seed)
+        print(f"wrote {moe_dir} and {dense_dir}")
+        return 0
+    if not args.model:
+        raise ValueError("--model is required (or --make-tiny DIR to write synthetic models first)")
+    int_list(args.batch_sizes, "--batch-sizes"), int_list(args.gamma, "--gamma")
+    _check_alpha(args.alpha)
+    cli.check_ints(args, 1, "context", "repeats")
+    cli.check_ints(args, 2, "new_tokens")  # the first token comes from the prefill: the loop decodes the rest
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is not available; use one of {', '.join(DTYPES)}")
+    out = cli.output_dir(args.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = [measure_model(m, args) for m in (args.model, args.dense) if m]
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = [measure_model(m, args) for m in (args.model, args.dense) if m]
     print(f"\n{'model':<12}{'B':>4}{'γ':>3}{'eff':>7}{'fit eff':>9}{'alpha':>7}{'pred':>8}{'fit pred':>10}"
           f"{'measured':>10}{'error':>8}")
     for res in results:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 PARADIGM_ORDER = ("single", "best_of_n", "multi_round")
+# what the table and plots read from every summary (per_round, accepted_hist, speedup_vs_ar: when present)
+REQUIRED = ("method", "questions", "accuracy", "tokens_per_s", "mean_accepted_tokens", "target_forwards")
 
 
 def load_results(paths: list[str]) -> list[dict[str, Any]]:
@@ -33,6 +34,13 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
         s = data.get("summary") if isinstance(data, dict) else None
         if not isinstance(s, dict) or "method" not in s:
             raise ValueError(f"{p} has no summary.method; expected an eval.tts results file")
+        missing = [key for key in REQUIRED if key not in s]
+        if missing:  # a table of dashes would look like a result
+            raise ValueError(f"{p}: its summary lacks {', '.join(missing)} (it has {', '.join(s)}); expected the "
+                             "results file of a finished eval.tts run (docs/contract.md)")
+        wrong = [key for key in REQUIRED[1:] if isinstance(s[key], bool) or not isinstance(s[key], (int, float))]
+        if wrong:
+            raise ValueError(f"{p}: summary {', '.join(f'{k}={s[k]!r}' for k in wrong)} must be numbers")
         s = dict(s, paradigm=s.get("paradigm") or (data.get("config") or {}).get("paradigm") or "single")
         key = (s["method"], s["paradigm"])
         s["label"] = s["method"] if key not in seen else f"{s['method']} ({p.stem})"
@@ -206,6 +214,28 @@ def paper_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_width_hist(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Share of decode steps the adaptive loop ran at each static verify width (1: no draft), per method."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("widths") and sum(r.get("width_hist") or []) > 0]
+    if not rows:
+        return False
+    many = len(_paradigms(rows)) > 1
+    names = [f"{r['label']} / {r['paradigm']}" if many else r["label"] for r in rows]
+    colors = _colors([r["label"] for r in rows])
+    fig, axes = plt.subplots(1, len(rows), figsize=(max(5.0, 2.6 * len(rows)), 3.4), squeeze=False)
+    for ax, r, name in zip(axes[0], rows, names):
+        total = sum(r["width_hist"])
+        ax.bar([str(w) for w in r["widths"]], [c / total for c in r["width_hist"]], color=colors[r["label"]])
+        ax.set_title(f"{name}\n(drafted {100 * r.get('drafted_share', 0):.0f}% of steps)", fontsize=9)
+        ax.set_xlabel("verify width")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("fraction of decode steps")
+    fig.suptitle("Verify widths chosen by the adaptive loop")
+    return _save(fig, path)
+
+
 def write_report(paths: list[str], out: Path) -> Path:
     """Write the plots and `report.md` into `out`; returns the markdown path."""
     import matplotlib
@@ -215,6 +245,7 @@ def write_report(paths: list[str], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = [("speedup.png", "Speedup vs AR", plot_speedup),
              ("accepted_hist.png", "Accepted tokens per step", plot_accepted_hist),
+             ("width_hist.png", "Verify widths of the adaptive loop", plot_width_hist),
              ("rounds.png", "Tokens/s per round (multi-round)", plot_rounds)]
     md = ["# specjax report", "", f"{len(rows)} results file(s).", "", markdown_table(rows), "",
           "## Method table (SpecTTS-Bench layout)", "", paper_table(rows), ""]
@@ -226,17 +257,26 @@ def write_report(paths: list[str], out: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from eval.cli import Parser
+
+    p = Parser(prog="python -m eval.report", description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="*", help="results JSON files written by eval.tts --output")
     p.add_argument("--out", default="report", help="output folder for report.md and the PNG plots")
-    args = p.parse_args(argv)
-    try:
-        path = write_report(args.results, Path(args.out))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval import cli
+
+    return cli.run(parse_args, _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from eval import cli
+
+    out = cli.output_dir(args.out, "--out")  # before the files are read and plotted
+    print(f"wrote {write_report(args.results, out)}")
     return 0
 
 

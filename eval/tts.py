@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.cli import add_precision_flags
+from eval.cli import Parser, add_precision_flags
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.tts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m eval.tts", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, .gguf, local folder or hub id")
     add_precision_flags(p)
     p.add_argument("--method", default="hybrid", help="a method, a comma list, or 'all'")
@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--speculate-max-rows", type=int, default=None, metavar="R",
                    help="draft only in steps with at most R unfinished rows (best_of_n stragglers; "
                         "default: always)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="fixed draft widths (a paper's settings) instead of widths chosen per step from this "
+                        "machine's measured step costs and the drafts' online acceptance")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --option draft=self:8 --option threshold=4); "
                         "given to every method of the run that takes it")
@@ -93,10 +96,12 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, A
     """--option [METHOD.]KEY=VALUE pairs -> per-method option dicts.
 
     A plain key goes to every method of the run that takes it; `hybrid.head=medusa` only to hybrid
-    (for keys that mean different things to different methods). A key no method takes is an error.
+    (for keys that mean different things to different methods). A key no method takes is an error, and so
+    is a value its field does not take (`k=abc`, `k=2.5`, `shared=no`): each is checked here, before any
+    model loads, against the field's type and range.
     """
-    import ast
-
+    from eval.cli import option_value
+    from specjax import validation
     from specjax.proposers import option_fields, registry
 
     fields = {m: set(option_fields(registry()[m])) for m in methods}
@@ -106,10 +111,6 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option threshold=4")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a plain string, e.g. draft=self:8
         method, dot, name = key.rpartition(".")
         targets = [method] if dot else [m for m in methods if name in fields[m]]
         if dot and method not in fields:
@@ -119,8 +120,13 @@ def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, A
                              "options: " + "; ".join(f"{m}: {', '.join(sorted(fields[m])) or 'none'}"
                                                     for m in (targets or methods)))
         for m in targets:
-            (scoped if dot else out)[m][name] = value
-    return {m: {**out[m], **scoped[m]} for m in methods}
+            (scoped if dot else out)[m][name] = (key, raw)
+
+    def typed(m: str, name: str, key: str, raw: str) -> Any:  # the text as the field holds it, type and range checked
+        hint, meta = validation.option_types(registry()[m])[name], option_fields(registry()[m])[name].metadata
+        return validation.option_value(f"--option {key}", option_value(raw, hint), hint, meta, f" of method {m!r}")
+
+    return {m: {name: typed(m, name, *given) for name, given in {**out[m], **scoped[m]}.items()} for m in methods}
 
 
 def _grade(questions, result) -> tuple[list[dict[str, Any]], float]:
@@ -157,7 +163,7 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
         options["k"] = args.k
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
-              speculate_max_rows=args.speculate_max_rows, **options)
+              speculate_max_rows=args.speculate_max_rows, adaptive=False if args.no_adaptive else None, **options)
     # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
     # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
     step = 1 if args.paradigm == "best_of_n" else args.batch_size
@@ -178,12 +184,15 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
         "method": method, "paradigm": args.paradigm, "questions": len(questions),
         **{key: total[key] for key in ("generated_tokens", "wall_s", "target_forwards", "tokens_per_s",
                                        "mean_accepted_tokens")},
-        "accepted_hist": total["accepted_hist"],
+        "accepted_hist": total["accepted_hist"], "finish_reasons": total["finish_reasons"],
+        **{key: total[key] for key in ("widths", "width_hist", "drafted_share", "predicted_tokens",
+                                       "predicted_decode_s") if key in total},
     }
     summary.update(accuracy_fields(samples, args.paradigm))
     summary["per_round"] = [{"round": i + 1, "tokens_per_s": x["tokens_per_s"], "wall_s": x["wall_s"],
                              "mean_accepted_tokens": x["mean_accepted_tokens"],
-                             "generated_tokens": x["generated_tokens"]} for i, x in enumerate(r)]
+                             "generated_tokens": x["generated_tokens"], "finish_reasons": x["finish_reasons"]}
+                            for i, x in enumerate(r)]
     return summary, samples, result
 
 
@@ -210,8 +219,16 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.resume and not args.output:
         raise ValueError("--resume continues from the records beside --output: give the --output of the killed run")
+    from eval import cli
+
+    cli.check_ints(args, 1, "batch_size", "limit", "num_processes")
+    cli.check_ints(args, 0, "process_id")
+    cli.check_sampling(args)
+    if args.output:
+        cli.output_file(args.output, "--output")
     methods = select_methods(args.method, args.model, args.option)
     options = parse_options(args.option, methods)
+    cli.check_methods(methods, options, args.k)  # --k and every option in range, each proposer buildable
     from specjax.tts.datasets import load_dataset
 
     questions = load_dataset(args.dataset, split=args.split, question_field=args.question_field,

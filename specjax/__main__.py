@@ -6,8 +6,10 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specjax", description=__doc__)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from eval.cli import Parser
+
+    parser = Parser(prog="python -m specjax", description=__doc__)
     parser.add_argument("prompt", nargs="+", help="the prompt (several words are joined)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf, folder or hub id")
     parser.add_argument("--method", default="ar", help="ar, pld, suffix, pool, ...")
@@ -18,18 +20,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval import cli
+
+    return cli.run(parse_args, _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from eval import cli
+
+    cli.check_sampling(args)  # every flag checked before the model loads (seconds)
+    cli.check_methods([args.method])
+    prompt = " ".join(args.prompt)
+    if args.no_chat and not prompt:
+        raise ValueError("the prompt is empty: --no-chat feeds the text as it is, and empty text has no tokens")
 
     import specjax
 
-    try:
-        model = specjax.load(args.model, dtype=args.dtype)
-        out = specjax.generate(model, [" ".join(args.prompt)], args.method, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               seed=args.seed, chat=not args.no_chat)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = specjax.load(args.model, dtype=args.dtype)
+    out = specjax.generate(model, [prompt], args.method, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           chat=not args.no_chat)
     s = out.stats
     print(out.texts[0])
     print(f"\n[{s['method']}] {s['emitted_tokens']} tokens in {s['wall_s']:.2f}s "

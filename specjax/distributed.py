@@ -33,6 +33,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def block(count: int, align: int = 1) -> tuple[int, int]:
     """This process's [start, stop) of `count` items: contiguous blocks whose starts are multiples of
     `align` (a batch size), so per-batch seeds match a single-process run."""
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align (questions per batch, --batch-size) must be an integer >= 1, got {align!r}")
     per = -(-count // jax.process_count())
     per = -(-per // align) * align
     start = min(jax.process_index() * per, count)
@@ -53,6 +55,15 @@ def gather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, sizes)]
 
 
+def _add_counts(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    """Per-key sums of count dicts (rows per finish reason), keys in first-seen order."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            out[key] = out.get(key, 0) + n
+    return out
+
+
 def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-process summaries of the same method -> one: counts add up, wall time is the slowest
     process's (they ran in parallel), rates are recomputed from those."""
@@ -66,6 +77,7 @@ def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for p in parts:
         hist[: len(p["accepted_hist"])] += p["accepted_hist"]
     out["accepted_hist"] = hist.tolist()
+    out["finish_reasons"] = _add_counts([p.get("finish_reasons", {}) for p in parts])
     out["mean_accepted_tokens"] = float((hist * np.arange(hist.size)).sum() / max(hist.sum(), 1))
     emitted = sum(p["tokens_per_s"] * p["wall_s"] for p in parts)
     out["tokens_per_s"] = emitted / out["wall_s"] if out["wall_s"] else 0.0
@@ -74,6 +86,7 @@ def merge_stats(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rs = [p["per_round"][i] for p in parts]
         wall = max(r["wall_s"] for r in rs)
         rounds.append({**first, "wall_s": wall, "generated_tokens": sum(r["generated_tokens"] for r in rs),
+                       "finish_reasons": _add_counts([r.get("finish_reasons", {}) for r in rs]),
                        "tokens_per_s": sum(r["tokens_per_s"] * r["wall_s"] for r in rs) / wall if wall else 0.0,
                        # tokens / row-steps, with each part's row-steps = its tokens / its mean
                        "mean_accepted_tokens": sum(r["generated_tokens"] for r in rs) / max(sum(

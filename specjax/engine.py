@@ -11,6 +11,8 @@ holds all of it but the last (pending) token, which is the first input of the ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -38,6 +40,53 @@ from specjax.verify import verify_chain, verify_tree
 
 
 @struct.dataclass
+class Adapt:
+    """The adaptive loop's online acceptance estimate and its record (see `decode`).
+
+    `tried[s, c, i]` / `hit[s, c, i]`: decayed counts of draft position i (chain position or tree
+    depth) being verified / accepted, given every earlier position was, for drafting source s
+    (`Proposer.sources`) and confidence bucket c (`confidence_bucket`). Counts with a Beta prior rather
+    than a bare EMA: the prior keeps the first steps' decisions sane before anything is observed, and the
+    decay (`DECAY` per step) lets the estimate follow text that starts or stops repeating.
+    """
+
+    tried: Float[Array, "S C D"]
+    hit: Float[Array, "S C D"]
+    backoff: Int[Array, ""]  # steps to wait after the next step that does not pay (doubles up to MAX_BACKOFF)
+    wait: Int[Array, ""]  # steps left before proposing again (0: propose this step)
+    width_hist: Int[Array, "W"]  # steps run at each static verify width (`loop_widths`)
+    predicted_tokens: Float[Array, ""]  # sum over steps of the expected tokens of the chosen width
+    predicted_s: Float[Array, ""]  # sum over steps of the calibrated seconds of the chosen width (+ drafter)
+    drafted_steps: Int[Array, ""]  # steps that ran `propose`
+
+
+NUM_BUCKETS = 6  # confidence buckets per source
+PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of a position's acceptance: mean, pseudo-observations
+DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 steps)
+MAX_BACKOFF = 16  # most steps a drafter that does not pay is skipped before it is probed again
+PROBE_EVERY = 16  # every this many steps a drafted step verifies at its best drafting width, to keep learning
+
+
+def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: int) -> Int[Array, "B"]:
+    """A draft's confidence as one of NUM_BUCKETS: log2 buckets of a count (match length, n-gram order),
+    or equal-width buckets of a probability (a head's or a draft model's)."""
+    if confidence is None:
+        return jnp.zeros((batch,), jnp.int32)
+    c = jnp.maximum(confidence.astype(jnp.float32), 0.0)
+    b = c * NUM_BUCKETS if kind == "probability" else jnp.log2(c + 1.0)
+    return jnp.clip(jnp.floor(b), 0, NUM_BUCKETS - 1).astype(jnp.int32)
+
+
+def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None) -> Adapt:
+    shape = (len(proposer.sources), NUM_BUCKETS, max(proposer.depth, 1))
+    tried, hit = (jnp.zeros(shape, jnp.float32),) * 2 if counts is None else counts
+    return Adapt(tried=tried, hit=hit, backoff=jnp.ones((), jnp.int32), wait=jnp.zeros((), jnp.int32),
+                 width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
+                 predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
+                 drafted_steps=jnp.zeros((), jnp.int32))
+
+
+@struct.dataclass
 class LoopState:
     tokens: Int[Array, "B S"]  # prompt + generated, right-padded
     lengths: Int[Array, "B"]  # valid tokens per row, the pending token included
@@ -51,6 +100,7 @@ class LoopState:
     steps: Int[Array, ""]  # verify forwards run
     accept_hist: Int[Array, "K2"]  # accept_hist[n]: active row-steps that produced n tokens
     source_counts: Int[Array, "N"]  # active row-steps drafted by each proposer id
+    adapt: Adapt
 
 
 @dataclasses.dataclass
@@ -66,6 +116,7 @@ class Session:
     cache: KVCache  # holds context.tokens[b, :context.lengths[b] - 1]
     proposer_state: Any
     context: Context  # the final history, on device
+    acceptance: tuple[Any, Any] | None = None  # the adaptive loop's (tried, hit) counts, carried on
 
     @property
     def batch(self) -> int:
@@ -140,6 +191,11 @@ def verify_widths(k: int) -> tuple[int, ...]:
     return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(2, 8) if 2**i < k}))
 
 
+def loop_widths(proposer: Proposer) -> tuple[int, ...]:
+    """The static verify widths of a proposer's steps: a chain's `verify_widths`, a tree's root or all."""
+    return verify_widths(proposer.width) if proposer.template is None else (1, proposer.width + 1)
+
+
 def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache: KVCache, longest: jax.Array,
                     template: TreeTemplate | None = None, hidden_layers: tuple[int, ...] = ()):
     """Runs the target on just enough of the K+1 inputs for the longest draft in the batch.
@@ -150,21 +206,29 @@ def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache:
     Outputs are padded back to K+1 positions; the padding lies past every row's draft and is unused.
     """
     k1 = inputs.shape[1]
-    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # a tree: all nodes or the root alone
+    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # as loop_widths: a tree's root or all
     tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
 
     def branch(width: int):
         def run(inputs, cache):
             opts = tree if width == k1 and template is not None else {}
-            out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers, **opts)
+            out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers,
+                                      write_cache=False, **opts)
             pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - width)) + ((0, 0),) * (x.ndim - 2))
-            return out.replace(logits=pad(out.logits), hidden=pad(out.hidden),
-                               layer_hidden=tuple(map(pad, out.layer_hidden)))
+            return (pad(out.logits), pad(out.hidden), tuple(map(pad, out.layer_hidden)),
+                    tuple((pad(k), pad(v)) for k, v in out.new_kv))
         return run
 
     index = jnp.searchsorted(jnp.asarray(widths), longest + 1)
-    return jax.lax.switch(index, [branch(w) for w in widths], inputs, cache)
+    # the branches only read the cache; the new keys/values are written once here, outside the switch
+    # (a conditional that carried the cache copied it every step: +50% on a 1-token step)
+    logits, hidden, layer_hidden, new_kv = jax.lax.switch(index, [branch(w) for w in widths], inputs, cache)
+    slots = cache.lengths[:, None] + jnp.arange(k1)[None]
+    written = [(kv.write(ck, nk, slots), kv.write(cv, nv, slots))
+               for ck, cv, (nk, nv) in zip(cache.k, cache.v, new_kv)]
+    cache = cache.replace(k=tuple(w[0] for w in written), v=tuple(w[1] for w in written))
+    return transformer.ForwardOut(logits=logits, hidden=hidden, cache=cache, layer_hidden=layer_hidden)
 
 
 def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array, "B"]) -> Int[Array, "B S"]:
@@ -184,7 +248,8 @@ def _context(s: LoopState, group: Int[Array, "B"], weights: Any, sampling_cfg: S
 @partial(jax.jit, static_argnames=("proposer",), donate_argnums=(0,))
 def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"], weights: Any = None,
                    feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
-                   sampling_cfg: Sampling | None = None, *, proposer: Proposer) -> LoopState:
+                   sampling_cfg: Sampling | None = None, acceptance: tuple[Any, Any] | None = None, *,
+                   proposer: Proposer) -> LoopState:
     """The loop's initial state from `prefill`'s outputs, with the proposer's own state.
 
     The prefill's features [B, F, .] (positions from `feature_start`) are what it computed of
@@ -199,7 +264,7 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
         features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:],
                                                           features.dtype),
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32),
-        source_counts=jnp.zeros((len(proposer.sources),), jnp.int32))
+        source_counts=jnp.zeros((len(proposer.sources),), jnp.int32), adapt=init_adapt(proposer, acceptance))
     ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start)
     pstate = proposer.init(ctx)
     if prev is not None:
@@ -207,10 +272,12 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
     return state.replace(proposer_state=pstate)
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated"), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated", "adaptive"), donate_argnums=(1,))
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
-           max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None, *, cfg: ModelConfig,
-           proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False) -> LoopState:
+           max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None,
+           costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None, *, cfg: ModelConfig,
+           proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False,
+           adaptive: bool = False) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
@@ -219,9 +286,18 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     rows than `speculate_max_rows` skip `propose` and verify no draft (a 1-token forward); the
     proposer still absorbs every step's tokens (`update`). The budget `max_new`, the row cut-off and
     `sampling_cfg`'s numbers are traced, so one compile serves every call of the same shapes.
+
+    `adaptive`: each step picks the static verify width (`loop_widths`, 1 = no draft) that maximises
+    expected tokens per second over the active rows, from `costs` (the calibrated seconds of each width,
+    `step_cost`) and the online acceptance estimate (`Adapt`); drafts are truncated to it, which is
+    lossless (any prefix of a draft verifies exactly). A step whose best width cannot pay for the
+    drafter's own `drafter_s` backs off: `propose` is skipped for 1, 2, 4, ... `MAX_BACKOFF` steps, then
+    probed again. The decision reads only what is known before the verify forward.
     """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
+    widths = jnp.asarray(loop_widths(proposer), jnp.int32)
+    node_depth = None if template is None else jnp.asarray(template.depth[1:], jnp.int32)
 
     def context(s: LoopState) -> Context:
         return _context(s, group, weights, sampling_cfg)
@@ -236,15 +312,21 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         ctx = context(s)
         active = ~s.done
         propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
-        if not gated:
+        # a wide batch (speculate_max_rows), or an adaptive loop backing off: no draft, no drafting cost
+        want = jnp.ones((), bool) if not gated else jnp.sum(active) <= speculate_max_rows
+        if adaptive:
+            want = want & (s.adapt.wait <= 0)
+        if not gated and not adaptive:
             pstate, draft = propose()
-            drafting = active
-        else:  # a wide batch, where verify width costs more than drafts win back: no draft, no drafting cost
-            gate_open = jnp.sum(active) <= speculate_max_rows
+        else:
             no_draft = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose)[1])
-            pstate, draft = jax.lax.cond(gate_open, propose, lambda: (s.proposer_state, no_draft))
-            drafting = active & gate_open
+            pstate, draft = jax.lax.cond(want, propose, lambda: (s.proposer_state, no_draft))
+        drafting = active & want
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
+        adapt = s.adapt
+        if adaptive:
+            draft, drafting, adapt, best, bucket = _choose_width(draft, drafting, active, want, s.adapt, costs,
+                                                                 drafter_s, widths, node_depth, proposer, s.steps)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template, layers)
@@ -287,6 +369,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             source_counts=s.source_counts.at[
                 jnp.zeros_like(num_new) if draft.source is None else draft.source
             ].add(active.astype(jnp.int32)),
+            adapt=adapt if not adaptive else _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth),
         )
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
         if proposer.logit_topk:
@@ -299,17 +382,113 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     return jax.lax.while_loop(cond, body, state)
 
 
+def _drafted_depth(draft, node_depth: Int[Array, "K"] | None) -> Int[Array, "B"]:
+    """How deep each row's draft reaches: a chain's count, a tree's deepest valid node."""
+    if node_depth is None:
+        return draft.num
+    return jnp.max(jnp.where(draft.valid, node_depth[None], 0), axis=1)
+
+
+def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
+                  step):
+    """The adaptive decision of one step (see `decode`): the width, the truncated draft, the backoff."""
+    batch = draft.num.shape[0]
+    source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
+    bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch)
+    tried, hit = adapt.tried[source, bucket], adapt.hit[source, bucket]  # [B, D]
+    p = (hit + PRIOR_COUNT * PRIOR_MEAN) / (tried + PRIOR_COUNT)
+    survive = jnp.concatenate([jnp.zeros((batch, 1)), jnp.cumsum(jnp.cumprod(p, axis=1), axis=1)], axis=1)
+    reach = _drafted_depth(draft, node_depth)  # [B]
+    if node_depth is None:  # a chain cut to width w keeps w - 1 tokens
+        length = jnp.minimum(reach[:, None], widths[None] - 1)
+    else:  # a tree: the root alone or the whole tree
+        length = jnp.where(widths[None] > 1, reach[:, None], 0)
+    expect = jnp.where(active[:, None], 1.0 + jnp.take_along_axis(survive, length, axis=1), 0.0)  # [B, W]
+    rate = expect.sum(0) / costs
+    best = jnp.argmax(rate)
+    if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
+        probe = (step % PROBE_EVERY == PROBE_EVERY - 1) & jnp.any(reach > 0)
+        best = jnp.where(probe, 1 + jnp.argmax(rate[1:]), best)
+    best = jnp.where(want, best, 0).astype(jnp.int32)
+    rows = jnp.sum(active).astype(jnp.float32)
+    # a step pays when its best width, with the drafter's own cost, beats not drafting at all
+    pays = (best > 0) & (expect[:, best].sum() / (costs[best] + drafter_s) > rows / costs[0])
+    backoff = jnp.where(want, jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF)), adapt.backoff)
+    wait = jnp.where(want, jnp.where(pays, 0, backoff), adapt.wait - 1)
+    if node_depth is None:
+        draft = draft.replace(num=jnp.minimum(draft.num, widths[best] - 1))
+    else:
+        drafting = drafting & (best > 0)
+        draft = draft.replace(num=jnp.where(drafting, draft.num, 0), valid=draft.valid & drafting[:, None])
+    any_rows = rows > 0
+    adapt = adapt.replace(
+        backoff=backoff, wait=wait, width_hist=adapt.width_hist.at[best].add(any_rows.astype(jnp.int32)),
+        predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
+        predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
+        drafted_steps=adapt.drafted_steps + want.astype(jnp.int32))
+    return draft, drafting, adapt, best, bucket
+
+
+def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth) -> Adapt:
+    """Adds one verification to the acceptance counts: position i of a row's draft was tried if every
+    earlier one was accepted, and accepted if the row accepted more than i tokens."""
+    batch, d = draft.num.shape[0], adapt.tried.shape[-1]
+    source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
+    pos = jnp.arange(d)[None]
+    reach = _drafted_depth(draft, node_depth)[:, None]
+    on = drafting[:, None]
+    tried = (on & (pos < reach) & (pos <= accepted[:, None])).astype(jnp.float32)
+    hit = (on & (pos < accepted[:, None])).astype(jnp.float32)
+    where = jax.nn.one_hot(source, adapt.tried.shape[0])[:, :, None] * jax.nn.one_hot(bucket, NUM_BUCKETS)[:, None]
+    add = lambda x: jnp.einsum("bsc,bd->scd", where, x)
+    return adapt.replace(tried=DECAY * adapt.tried + add(tried), hit=DECAY * adapt.hit + add(hit))
+
+
 @dataclasses.dataclass
 class _DeviceRun:
     state: LoopState
     stopped: np.ndarray  # [B] rows `stop_rows` ended
     prefill_s: float
     decode_s: float
+    calibration_s: float = 0.0  # measuring this machine's step costs (first use of these shapes only)
+    costs: np.ndarray | None = None  # seconds of each static verify width (adaptive runs)
+    drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
+
+
+def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopState, traced: Sampling,
+               mesh: Mesh | None) -> tuple[np.ndarray, np.float32, float]:
+    """This machine's seconds for the target's forward at each of the proposer's static verify widths, and
+    for one `propose`, on the run's own shapes (its batch, cache bucket and real prefilled cache): measured
+    the first time (`step_cost`), then read back. A width's forward is timed once per (model, batch, cache
+    bucket) and shared by every method; a tree's attention mask is an input of the same forward, so it
+    costs what a chain of its width does. Returns the seconds and the seconds spent measuring."""
+    from specjax import step_cost
+
+    cfg = model.config
+    widths = loop_widths(proposer)
+    shape = dict(model=step_cost.model_key(cfg, model.params), batch=plan.batch, cache_len=plan.cache_len)
+    keys = {step_cost.step_key("forward", detail=f"w{w}", **shape): w for w in widths}
+
+    def measure(key: str) -> float:
+        tokens = jnp.zeros((plan.batch, keys[key]), jnp.int32)
+        forward = jax.jit(lambda p, x, c: transformer.forward(p, cfg, x, c).logits)
+        return step_cost.timed_seconds(lambda: forward(model.params, tokens, state.cache))
+
+    costs, spent = step_cost.cached_seconds(list(keys), measure)
+    detail = hashlib.sha1(repr(proposer).encode()).hexdigest()[:16]
+    ctx = _context(state, jnp.asarray(plan.groups), weights, traced)
+    propose = jax.jit(lambda ps, c, r: proposer.propose(ps, c, r)[1].num)
+    rng = jax.random.PRNGKey(0)
+    (drafter,), more = step_cost.cached_seconds(
+        [step_cost.step_key("propose", detail=detail, **shape)],
+        lambda _: step_cost.timed_seconds(lambda: propose(state.proposer_state, ctx, rng)))
+    spent += more
+    return np.asarray(costs, np.float32), np.float32(drafter), spent
 
 
 def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig, seed: int,
          eos_ids: tuple[int, ...], session: Session | None, stop_rows, check_every: int,
-         speculate_max_rows: int | None) -> _DeviceRun:
+         speculate_max_rows: int | None, adaptive: bool = False) -> _DeviceRun:
     """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses."""
     cfg: ModelConfig = model.config
     traced = sampling.traced(sampling_cfg)  # numpy leaves: passed as they are, no eager conversion
@@ -327,19 +506,25 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
     state = start_proposer(prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
                            session.proposer_state if carry else None, session.context if carry else None,
-                           traced, proposer=proposer)
+                           traced, session.acceptance if carry else None, proposer=proposer)
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
+    adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
+    costs, drafter_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), 0.0, 0.0
+    if adaptive:
+        t_cal = time.perf_counter()
+        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, state, traced, mesh)
+        setup_s = time.perf_counter() - t_cal
     run = partial(decode, model.params, cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh,
-                  gated=speculate_max_rows is not None)
+                  gated=speculate_max_rows is not None, adaptive=adaptive)
     stopped = np.zeros(batch, bool)
     if stop_rows is None:
-        state = run(state, plan.groups, max_new, traced, max_new, gate, weights)
+        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s)
     else:  # pause every `check_every` steps: one host sync per pause, never per token
         limit = 0
         row_starts = plan.row_prompt_lengths
         while True:
             limit += check_every
-            state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights)
+            state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s)
             toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
             if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
                 break
@@ -349,20 +534,37 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                 stopped |= stop
                 state = state.replace(done=state.done | jnp.asarray(stop))
     jax.block_until_ready(state.tokens)
-    return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+    return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0,  # measuring step costs is not decoding
+                      decode_s=time.perf_counter() - t1 - setup_s, calibration_s=calibration_s,
+                      costs=costs if adaptive else None, drafter_s=float(drafter_s))
+
+
+def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: int) -> dict[str, Any]:
+    if run.costs is None:
+        return {}
+    return dict(adaptive=True, widths=list(loop_widths(proposer)), width_hist=adapt.width_hist.tolist(),
+                step_costs_s=[float(c) for c in run.costs], propose_s=run.drafter_s,
+                predicted_tokens=float(adapt.predicted_tokens),
+                predicted_decode_s=float(adapt.predicted_s), drafted_share=int(adapt.drafted_steps) / max(steps, 1),
+                calibration_s=run.calibration_s)
 
 
 def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun, eos_ids: tuple[int, ...],
             speculate_max_rows: int | None, keep_session: bool) -> GenerateOutput:
     """The host half after the device: trim each row at EOS, decode texts, count, keep the session."""
+    from specjax import validation
+    from specjax.stats import finish_reason
+
     state = run.state
-    out_tokens, out_lengths, hist, steps, sources = jax.device_get(
-        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts))
+    out_tokens, out_lengths, hist, steps, sources, adapt = jax.device_get(
+        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts, state.adapt))
     starts, batch = plan.row_prompt_lengths, plan.batch
     eos = set(eos_ids)
-    generated = []
+    generated, reasons = [], []
     for b in range(batch):
         gen = out_tokens[b, starts[b] : out_lengths[b]].tolist()
+        reasons.append(finish_reason(len(gen), bool(gen) and gen[-1] in eos, bool(run.stopped[b]),
+                                     plan.max_new_tokens))
         if gen and gen[-1] in eos:
             gen = gen[:-1]
         generated.append(gen)
@@ -379,15 +581,22 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
         decode_s=run.decode_s, wall_s=wall, tokens_per_s=emitted / wall if wall > 0 else 0.0,
         decode_tokens_per_s=(emitted - batch) / run.decode_s if run.decode_s > 0 else 0.0,
         draft_k=proposer.width, speculate_max_rows=speculate_max_rows, stopped_rows=run.stopped.tolist(),
+        finish_reasons=reasons,
         reused_prefix_tokens=0 if plan.start is None else int(np.sum(plan.start)),
-        prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len)
+        prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len, **_adaptive_stats(proposer, run, adapt, int(steps)))
     kept = None
     if keep_session:
         kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
                        context=Context(tokens=state.tokens, lengths=state.lengths, group=plan.groups,
                                        active=np.zeros((batch,), bool), hidden=state.hidden, weights=weights,
-                                       cache=state.cache))
+                                       cache=state.cache), acceptance=(state.adapt.tried, state.adapt.hit))
+        validation.mark_session(kept, model)  # a later call refuses it on another model
     return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)
+
+
+def adaptive_default() -> bool:
+    """`generate(adaptive=None)`: on, unless `SPECJAX_ADAPTIVE` is 0 / false / off (fixed widths everywhere)."""
+    return os.environ.get("SPECJAX_ADAPTIVE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, max_new_tokens: int = 256,
@@ -396,7 +605,8 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
              session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
              stop_rows: Callable[[list[list[int]], np.ndarray], Any] | None = None, check_every: int = 32,
-             speculate_max_rows: int | None = None, **method_options) -> GenerateOutput:
+             speculate_max_rows: int | None = None, adaptive: bool | None = None,
+             **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method (a name or a `Proposer`); see docs/contract.md.
 
     Three parts: `plan.make_plan` (host: encode, lay out rows, pick shape buckets), `_run` (device:
@@ -419,14 +629,25 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
     pauses every `check_every` steps and the callback gets each row's tokens so far and which rows
     finished on their own; rows it returns True for stop (`stats["stopped_rows"]`).
     `speculate_max_rows` (vLLM's disable-by-batch-size): a step drafts only while at most this many
-    rows are unfinished, e.g. only the last stragglers of a Best-of-N batch on hardware where a wide
-    batch's verify forward is compute-bound; None (default) always drafts, 0 never does.
+    rows are unfinished (None, the default: no such cap; 0: never draft). The adaptive loop makes it
+    unnecessary, and it remains as a hard cap on top of it.
+    `adaptive` (default: True, unless the environment sets `SPECJAX_ADAPTIVE=0`): each step's verify
+    width is chosen in the loop from this machine's measured step costs and the online acceptance of the
+    drafts (`decode`), so a method that does not
+    pay drafts less, or not at all; `adaptive=False` keeps the fixed widths of the method's options
+    (to reproduce a paper's settings). Greedy outputs are the same either way.
     """
+    from specjax import validation
+
+    # every argument checked on the host before anything binds, loads or compiles (method options: make_proposer)
+    validation.generate_args(
+        model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        chat=chat, num_samples=num_samples, group=group, max_len=max_len, eos_token_ids=eos_token_ids,
+        pad_prompts_to=pad_prompts_to, session=session, keep_session=keep_session, pad_new_to=pad_new_to,
+        stop_rows=stop_rows, check_every=check_every, speculate_max_rows=speculate_max_rows)
+    if adaptive is not None:  # None: adaptive_default()
+        validation.boolean("adaptive", adaptive)
     gate = speculate_max_rows
-    if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, np.integer)) or gate < 0):
-        raise ValueError(f"speculate_max_rows must be None or an integer >= 0, got {speculate_max_rows!r}")
-    if stop_rows is not None and check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     proposer, weights = bind_proposer(model, method, sampling_cfg, **method_options)
     the_plan = make_plan(model, prompts, proposer, max_new_tokens=max_new_tokens, chat=chat, num_samples=num_samples,
@@ -434,5 +655,8 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
                          pad_new_to=pad_new_to)
     eos_ids = tuple(model.eos_token_ids if eos_token_ids is None else (int(i) for i in eos_token_ids))
     gate = None if gate is None else int(gate)
-    run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every, gate)
+    if adaptive is None:
+        adaptive = adaptive_default()
+    run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every, gate,
+               adaptive=bool(adaptive))
     return _finish(model, the_plan, proposer, weights, run, eos_ids, gate, keep_session)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from specjax import sharding
+from specjax import sharding, validation
 from specjax.config import ModelConfig
 from specjax.models import loading, transformer
 
@@ -36,10 +36,9 @@ class Model:
         return tuple(sorted(ids))
 
     def logits(self, token_ids) -> np.ndarray:
-        """Full causal forward without a cache: float32 [B, T, V] (parity checks against other stacks)."""
-        tokens = np.asarray(token_ids, np.int32)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
+        """Full causal forward without a cache: float32 [B, T, V] (parity checks against other stacks).
+        Ids outside the vocabulary are refused: the embedding gather would clamp or fill them silently."""
+        tokens = validation.token_array("token_ids", token_ids, self.config.vocab_size)
         return np.asarray(_full_logits(self.params, self.config, tokens))
 
 
@@ -59,6 +58,7 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
     bytes, and on CPUs with AMX/AVX512-BF16 a verify forward of many tokens costs little more than
     one, where float32 is compute-bound (docs/cpu_precision.md).
     """
+    validation.load_args(name, dtype, tokenizer, mesh, matmul_dtype)
     kind, path = loading.resolve(name)
     jdtype = loading.parse_dtype(dtype)
     low = None if matmul_dtype is None else loading.parse_dtype(matmul_dtype)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from specjax import validation
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
@@ -90,6 +91,9 @@ def encode_prompts(tokenizer, prompts: Sequence[Any], chat: bool) -> list[list[i
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
             else:
                 ids = tokenizer(p)["input_ids"]
+            if not ids:  # raw text ("" with chat=False) can encode to nothing; an empty row has no last token
+                raise ValueError(f"prompts[{len(encoded)}] is empty after encoding ({p!r} with chat=False adds no "
+                                 "template): pass some text, or use the chat template")
             encoded.append([int(i) for i in ids])
         else:
             ids = [int(i) for i in p]
@@ -110,12 +114,12 @@ def make_plan(model, prompts: Sequence[Any], proposer: Proposer, *, max_new_toke
               num_samples: int = 1, group: Sequence[int] | None = None, max_len: int | None = None,
               pad_prompts_to: int = 0, session=None, pad_new_to: int = 0) -> Plan:
     """Encodes and lays out one `generate` call; every size check happens here, before the device."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    validation.plan_args(model, prompts, max_new_tokens=max_new_tokens, chat=chat, num_samples=num_samples,
+                         group=group, max_len=max_len, pad_prompts_to=pad_prompts_to, session=session,
+                         pad_new_to=pad_new_to)
     cfg: ModelConfig = model.config
     ids = encode_prompts(model.tokenizer, prompts, chat)
+    validation.encoded_prompts(ids, cfg.vocab_size)  # a tokenizer whose ids the model does not have
     num_prompts = len(ids)
     rows = np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)
     batch = len(rows)
@@ -136,7 +140,7 @@ def make_plan(model, prompts: Sequence[Any], proposer: Proposer, *, max_new_toke
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} + draft {proposer.width} does not fit the "
             f"cache of {min(cache_len, limit)} positions (model limit {limit}): shorten the prompt or lower "
-            "max_new_tokens"
+            "max_new_tokens" + ("" if max_len is None else f", or raise max_len={max_len}")
         )
     p_bucket = min(p_bucket, cache_len)
     prompt = np.zeros((num_prompts, p_bucket), np.int32)

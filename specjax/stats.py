@@ -11,6 +11,19 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+FINISH_REASONS = ("eos", "budget", "cache_full", "stopped")
+
+
+def finish_reason(emitted: int, ended_on_eos: bool, stopped: bool, max_new_tokens: int) -> str:
+    """Why one row ended, from what the host has after the loop: `stop_rows` stopped it, it emitted an EOS
+    token, it used its whole budget, or, none of those, the loop ended because the cache had no room for
+    another step (the rows share one static cache length)."""
+    if stopped:
+        return "stopped"
+    if ended_on_eos:
+        return "eos"
+    return "budget" if emitted >= max_new_tokens else "cache_full"
+
 
 @dataclasses.dataclass
 class GenerationStats(Mapping):
@@ -32,9 +45,23 @@ class GenerationStats(Mapping):
     draft_k: int  # draft width per step (chain positions or tree nodes)
     speculate_max_rows: int | None  # the batch cut-off for drafting, None: always draft
     stopped_rows: list[bool]  # rows `stop_rows` ended before EOS or the budget
+    # per row, why it ended (`finish_reason`): "eos", "budget" (max_new_tokens), "cache_full" (no room for
+    # another step) or "stopped" (by `stop_rows`)
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
     reused_prefix_tokens: int = 0  # prompt tokens a continued session found already cached
     prompt_bucket: int = 0  # static prompt width of the prefill
     cache_len: int = 0  # static cache length (bucket) of the run
+    # the adaptive loop (`generate(adaptive=True)`, the default for drafting methods); for a fixed-width
+    # run these hold zeros, and `width_hist` / `widths` are empty
+    adaptive: bool = False
+    widths: list[int] = dataclasses.field(default_factory=list)  # the static verify widths (1 = no draft)
+    width_hist: list[int] = dataclasses.field(default_factory=list)  # steps run at each of `widths`
+    step_costs_s: list[float] = dataclasses.field(default_factory=list)  # calibrated seconds of each width
+    propose_s: float = 0.0  # calibrated seconds of one `propose`
+    predicted_tokens: float = 0.0  # expected tokens of the chosen widths, summed over steps (vs emitted_tokens)
+    predicted_decode_s: float = 0.0  # calibrated seconds of the chosen widths + drafting (vs decode_s)
+    drafted_share: float = 0.0  # share of steps that ran `propose`
+    calibration_s: float = 0.0  # spent measuring this machine's step costs (first use of a shape), not in wall_s
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,6 +89,9 @@ def tiny_model():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite checks each method's drafting at its fixed widths (acceptance, trees, sessions); the adaptive
+# loop, the default for users, has its own tests (test_adaptive.py), which pass adaptive=True
+os.environ["SPECJAX_ADAPTIVE"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_speculate_max_rows_gates_every_drafter(tiny_model, method):
     (dict(method="ar", speculate_max_rows=-1), "speculate_max_rows must be None or an integer >= 0"),
     (dict(method="nope"), "unknown method 'nope'"),
     (dict(method="pld", window=3), "does not take option"),
-    (dict(method="pld", k=-1), "k .draft length. must be >= 0"),
+    (dict(method="pld", k=-1), "option k of method 'pld' must be >= 0"),
     (dict(method="ar", temperature=-1.0), "temperature must be >= 0"),
     (dict(method="ar", top_p=0.0), "top_p must be in"),
     (dict(method="ar", max_new_tokens=0), "max_new_tokens must be >= 1"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -38,8 +39,10 @@ HEADS = ("medusa", "eagle")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.draft_head", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from eval.cli import Parser
+
+    p = Parser(prog="python -m train.draft_head", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", required=True, help="medusa or eagle")
     p.add_argument("--out", required=True, help="folder: data cache, checkpoints, exported head")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -278,6 +281,56 @@ def eagle_task(args, model, tokens, mask, features) -> HeadTask:
                     extra={"draft_vocab": ids})
 
 
+def damaged_checkpoint(root: Path, step: int, steps: Any, error: Exception) -> str:
+    """The message for a checkpoint that does not restore: the step, its folder and the file the error names,
+    and what to delete. Only the error's type is kept of the library's message, whose text holds object reprs
+    (`<bound method ...>`) that mean nothing to the user."""
+    folder = root / str(step)
+    bad = _damaged_file(folder, error)
+    where = f"file {bad}" if bad else f"folder {folder}"
+    earlier = sorted(s for s in steps if s < step)
+    fix = (f"delete {folder} to resume from step {earlier[-1]}, or {root} to start over" if earlier
+           else f"delete {root} to start over")
+    return (f"checkpoint step {step} is corrupt or from another configuration ({type(error).__name__} reading "
+            f"{where}): {fix}")
+
+
+def _damaged_file(folder: Path, error: BaseException) -> Path | None:
+    """The file of a checkpoint step that failed to restore: one the error (or an error it came from) names,
+    else the first of the step's JSON metadata files that does not parse; None when neither shows it."""
+    import re
+
+    pattern = re.escape(str(folder.absolute())) + r"/[^\s'\"<>,;:)]+"
+    while error is not None:
+        named = [Path(n) for n in re.findall(pattern, str(error)) if Path(n).is_file()]
+        if named:
+            return named[0]
+        error = error.__cause__ or error.__context__
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix == ".json" or path.name.endswith("METADATA")):
+            try:
+                json.loads(path.read_text())
+            except (ValueError, OSError):
+                return path
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keeps the records of steps <= `step` (none: a fresh start). A run resumed from `step` writes the later
+    steps again, which would otherwise appear twice, e.g. after a damaged checkpoint was deleted."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 def train(args, task: HeadTask, folder: Path, log=print) -> tuple[Any, list[dict]]:
     import jax
     import jax.numpy as jnp
@@ -302,15 +355,18 @@ def train(args, task: HeadTask, folder: Path, log=print) -> tuple[Any, list[dict
     latest = manager.latest_step()
     if latest is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        absl, level = logging.getLogger("absl"), logging.getLogger("absl").level
+        absl.setLevel(logging.CRITICAL)  # Orbax logs a damaged file on its own line before our message
         try:
             state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged files
-            raise ValueError(f"checkpoint step {latest} in {folder / 'checkpoints'} is corrupt or from another "
-                             f"configuration ({type(e).__name__}: {str(e)[:200]}); delete that step's folder to "
-                             "resume from the one before, or the whole folder to start over") from None
+            raise ValueError(damaged_checkpoint(folder / "checkpoints", latest, manager.all_steps(), e)) from None
+        finally:
+            absl.setLevel(level)
         start = int(state["step"])
         log(f"resuming from step {start} ({folder / 'checkpoints'})")
     history = []
+    truncate_metrics(folder / "metrics.jsonl", start)  # the steps after `start` are about to be written again
     metrics = (folder / "metrics.jsonl").open("a")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
@@ -333,12 +389,34 @@ def train(args, task: HeadTask, folder: Path, log=print) -> tuple[Any, list[dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return _main(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from eval import cli
+
+    return cli.run(parse_args, _main, argv)
+
+
+def check_args(args) -> None:
+    """Every flag, the datasets' files and the output folder, before the model loads and data is generated
+    (tens of seconds that a bad --out would waste)."""
+    from eval import cli
+    from specjax import validation
+
+    if args.head not in HEADS:
+        raise ValueError(f"--head {args.head!r} is not available; use one of {', '.join(HEADS)}")
+    cli.check_ints(args, 1, "steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts", "positions",
+                   "ttt_steps", "draft_vocab", "gen_batch", "stop_after")
+    cli.check_ints(args, 0, "skip", "eval_prompts", "warmup", "seed")
+    if args.seq_len < 8:
+        raise ValueError(f"--seq-len must be >= 8, got {args.seq_len}")
+    validation.number("--lr", args.lr, gt=0)
+    names = args.dataset.split(",")
+    if not all(n.strip() for n in names):
+        raise ValueError(f"--dataset {args.dataset!r} has an empty name: pass names or paths, comma-separated")
+    for name in names:  # a path that is not there fails now, not after the model has loaded
+        path = Path(name).expanduser()
+        if (path.suffix in (".jsonl", ".json") or name.startswith((".", "/", "~"))) and not path.is_file():
+            raise ValueError(f"--dataset file {name!r} not found; pass a JSONL path, a built-in name (arith, "
+                             "spectts) or a Hugging Face dataset id")
+    cli.output_dir(args.out, "--out")
 
 
 def _main(args) -> int:
@@ -347,14 +425,7 @@ def _main(args) -> int:
     import specjax
     from specjax.heads.io import save_head
 
-    if args.head not in HEADS:
-        raise ValueError(f"--head {args.head!r} is not available; use one of {', '.join(HEADS)}")
-    for name in ("steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts", "positions", "ttt_steps",
-                 "draft_vocab"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seq_len < 8:
-        raise ValueError(f"--seq-len must be >= 8, got {args.seq_len}")
+    check_args(args)
     folder = Path(args.out)
     model = specjax.load(args.model)
     t0 = time.perf_counter()

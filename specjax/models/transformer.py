@@ -44,6 +44,8 @@ class ForwardOut:
     cache: kv.KVCache | None
     layer_hidden: tuple[jax.Array, ...] = ()  # outputs of the requested layers (pre-norm), [B, T, D] each
     experts_activated: tuple[jax.Array, ...] = ()  # per sparse layer: distinct experts these tokens used
+    # write_cache=False: per layer, the new tokens' (k, v) [B, T, KV, hd], for the caller to write
+    new_kv: tuple[tuple[jax.Array, jax.Array], ...] = ()
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -151,12 +153,14 @@ def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
 
 
-def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, slots):
+def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, slots, write: bool = True):
     """One pre-norm decoder layer; shared by every model and by the EAGLE head.
 
     new_mask [T, T] or [B, T, T] (which new tokens see each other); ctx_mask/cache_kv/slots: the cache
     context (None without a cache). Returns (x, (k, v) buffers with the new entries written, or None,
-    distinct experts activated: a scalar for sparse layers, None for dense ones).
+    distinct experts activated: a scalar for sparse layers, None for dense ones). `write=False` returns
+    the new entries themselves ([B, T, KV, hd]) instead: the context is read from the unwritten buffers,
+    which is the same (the context mask covers committed slots only).
     """
     b, t, _ = x.shape
     hd = cfg.head_dim
@@ -175,6 +179,9 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     k = apply_rope(k, *rope)
     if cache_kv is None:
         ctx, new_kv = None, None
+    elif not write:
+        new_kv = (k, v)
+        ctx = None if ctx_mask is None else (cache_kv[0], cache_kv[1], ctx_mask)
     else:
         new_kv = (kv.write(cache_kv[0], k, slots), kv.write(cache_kv[1], v, slots))
         ctx = None if ctx_mask is None else (new_kv[0], new_kv[1], ctx_mask)
@@ -206,6 +213,7 @@ def forward(
     hidden_layers: tuple[int, ...] = (),
     num_layers: int | None = None,
     cache_is_empty: bool = False,
+    write_cache: bool = True,
 ) -> ForwardOut:
     """Runs the decoder on `tokens`.
 
@@ -216,7 +224,9 @@ def forward(
     The returned cache holds the new keys/values but the same lengths: the caller commits.
     `logit_positions` selects which positions get logits (saves the LM head on prefill);
     `num_layers` runs only the first layers (layer-skip self-drafting); `cache_is_empty` (prefill of a
-    fresh cache) skips attending to the cache's stale slots.
+    fresh cache) skips attending to the cache's stale slots. `write_cache=False` leaves the cache as it
+    is and returns the new keys/values (`new_kv`): a caller branching over widths under `lax.switch`
+    writes them once outside it, so the conditional never carries (and copies) the whole cache.
     """
     b, t = tokens.shape
     chex.assert_rank(tokens, 2)
@@ -238,7 +248,8 @@ def forward(
     new_k, new_v, collected, activated = [], [], [], []
     for i in range(n_layers):
         layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, written, experts = decoder_layer(params["layers"][i], cfg, x, rope, new_mask, ctx_mask, layer_kv, slots)
+        x, written, experts = decoder_layer(params["layers"][i], cfg, x, rope, new_mask, ctx_mask, layer_kv, slots,
+                                            write=write_cache)
         if experts is not None:
             activated.append(experts)
         if written is not None:
@@ -246,14 +257,16 @@ def forward(
             new_v.append(written[1])
         if i in hidden_layers:
             collected.append(x)
-    new_cache = None
-    if cache is not None:
+    new_cache, fresh = None, ()
+    if cache is not None and write_cache:
         new_cache = cache.replace(k=tuple(new_k) + cache.k[n_layers:], v=tuple(new_v) + cache.v[n_layers:])
+    elif cache is not None:
+        fresh = tuple(zip(new_k, new_v))
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     h = hidden if logit_positions is None else jnp.take_along_axis(hidden, logit_positions[..., None], axis=1)
     logits = matmul(h, params["lm_head"], jnp.float32)
     return ForwardOut(logits=logits, hidden=hidden, cache=new_cache, layer_hidden=tuple(collected),
-                      experts_activated=tuple(activated))
+                      experts_activated=tuple(activated), new_kv=fresh)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 
-from specjax.proposers.base import NoDraft, Proposer, bound, option_fields, register, registered
+from specjax import validation
+from specjax.proposers.base import NoDraft, Proposer, bound, option, option_fields, register, registered
 
-__all__ = ["NoDraft", "Proposer", "bound", "make_proposer", "option_fields", "register", "registry"]
+__all__ = ["NoDraft", "Proposer", "bound", "make_proposer", "option", "option_fields", "register", "registry"]
 
 BUILTIN = ("ngram", "draft_model", "medusa", "eagle", "hybrid", "lookahead", "pia", "recycling", "rest")
 
@@ -31,18 +32,12 @@ def make_proposer(method: "str | Proposer", **options) -> Proposer:
             raise ValueError(f"options {', '.join(sorted(options))} go into the proposer instance, not generate()")
         return method
     methods = registry()
+    if not isinstance(method, str):
+        raise validation.InvalidType(f"method must be a method name or a Proposer, got {validation.given(method)}")
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
     cls = methods[method]
-    fields = option_fields(cls)
-    unknown = set(options) - set(fields)
-    if unknown:
-        raise ValueError(
-            f"method {method!r} does not take option(s) {', '.join(sorted(unknown))}; "
-            f"its options are: {', '.join(sorted(fields)) or 'none'}"
-        )
-    if method == "ar" and options.get("k", 0) != 0:
-        raise ValueError("method 'ar' drafts nothing: k must be 0")
+    options = validation.method_options(cls, method, options)  # known names, each of its field's type and range
     proposer = cls(**options)
     if proposer.k < 0:
         raise ValueError(f"k (draft length) must be >= 0, got {proposer.k}")

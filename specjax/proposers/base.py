@@ -27,7 +27,7 @@ from jaxtyping import Array, Int
 
 from specjax.drafting import Context, Draft, TreeTemplate, branching_tree
 
-__all__ = ["BranchingTree", "Context", "Draft", "NoDraft", "Proposer", "State", "bound", "option_fields",
+__all__ = ["BranchingTree", "Context", "Draft", "NoDraft", "Proposer", "State", "bound", "option", "option_fields",
            "register", "registered"]
 
 State = Any
@@ -62,6 +62,17 @@ def bound(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"bound": True})
 
 
+def option(default: Any, *, min: float | None = None, max: float | None = None, gt: float | None = None,
+           lt: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A user option with the values it may take: `k: int = option(8, min=0)`. `min`/`max` are inclusive
+    bounds, `gt`/`lt` exclusive ones (for a tuple field, of each entry), `choices` the allowed strings.
+    `specjax.validation` checks every option against its field's annotated type and this range before a
+    proposer is built (`make_proposer`, every CLI), so `__post_init__` keeps only the checks that relate
+    fields to each other."""
+    meta = {"min": min, "max": max, "gt": gt, "lt": lt, "choices": choices}
+    return dataclasses.field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
 def option_fields(cls: type["Proposer"]) -> dict[str, dataclasses.Field]:
     """The user options of a proposer class: its dataclass fields that are not `bound`."""
     return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("bound")}
@@ -76,7 +87,13 @@ class Proposer:
     needs: ClassVar[str | None] = None
     paper: ClassVar[tuple[int, str] | None] = None  # (row, name) in the SpecTTS-Bench table (arXiv 2509.04474)
     sources: ClassVar[tuple[str, ...]] = ("drafter",)  # what `Draft.source` ids mean (stats["proposer_steps"])
-    k: int = 0
+    # what `Draft.confidence` measures, for the adaptive loop's buckets: "count" (a match length, an
+    # n-gram order: log2 buckets) or "probability" (a head's or draft model's, in [0, 1])
+    confidence_kind: ClassVar[str] = "count"
+    # False: the adaptive loop leaves this method's widths alone (its forward does work beyond the draft,
+    # e.g. lookahead's Jacobi window, that a narrower verify would drop)
+    adaptive_widths: ClassVar[bool] = True
+    k: int = option(0, min=0)
 
     @property
     def width(self) -> int:
@@ -135,7 +152,7 @@ class Proposer:
 class NoDraft(Proposer):
     """Plain autoregressive decoding: the verify forward is one token and accepts nothing extra."""
 
-    k: int = 0
+    k: int = option(0, min=0, max=0)
 
 
 class BranchingTree:

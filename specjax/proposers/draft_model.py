@@ -27,7 +27,7 @@ from specjax.config import ModelConfig, SamplingConfig, SamplingMode
 from specjax.drafting import Context, Draft, gather_rows, pending_tokens
 from specjax.models import transformer
 from specjax.models.cache import KVCache
-from specjax.proposers.base import Proposer, bound, register
+from specjax.proposers.base import Proposer, bound, option, register
 
 
 @struct.dataclass
@@ -97,8 +97,9 @@ def draft_chain(weights, cfg: ModelConfig, cache: KVCache, first: jax.Array, k: 
 class DraftModel(Proposer):
     """K tokens from a draft model; `draft` is a model name/path or `self:L`. `bind` fills the rest."""
 
+    confidence_kind: ClassVar[str] = "probability"
     paper: ClassVar[tuple[int, str] | None] = (1, "SpS")
-    k: int = 4
+    k: int = option(4, min=1)
     draft: str = "self:8"
     cfg: ModelConfig | None = bound(None)
     sampling_cfg: SamplingMode | SamplingConfig | None = bound(None)  # the static mode; numbers: ctx.sampling

@@ -27,7 +27,7 @@ from specjax.drafting import Context, Draft, TreeTemplate, eagle_tree
 from specjax.heads.eagle import params_dtype
 from specjax.models import transformer
 from specjax.models.cache import KVCache
-from specjax.proposers.base import Proposer, bound, register
+from specjax.proposers.base import Proposer, bound, option, register
 
 
 @struct.dataclass
@@ -39,16 +39,17 @@ class EagleState:
 @register("eagle")
 @dataclasses.dataclass(frozen=True)
 class Eagle(Proposer):
+    confidence_kind: ClassVar[str] = "probability"
     needs: ClassVar[str | None] = "head"
     paper: ClassVar[tuple[int, str] | None] = (2, "EAGLE-3")
     head: str = ""  # folder of a trained head (train.draft_head --head eagle --out DIR); '' = the shipped one
     # defaults measured on a 2-core CPU, where a 5-token verify costs 2.5x a 1-token step: a chain
     # of 4 beats trees of 6-12 nodes there (docs/benchmarks.md); on accelerators try topk=2-3, total=16-60
-    total: int = 8  # draft tree nodes (verify width - 1); trees only (topk > 1)
-    depth: int = 4  # most draft tokens per step
-    topk: int = 1  # children per node at most; 1 = a chain of `depth` tokens
-    min_prob: float = 0.0  # chain mode: draft only the leading guesses at least this sure
-    k: int = 0  # set by bind
+    total: int = option(8, min=1)  # draft tree nodes (verify width - 1); trees only (topk > 1)
+    depth: int = option(4, min=1)  # most draft tokens per step
+    topk: int = option(1, min=1)  # children per node at most; 1 = a chain of `depth` tokens
+    min_prob: float = option(0.0, min=0)  # chain mode: draft only the leading guesses at least this sure
+    k: int = option(0, min=0)  # set by bind
     cfg: ModelConfig | None = bound(None)  # the head's one-layer config
     layers: tuple[int, ...] = bound(())  # target layers fused
 

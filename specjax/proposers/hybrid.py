@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from specjax.config import SamplingMode
 from specjax.drafting import Context, Draft
-from specjax.proposers.base import Proposer, bound, register
+from specjax.proposers.base import Proposer, bound, option, register
 from specjax.proposers.draft_model import DraftModel
 from specjax.proposers.ngram import SuffixMatch
 
@@ -33,20 +33,21 @@ SOURCE_SUFFIX, SOURCE_HEAD = 1, 2
 class Hybrid(Proposer):
     paper: ClassVar[tuple[int, str] | None] = (9, "SAM[EAGLE-3]")
     sources: ClassVar[tuple[str, ...]] = ("none", "suffix", "head")
-    k: int = 16  # suffix draft length (capped at the match length, as `suffix` does)
-    threshold: int = 3  # match length from which the suffix drafts (suffix's own min_match)
+    k: int = option(16, min=0)  # suffix draft length (capped at the match length, as `suffix` does)
+    threshold: int = option(3, min=1)  # match length from which the suffix drafts (suffix's own min_match)
     # "eagle" / "medusa" (a trained head in head_path, default: the one shipped for the model), "draft"
     # (a draft model or self:L), or "auto": head_path's kind if set, else the shipped eagle head, else the
     # shipped medusa head, else draft
     head: str = "auto"
-    head_k: int = 4  # chain length of an eagle or draft-model head; a medusa head drafts one token per head
+    # chain length of an eagle or draft-model head; a medusa head drafts one token per head
+    head_k: int = option(4, min=1)
     draft: str = "self:8"
     head_path: str = ""
     # a trained head drafts only its leading guesses at least this sure; < 0: per kind, as measured best
     # on the think-twice benchmark (eagle 0: its chain is cheap to verify in full; medusa 0.6)
     head_min_prob: float = -1.0
-    max_match: int = 32
-    store_size: int = 0
+    max_match: int = option(32, min=1)
+    store_size: int = option(0, min=0)
     head_proposer: Proposer | None = bound(None)
     sampling_cfg: SamplingMode | None = bound(None)  # the static mode
     vocab: int = bound(0)

@@ -36,7 +36,7 @@ from flax import struct
 from jaxtyping import Array, Int
 
 from specjax.drafting import Context, Draft, TreeTemplate, gather_rows, lookahead_tree, pending_tokens
-from specjax.proposers.base import Proposer, bound, register
+from specjax.proposers.base import Proposer, bound, option, register
 
 
 @struct.dataclass
@@ -73,10 +73,11 @@ def insert_ngrams(state: LookaheadState, ngrams: Int[Array, "M N"], valid) -> Lo
 @register("lookahead")
 @dataclasses.dataclass(frozen=True)
 class Lookahead(Proposer):
+    adaptive_widths: ClassVar[bool] = False  # the window rides in every verify forward
     paper: ClassVar[tuple[int, str] | None] = (4, "Lookahead")
-    k: int = 2  # levels of the window = tokens per drafted n-gram (N - 1)
-    window: int = 4  # W: Jacobi columns run per step
-    guesses: int = 2  # G: pool n-grams verified per step (and kept per key)
+    k: int = option(2, min=1)  # levels of the window = tokens per drafted n-gram (N - 1)
+    window: int = option(4, min=1)  # W: Jacobi columns run per step
+    guesses: int = option(2, min=1)  # G: pool n-grams verified per step (and kept per key)
     vocab: int = bound(0)  # the target's vocabulary
 
     def __post_init__(self):

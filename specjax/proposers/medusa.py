@@ -17,17 +17,19 @@ import jax.numpy as jnp
 from specjax.drafting import Context, Draft, TreeTemplate, branching_tree, chains_to_tree
 from specjax.models import transformer
 from specjax.models.linear import matmul
-from specjax.proposers.base import Proposer, bound, register
+from specjax.proposers.base import Proposer, bound, option, register
 
 
 @register("medusa")
 @dataclasses.dataclass(frozen=True)
 class Medusa(Proposer):
+    confidence_kind: ClassVar[str] = "probability"
     needs: ClassVar[str | None] = "head"
     head: str = ""  # folder of a trained head (train.draft_head --head medusa --out DIR); '' = the shipped one
-    branches: int = 2
-    min_prob: float = 0.0  # chain mode: draft only the leading heads whose top-1 probability reaches this
-    k: int = 0  # set by bind: the number of heads
+    branches: int = option(2, min=1)
+    # chain mode: draft only the leading heads whose top-1 probability reaches this
+    min_prob: float = option(0.0, min=0)
+    k: int = option(0, min=0)  # set by bind: the number of heads
     hidden: int = bound(0)
 
     def __post_init__(self):

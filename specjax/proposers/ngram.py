@@ -30,7 +30,7 @@ from specjax.drafting import (
     check_draft,
     gather_rows,
 )
-from specjax.proposers.base import Proposer, register
+from specjax.proposers.base import Proposer, option, register
 
 # ---------------------------------------------------------------- suffix matching (pld, suffix)
 
@@ -124,10 +124,11 @@ class PromptLookup(Proposer):
     """
 
     paper: ClassVar[tuple[int, str] | None] = (3, "PLD")
-    k: int = 8
-    max_ngram: int = 3
-    min_ngram: int = 2  # a lone repeated token is a weak predictor; a wide verify costs 3-4x a step on CPU
-    spec_factor: float = 0.0  # > 0: draft at most ceil(spec_factor * match length) tokens
+    k: int = option(8, min=0)
+    max_ngram: int = option(3, min=1)
+    # a lone repeated token is a weak predictor; a wide verify costs 3-4x a step on CPU
+    min_ngram: int = option(2, min=1)
+    spec_factor: float = option(0.0, min=0)  # > 0: draft at most ceil(spec_factor * match length) tokens
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:
@@ -182,16 +183,17 @@ class SuffixMatch(Proposer):
     """
 
     paper: ClassVar[tuple[int, str] | None] = (8, "SAM-Decoding")
-    k: int = 16
-    max_match: int = 32
-    min_match: int = 3  # shorter matches rarely predict K tokens; a K+1-wide verify costs 3-4x a step on CPU
+    k: int = option(16, min=0)
+    max_match: int = option(32, min=1)
+    # shorter matches rarely predict K tokens; a K+1-wide verify costs 3-4x a step on CPU
+    min_match: int = option(3, min=1)
     shared: bool = True
-    store_size: int = 1024
+    store_size: int = option(1024, min=0)
     # draft at most ceil(spec_factor * match length) tokens (SuffixDecoding's adaptive length): a short
     # match buys a narrow verify, a long one up to K. Measured on think-twice round 2 (k=16): 0 -> 1.7x
     # decode speedup, 1.0 -> 2.4x
-    spec_factor: float = 1.0
-    branches: int = 1  # > 1: a tree of that many chains, from the best matches with distinct next tokens
+    spec_factor: float = option(1.0, min=0)
+    branches: int = option(1, min=1)  # > 1: a tree of that many chains, from the best matches with distinct next tokens
 
     def __post_init__(self):
         if not 1 <= self.min_match <= self.max_match:
@@ -277,9 +279,9 @@ class NGramPool(Proposer):
     (re-`init` after appending long text). `confidence` is n on a hit, else 0.
     """
 
-    k: int = 8
-    ngram: int = 2
-    table_size: int = 4096
+    k: int = option(8, min=0)
+    ngram: int = option(2, min=1)
+    table_size: int = option(4096, min=1)
 
     def __post_init__(self):
         if self.ngram < 1 or self.table_size < 1 or self.table_size & (self.table_size - 1):

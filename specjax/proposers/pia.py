@@ -32,7 +32,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from specjax.drafting import Context, Draft, check_context, gather_rows
-from specjax.proposers.base import BranchingTree, Proposer, bound, register
+from specjax.proposers.base import BranchingTree, Proposer, bound, option, register
 
 
 @struct.dataclass
@@ -193,18 +193,19 @@ class Pia(BranchingTree, Proposer):
     """PIA's trie drafter; see the module docstring. `confidence` is the matched m (0: no draft)."""
 
     paper: ClassVar[tuple[int, str] | None] = (5, "PIA")
-    k: int = 4  # tree depth: most tokens one step can accept
-    branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
+    k: int = option(4, min=1)  # tree depth: most tokens one step can accept
+    branching: tuple[int, ...] = option((2, 2), min=1)  # children per node at depths 1, 2, ... (then chains)
     # n-gram length stored: a match of m tokens drafts at most branch_len - m levels deep, so the default
     # is max_match + k (a longest match can fill the whole tree). SmolLM2-135M, the re-check prompt of
     # the real-model test: 1.81 tokens per forward with 6, 1.90 with 7
-    branch_len: int = 7
-    max_match: int = 3  # longest history suffix matched in the trie
-    capacity: int = 4096  # trie nodes per row, the root included
-    fanout: int = 4  # children kept per node (>= max(branching))
-    prompt_weight: float = 0.5  # a prompt n-gram counts this much, an output one 1 (PIA weighs output more)
-    decay: float = 0.5  # pruning multiplies every freq by this ...
-    min_freq: float = 0.5  # ... and frees the nodes left below this, with their subtrees
+    branch_len: int = option(7, min=2)
+    max_match: int = option(3, min=1)  # longest history suffix matched in the trie
+    capacity: int = option(4096, min=1)  # trie nodes per row, the root included
+    fanout: int = option(4, min=1)  # children kept per node (>= max(branching))
+    # a prompt n-gram counts this much, an output one 1 (PIA weighs output more)
+    prompt_weight: float = option(0.5, gt=0)
+    decay: float = option(0.5, gt=0, lt=1)  # pruning multiplies every freq by this ...
+    min_freq: float = option(0.5, gt=0)  # ... and frees the nodes left below this, with their subtrees
     vocab: int = bound(0)  # the target's vocabulary (the root's table)
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ from flax import struct
 from jaxtyping import Array, Int
 
 from specjax.drafting import Context, Draft, pending_tokens
-from specjax.proposers.base import BranchingTree, Proposer, bound, register
+from specjax.proposers.base import BranchingTree, Proposer, bound, option, register
 
 
 @struct.dataclass
@@ -49,9 +49,9 @@ def refresh(adj: Adjacency, fed: Int[Array, "B T"], top: Int[Array, "B T C"], va
 @dataclasses.dataclass(frozen=True)
 class TokenRecycling(BranchingTree, Proposer):
     paper: ClassVar[tuple[int, str] | None] = (7, "Token Recycling")
-    k: int = 4  # tree depth: most tokens one step can accept
-    branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
-    top: int = 4  # successors kept per token (>= max(branching))
+    k: int = option(4, min=1)  # tree depth: most tokens one step can accept
+    branching: tuple[int, ...] = option((2, 2), min=1)  # children per node at depths 1, 2, ... (then chains)
+    top: int = option(4, min=1)  # successors kept per token (>= max(branching))
     vocab: int = bound(0)  # the target's vocabulary
 
     def __post_init__(self):

@@ -47,7 +47,7 @@ from jaxtyping import Array, Bool, Int
 
 from specjax.datastore import BUILD_HINT, SEPARATOR, load_datastore
 from specjax.drafting import Context, Draft, TreeTemplate, check_context, gather_rows
-from specjax.proposers.base import BranchingTree, Proposer, register
+from specjax.proposers.base import BranchingTree, Proposer, option, register
 
 
 @struct.dataclass
@@ -156,11 +156,11 @@ class Rest(BranchingTree, Proposer):
     needs: ClassVar[str | None] = "datastore"
     paper: ClassVar[tuple[int, str] | None] = (6, "REST")
     datastore: str = ""  # path of a datastore built by eval.build_datastore
-    max_key: int = 8  # longest history suffix looked up
-    min_key: int = 2
-    candidates: int = 32  # continuations retrieved per step, at most
-    k: int = 4  # tree depth
-    branching: tuple[int, ...] = (2, 2)  # children per node at depths 1, 2, ... (then chains)
+    max_key: int = option(8, min=1)  # longest history suffix looked up
+    min_key: int = option(2, min=1)
+    candidates: int = option(32, min=1)  # continuations retrieved per step, at most
+    k: int = option(4, min=1)  # tree depth
+    branching: tuple[int, ...] = option((2, 2), min=1)  # children per node at depths 1, 2, ... (then chains)
 
     def __post_init__(self):
         object.__setattr__(self, "branching", tuple(self.branching))  # e.g. a list from --option: must hash

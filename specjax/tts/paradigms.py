@@ -22,6 +22,7 @@ import numpy as np
 from specjax.engine import generate
 from specjax.plan import cache_length
 from specjax.proposers import make_proposer
+from specjax.stats import FINISH_REASONS
 from specjax.tts.datasets import Question
 from specjax.tts.grading import extract_answer, vote_settled
 
@@ -30,7 +31,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 # the re-answer prompt of "Think Twice" (multi-round test-time thinking)
 REANSWER = "The assistant's previous answer is: <answer>{previous}</answer>, and please re-answer."
 REANSWER_SLACK = 16  # re-tokenising a decoded answer may take a few more tokens than generating it did
-GENERATE_KW = ("max_new_tokens", "temperature", "top_k", "top_p", "speculate_max_rows")
+GENERATE_KW = ("max_new_tokens", "temperature", "top_k", "top_p", "speculate_max_rows", "adaptive")
 
 
 def first_round_prompt(question: str) -> str:
@@ -82,6 +83,20 @@ def aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total["tokens_per_s"] = total["emitted_tokens"] / total["wall_s"] if total["wall_s"] else 0.0
     sources = np.sum([s["proposer_steps"] for s in stats], axis=0)
     total["proposer_steps"] = sources.tolist()
+    # rows per finish reason (records written before the field existed count nothing)
+    def reasons(s: dict[str, Any]) -> dict[str, int]:  # per-row list (one call) or counts (an aggregate)
+        got = s.get("finish_reasons", [])
+        return got if isinstance(got, dict) else {r: list(got).count(r) for r in FINISH_REASONS}
+
+    total["finish_reasons"] = {r: sum(reasons(s).get(r, 0) for s in stats) for r in FINISH_REASONS}
+    adaptive = [s for s in stats if s.get("width_hist")]  # the adaptive loop's widths (one method: one set)
+    if adaptive:
+        total["widths"] = adaptive[0]["widths"]
+        total["width_hist"] = np.sum([s["width_hist"] for s in adaptive], axis=0).tolist()
+        steps = sum(s["decode_steps"] for s in adaptive)
+        total["drafted_share"] = sum(s["drafted_share"] * s["decode_steps"] for s in adaptive) / max(steps, 1)
+        for key in ("predicted_tokens", "predicted_decode_s", "calibration_s"):
+            total[key] = float(sum(s.get(key, 0.0) for s in adaptive))
     return total
 
 

@@ -1,0 +1,86 @@
+"""Adaptive vs fixed draft widths, against `ar` in the same run, per test-time-scaling cell.
+
+`python -m benchmarks.adaptive [--cells single-arith,single-spectts,multi-spectts,bon-arith] [--limit 10]
+   [--methods pld,suffix,pool,recycling,eagle,hybrid] [--max-new-tokens 128] [--out results/adaptive.json]`
+
+Each cell loads its questions once and runs `ar`, then every method twice (`adaptive=True`, the default,
+and `adaptive=False`, the methods' fixed widths) through `eval.tts.run_method` (warm-up included, as
+eval.tts does), and prints speedups over `ar` of the same run, with the multi-round cell's rounds apart.
+Cells: single paradigm on `arith` and on SpecTTS-Bench, multi_round (2 rounds) on SpecTTS-Bench,
+best_of_n (N=8, T=0.7) on `arith`. The header names the machine; figures hold for that machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+CELLS = {
+    "single-arith": dict(paradigm="single", dataset="arith", temperature=0.0),
+    "single-spectts": dict(paradigm="single", dataset="spectts", temperature=0.0),
+    "multi-spectts": dict(paradigm="multi_round", dataset="spectts", temperature=0.0),
+    "bon-arith": dict(paradigm="best_of_n", dataset="arith", temperature=0.7, n=8),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--cells", default=",".join(CELLS))
+    p.add_argument("--methods", default="pld,suffix,pool,recycling,eagle,hybrid")
+    p.add_argument("--limit", type=int, default=10, help="questions per cell (best_of_n: --bon-limit)")
+    p.add_argument("--bon-limit", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", default=None, help="JSON of every row")
+    args = p.parse_args(argv)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        p.error(f"unknown cell(s) {', '.join(unknown)}; cells: {', '.join(CELLS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+
+    import specjax
+    from benchmarks.compile_cost import cpu_name
+    from eval.tts import parse_args as tts_args
+    from eval.tts import run_method
+    from specjax.tts.datasets import load_dataset
+
+    model = specjax.load(args.model)
+    print(f"{args.model} on {cpu_name()}, {args.max_new_tokens} new tokens, {time.strftime('%Y-%m-%d')}", flush=True)
+    rows = []
+    for cell in cells:
+        spec = CELLS[cell]
+        limit = args.bon_limit if spec["paradigm"] == "best_of_n" else args.limit
+        run_args = tts_args(["--paradigm", spec["paradigm"], "--dataset", spec["dataset"], "--max-new-tokens",
+                             str(args.max_new_tokens), "--temperature", str(spec["temperature"]),
+                             "--n", str(spec.get("n", 8)), "--rounds", "2", "--limit", str(limit)])
+        questions = load_dataset(spec["dataset"], limit=limit)
+        base, _, _ = run_method(model, questions, "ar", run_args)
+        print(f"\n{cell} ({len(questions)} questions): ar {base['tokens_per_s']:.1f} tok/s "
+              "(rounds: " + " / ".join(f"{r['tokens_per_s']:.1f}" for r in base["per_round"]) + ")", flush=True)
+        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'MAT ad/fx':>12}   per round (adaptive / fixed)")
+        for method in methods:
+            got = {}
+            for mode in ("adaptive", "fixed"):
+                run_args.no_adaptive = mode == "fixed"
+                got[mode], _, _ = run_method(model, questions, method, run_args)
+            run_args.no_adaptive = False
+            ratio = {m: got[m]["tokens_per_s"] / base["tokens_per_s"] for m in got}
+            rounds = [f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}/{f['tokens_per_s'] / b['tokens_per_s']:.2f}"
+                      for a, f, b in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], base["per_round"])]
+            print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
+                  f"{got['adaptive']['mean_accepted_tokens']:>6.2f}/{got['fixed']['mean_accepted_tokens']:.2f}"
+                  f"   {'  '.join(rounds)}", flush=True)
+            rows.append({"cell": cell, "method": method, "ar_tokens_per_s": base["tokens_per_s"],
+                         **{f"{m}_speedup": ratio[m] for m in ratio},
+                         **{f"{m}_summary": got[m] for m in got}})
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

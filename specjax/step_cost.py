@@ -1,0 +1,129 @@
+"""What a decode step costs on the device at hand: the target's verify forward at each static width, and
+a drafter's own `propose`, measured (never assumed) and kept in the specjax cache folder.
+
+The adaptive loop (`engine.decode(adaptive=True)`) divides expected accepted tokens by these seconds to
+pick each step's width, so they must be this machine's: a verify of 17 tokens costs ~2x a 1-token step
+on a 2-core AMD EPYC and far less on an accelerator. Timings are taken on the run's own shapes (batch,
+cache bucket) the first time they are needed (about 0.3-1 s per width for the default model on a 2-core
+CPU, less when the compiled forwards are already in the persistent cache), then read from
+`<cache>/step_costs.json` by every later call and process. `python -m specjax.calibrate` measures them
+ahead of time (`--force` measures again, e.g. after a run on a busy machine). Values are lower quartiles
+over a few repeats; a shared, noisy machine still moves them by ~10-20%.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from specjax.cache_folder import root
+
+REPEATS = 5
+_MEMORY: dict[str, float] = {}  # this process's timings (also when the disk cache is off)
+
+
+def device_name() -> str:
+    """The accelerator kind, or the CPU's model name: timings of one machine never serve another."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return f"{dev.platform}:{dev.device_kind}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu:{line.split(':', 1)[1].strip()}:{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}"
+
+
+def model_key(cfg: Any, params: Any) -> str:
+    """What a timing depends on in the model: its shapes and the dtypes of its weights."""
+    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
+    return hashlib.sha1(f"{cfg!r}|{dtypes}".encode()).hexdigest()[:16]
+
+
+def _path() -> Path | None:
+    base = root()
+    return None if base is None else base / "step_costs.json"
+
+
+def _load() -> dict[str, float]:
+    path = _path()
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, OSError, AttributeError):
+        return {}  # a damaged file is measured again and rewritten
+
+
+def _store(new: dict[str, float]) -> None:
+    path = _path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_load(), **new}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
+        tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file
+    except OSError:
+        pass  # a read-only cache folder: the timings live in this process only
+
+
+def timed_seconds(run: Callable[[], Any], repeats: int = REPEATS) -> float:
+    """Wall time of `run()` (its outputs blocked on), after one untimed call (compile, warm-up): the
+    lower quartile of the repeats, since other work on a shared machine only ever adds time."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return float(np.percentile(times, 25))
+
+
+def cached_seconds(keys: Sequence[str], measure: Callable[[str], float]) -> tuple[list[float], float]:
+    """The seconds of each key: from memory, else the cache folder's file, else `measure(key)` (stored).
+    Returns them and the seconds spent measuring."""
+    missing = [k for k in keys if k not in _MEMORY]
+    if missing:
+        _MEMORY.update({k: v for k, v in _load().items() if k in missing})
+    t0 = time.perf_counter()
+    fresh = {k: measure(k) for k in keys if k not in _MEMORY}
+    spent = time.perf_counter() - t0 if fresh else 0.0
+    if fresh:
+        _MEMORY.update(fresh)
+        _store(fresh)
+    return [_MEMORY[k] for k in keys], spent
+
+
+def forget(match: str = "") -> int:
+    """Drops the stored timings whose key contains `match` (all of this device's: "") so they are
+    measured again; returns how many."""
+    stored = _load()
+    mine = [k for k in stored if k.startswith(device_name() + "|") and match in k]
+    for k in mine:
+        stored.pop(k)
+        _MEMORY.pop(k, None)
+    path = _path()
+    if path is not None and mine:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=0, sort_keys=True))
+        tmp.replace(path)
+    return len(mine)
+
+
+def step_key(kind: str, model: str, batch: int, cache_len: int, detail: str) -> str:
+    """One timing's key: device, what is timed, the model's key, and the run's static shapes."""
+    return f"{device_name()}|jax {jax.__version__}|{kind}|{model}|B{batch}|S{cache_len}|{detail}"

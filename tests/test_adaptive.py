@@ -1,0 +1,158 @@
+"""The adaptive loop: widths chosen per step from measured step costs and online acceptance, losslessly."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from specjax import step_cost
+from specjax.engine import confidence_bucket, loop_widths
+from specjax.proposers import make_proposer
+
+METHODS = [("pld", {}), ("suffix", {}), ("pool", {}), ("recycling", {}), ("pia", {}),
+           ("draft", {"draft": "self:1", "k": 3}), ("suffix", {"branches": 2, "k": 4})]
+REPEATING = [[5, 6, 7, 8, 9, 10] * 6]  # the tiny model's greedy text from here: see test_drafts_where_text_repeats
+
+
+@pytest.mark.parametrize("method, opts", METHODS, ids=[f"{m}{'-tree' if o.get('branches') else ''}"
+                                                       for m, o in METHODS])
+def test_greedy_adaptive_equals_ar(tiny_model, method, opts):
+    prompts = [[5, 6, 7, 8, 5, 6] * 2, [9, 10, 11] * 5]
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=48, eos_token_ids=())
+    out = specjax.generate(tiny_model, prompts, method, max_new_tokens=48, eos_token_ids=(), adaptive=True, **opts)
+    assert out.tokens == ar.tokens
+    s = out.stats
+    assert s["adaptive"] and s["widths"] == list(loop_widths(make_proposer(method, **opts)))
+    assert sum(s["width_hist"]) == s["decode_steps"] and len(s["step_costs_s"]) == len(s["widths"])
+    assert all(c > 0 for c in s["step_costs_s"]) and 0 < s["drafted_share"] <= 1
+    assert s["predicted_tokens"] > 0 and s["predicted_decode_s"] > 0
+
+
+def test_sampling_is_reproducible_and_fixed_widths_stay_available(tiny_model):
+    kw = dict(max_new_tokens=32, temperature=0.8, seed=3, eos_token_ids=())
+    a = specjax.generate(tiny_model, REPEATING, "suffix", adaptive=True, **kw)
+    b = specjax.generate(tiny_model, REPEATING, "suffix", adaptive=True, **kw)
+    assert a.tokens == b.tokens and len(a.tokens[0]) == 32
+    fixed = specjax.generate(tiny_model, REPEATING, "suffix", adaptive=False, **kw)
+    assert not fixed.stats["adaptive"] and fixed.stats["width_hist"] == []
+
+
+@pytest.mark.parametrize("alpha", [0.95, 0.0])
+def test_drafts_wide_when_drafts_are_accepted_and_not_when_they_are_not(tiny_model, alpha):
+    """An oracle drafter accepted with probability alpha per position (random weights repeat nothing):
+    at 0.95 the loop verifies wide and takes fewer steps than plain decoding; at 0 it backs off to
+    1-token steps and (lossless) never falls far behind plain decoding in steps."""
+    from specjax.analysis.oracle import Oracle
+
+    prompt = [[3, 17, 41, 29, 11, 60, 7]]
+    ar = specjax.generate(tiny_model, prompt, "ar", max_new_tokens=64, eos_token_ids=())
+    oracle = Oracle.for_outputs(prompt, ar.tokens, alpha=alpha, k=8)
+    out = specjax.generate(tiny_model, prompt, oracle, max_new_tokens=64, eos_token_ids=(), adaptive=True)
+    assert out.tokens == ar.tokens
+    hist, steps = out.stats["width_hist"], out.stats["decode_steps"]
+    if alpha > 0.5:
+        assert sum(hist[1:]) > hist[0] and steps < 0.6 * ar.stats["decode_steps"]
+    else:
+        assert hist[0] >= 0.8 * steps and out.stats["drafted_share"] < 0.5 and steps == ar.stats["decode_steps"]
+
+
+def test_a_costly_drafter_backs_off_on_text_it_cannot_draft(tiny_model):
+    out = specjax.generate(tiny_model, [[3, 17, 41, 29, 11, 60, 7]], "draft", draft="self:1", k=3,
+                           max_new_tokens=64, eos_token_ids=(), adaptive=True)
+    assert out.stats["drafted_share"] < 1.0  # propose was skipped on some steps (then probed again)
+
+
+def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(step_cost, "_MEMORY", {})
+    first = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
+    assert first.stats["calibration_s"] > 0
+    saved = (tmp_path / "step_costs.json").read_text()
+    assert "forward" in saved and step_cost.device_name() in saved
+    monkeypatch.setattr(step_cost, "_MEMORY", {})  # a new process: read back from the file
+    again = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
+    assert again.stats["calibration_s"] == 0 and again.stats["step_costs_s"] == first.stats["step_costs_s"]
+
+
+def test_a_session_carries_the_acceptance_estimate(tiny_model):
+    from specjax.analysis.oracle import Oracle
+
+    prompt = [[3, 17, 41, 29, 11, 60, 7]]
+    ar = specjax.generate(tiny_model, prompt, "ar", max_new_tokens=32, eos_token_ids=())
+    oracle = Oracle.for_outputs(prompt, ar.tokens, alpha=0.9, k=4)
+    r1 = specjax.generate(tiny_model, prompt, oracle, max_new_tokens=32, eos_token_ids=(), adaptive=True,
+                          keep_session=True)
+    tried, hit = (np.asarray(x) for x in r1.session.acceptance)
+    assert tried.sum() > 0 and 0.5 * tried.sum() < hit.sum() <= tried.sum()  # mostly accepted, as drafted
+    r2 = specjax.generate(tiny_model, prompt, oracle, max_new_tokens=32, eos_token_ids=(), adaptive=True,
+                          session=r1.session)
+    assert r2.tokens == ar.tokens and r2.stats["width_hist"][0] < r1.stats["width_hist"][0] + 2
+
+
+def test_confidence_buckets():
+    counts = confidence_bucket(jnp.asarray([0.0, 1.0, 3.0, 7.0, 100.0]), "count", 5)
+    assert counts.tolist() == [0, 1, 2, 3, 5]
+    probs = confidence_bucket(jnp.asarray([0.0, 0.5, 0.99, 1.0]), "probability", 4)
+    assert probs.tolist() == [0, 3, 5, 5]
+    assert np.all(np.asarray(confidence_bucket(None, "count", 3)) == 0)
+
+
+def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0):
+    """One decision of the loop on crafted inputs: a chain proposer of k=8, one row drafting `num` tokens,
+    whose positions were each tried `observed` times and accepted at `hit_rate`."""
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    adapt = init_adapt(prop)
+    adapt = adapt.replace(tried=adapt.tried + observed, hit=adapt.hit + observed * hit_rate)
+    draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([num], jnp.int32),
+                  confidence=jnp.zeros((1,), jnp.float32))
+    on = jnp.ones((1,), bool)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    out, _, adapt, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs, jnp.float32),
+                                           jnp.float32(drafter_s), widths, None, prop, jnp.int32(0))
+    return int(widths[best]), int(out.num[0]), int(adapt.wait)
+
+
+def test_decision_rule_on_crafted_costs_and_acceptance():
+    assert loop_widths(make_proposer("pld", k=8)) == (1, 5, 9)
+    # drafts that are always rejected: verify one token, and back off from proposing
+    width, num, wait = _decide([1.0, 1.5, 2.0], hit_rate=0.0)
+    assert (width, num) == (1, 0) and wait >= 1
+    # free verification and drafts that are often right: the full width, the whole draft
+    assert _decide([1.0, 1.0, 1.0], hit_rate=0.7)[:2] == (9, 8)
+    # accepted 90% but a width-9 verify costs 8x: width 5 wins (E = 4.1 at 1.5x vs 6.1 at 8x)
+    assert _decide([1.0, 1.5, 8.0], hit_rate=0.9)[:2] == (5, 4)
+    # a drafter whose own cost eats the gain: the draft is verified, but proposing backs off
+    width, _, wait = _decide([1.0, 1.5, 2.0], hit_rate=0.5, drafter_s=5.0)
+    assert width == 5 and wait >= 1
+    # a draft of 3 with free verification: the narrowest width that holds it, the draft as it is
+    assert _decide([1.0, 1.0, 1.0], hit_rate=0.7, num=3)[:2] == (5, 3)
+
+
+def test_adaptive_sampling_keeps_the_distribution(tiny_model, monkeypatch):
+    """3000 sampled branches of one prompt with adaptive widths (a recycling tree: the root alone or the
+    whole tree, chosen per step) against plain sampling: the same distribution at every verified position
+    (a two-sample chi-square test per position)."""
+    from scipy.stats import chi2_contingency
+
+    prompt, rows, new = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7], 3000, 4
+    kw = dict(num_samples=rows, max_new_tokens=new, eos_token_ids=(), temperature=1.0)
+    ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
+    # verification as cheap as a 1-token step (an accelerator's regime), so the tree is verified whenever
+    # its estimate expects anything: the decision then varies per step with the acceptance counts
+    from specjax import engine
+
+    monkeypatch.setattr(engine, "step_costs", lambda *a: (np.ones(2, np.float32), np.float32(0), 0.0))
+    out = specjax.generate(tiny_model, [prompt], "recycling", seed=2, adaptive=True, k=3, branching=(2,), **kw)
+    assert out.stats["adaptive"] and sum(out.stats["width_hist"][1:]) > 0  # some steps verified drafts
+    assert out.stats["mean_accepted_tokens"] > 1.0
+    vocab = tiny_model.config.vocab_size
+    for pos in range(1, new):
+        table = np.stack([np.bincount([t[pos] for t in ref], minlength=vocab),
+                          np.bincount([t[pos] for t in out.tokens], minlength=vocab)])
+        table = table[:, table.sum(axis=0) > 0]
+        assert chi2_contingency(table)[1] > 1e-3, pos
