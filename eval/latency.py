@@ -273,7 +273,7 @@ def _main(args: argparse.Namespace) -> int:
     import specjax
     from specjax.analysis.latency import Calibration, CostModel, SampleModel, choose, enumerate_plans
     from specjax.analysis.moesd import StepTimeFit, WeightProfile
-    from specjax.tts.paradigms import _prompt_length, first_round_prompt
+    from specjax.tts.paradigms import chat_prompt_length, first_round_prompt
 
     console = Console(stderr=True)
     cal_path = Path(args.calibration) if args.calibration else None
@@ -291,7 +291,7 @@ def _main(args: argparse.Namespace) -> int:
             raise ValueError(f"{cal_path} has no timings for {missing[:3]}...: drop --calibration or recalibrate "
                              "to a new file with these --methods/--n-values")
     model = specjax.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
-    pad = _prompt_length(model, [first_round_prompt(q.question) for q in calib_q + held_out])
+    pad = chat_prompt_length(model, [first_round_prompt(q.question) for q in calib_q + held_out])
     if cal is not None:
         console.print(f"loaded calibration {cal_path}")
     else:

@@ -13,7 +13,20 @@ from specjax.proposers import make_proposer
 
 METHODS = [("pld", {}), ("suffix", {}), ("pool", {}), ("recycling", {}), ("pia", {}),
            ("draft", {"draft": "self:1", "k": 3}), ("suffix", {"branches": 2, "k": 4})]
-REPEATING = [[5, 6, 7, 8, 9, 10] * 6]  # the tiny model's greedy text from here: see test_drafts_where_text_repeats
+REPEATING = [[5, 6, 7, 8, 9, 10] * 6]
+
+
+@pytest.fixture
+def cpu_like_costs(monkeypatch):
+    """Crafted step costs with a CPU's shape (a verify of 5 costs 1.5x a 1-token step, of 9 2x, and
+    proposing 0.2x), so decisions do not depend on how busy the test machine is."""
+    from specjax import engine
+
+    def costs(model, plan, proposer, *rest):
+        widths = engine.loop_widths(proposer)
+        return np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4), 0.0
+
+    monkeypatch.setattr(engine, "step_costs", costs)
 
 
 @pytest.mark.parametrize("method, opts", METHODS, ids=[f"{m}{'-tree' if o.get('branches') else ''}"
@@ -40,7 +53,7 @@ def test_sampling_is_reproducible_and_fixed_widths_stay_available(tiny_model):
 
 
 @pytest.mark.parametrize("alpha", [0.95, 0.0])
-def test_drafts_wide_when_drafts_are_accepted_and_not_when_they_are_not(tiny_model, alpha):
+def test_drafts_wide_when_drafts_are_accepted_and_not_when_they_are_not(tiny_model, alpha, cpu_like_costs):
     """An oracle drafter accepted with probability alpha per position (random weights repeat nothing):
     at 0.95 the loop verifies wide and takes fewer steps than plain decoding; at 0 it backs off to
     1-token steps and (lossless) never falls far behind plain decoding in steps."""
@@ -58,7 +71,7 @@ def test_drafts_wide_when_drafts_are_accepted_and_not_when_they_are_not(tiny_mod
         assert hist[0] >= 0.8 * steps and out.stats["drafted_share"] < 0.5 and steps == ar.stats["decode_steps"]
 
 
-def test_a_costly_drafter_backs_off_on_text_it_cannot_draft(tiny_model):
+def test_a_costly_drafter_backs_off_on_text_it_cannot_draft(tiny_model, cpu_like_costs):
     out = specjax.generate(tiny_model, [[3, 17, 41, 29, 11, 60, 7]], "draft", draft="self:1", k=3,
                            max_new_tokens=64, eos_token_ids=(), adaptive=True)
     assert out.stats["drafted_share"] < 1.0  # propose was skipped on some steps (then probed again)
@@ -76,7 +89,7 @@ def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, t
     assert again.stats["calibration_s"] == 0 and again.stats["step_costs_s"] == first.stats["step_costs_s"]
 
 
-def test_a_session_carries_the_acceptance_estimate(tiny_model):
+def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):
     from specjax.analysis.oracle import Oracle
 
     prompt = [[3, 17, 41, 29, 11, 60, 7]]
@@ -156,3 +169,22 @@ def test_adaptive_sampling_keeps_the_distribution(tiny_model, monkeypatch):
                           np.bincount([t[pos] for t in out.tokens], minlength=vocab)])
         table = table[:, table.sum(axis=0) > 0]
         assert chi2_contingency(table)[1] > 1e-3, pos
+
+
+def test_best_of_n_groups_greedy_adaptive_equals_ar(tiny_model):
+    kw = dict(num_samples=3, max_new_tokens=32, eos_token_ids=())
+    ar = specjax.generate(tiny_model, [[5, 6, 7, 8] * 3, [9, 10, 11] * 2], "ar", **kw)
+    out = specjax.generate(tiny_model, [[5, 6, 7, 8] * 3, [9, 10, 11] * 2], "suffix", adaptive=True, **kw)
+    assert out.tokens == ar.tokens and out.stats["adaptive"]
+
+
+@pytest.mark.real
+def test_real_model_adaptive_equals_ar_with_the_shipped_heads(real_model):
+    """The trained-head methods (and the hybrid's suffix/head sources) under the adaptive loop, on the
+    real model, a mixed-length batch: ar's tokens exactly."""
+    prompts = ["What is 12 + 30? Answer briefly.", "Name three prime numbers greater than 10 and explain why."]
+    ar = specjax.generate(real_model, prompts, "ar", max_new_tokens=40)
+    for method in ("eagle", "medusa", "hybrid"):
+        out = specjax.generate(real_model, prompts, method, max_new_tokens=40, adaptive=True)
+        assert out.tokens == ar.tokens, method
+        assert out.stats["adaptive"] and sum(out.stats["width_hist"]) == out.stats["decode_steps"], method

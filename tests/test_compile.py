@@ -27,20 +27,21 @@ def test_buckets_are_fixed_and_capped():
     assert {plan_mod.bucket(n, 256) for n in range(1, 2049)} == {256, 384, 512, 768, 1024, 1536, 2048}
 
 
-@pytest.mark.parametrize("method", ["ar", "pld"])
-def test_no_compile_across_prompt_lengths_budgets_and_temperatures(tiny_model, method):
+@pytest.mark.parametrize("method, adaptive", [("ar", False), ("pld", False), ("suffix", True)])
+def test_no_compile_across_prompt_lengths_budgets_and_temperatures(tiny_model, method, adaptive):
     """After one warm-up per sampling switch, 3 prompt lengths x 3 budgets x 2 temperatures compile nothing."""
     prompts = [[5, 6, 7, 8, 5, 6] * 2, [9, 10, 11] * 5, [3, 4] * 10]  # 12, 15, 20 tokens: one prompt bucket
     for temperature, top_p in ((0.0, 1.0), (0.7, 1.0), (0.7, 0.9)):  # greedy / sampling / nucleus: static switches
-        specjax.generate(tiny_model, [prompts[0]], method, max_new_tokens=8, temperature=temperature, top_p=top_p)
+        specjax.generate(tiny_model, [prompts[0]], method, max_new_tokens=8, temperature=temperature, top_p=top_p,
+                         adaptive=adaptive)
     _COMPILES.clear()
     for p in prompts:
         for budget in (8, 16, 40):
             for temperature in (0.5, 1.3):
                 out = specjax.generate(tiny_model, [p], method, max_new_tokens=budget, temperature=temperature,
-                                       top_p=0.9 if temperature > 1 else 1.0, seed=budget)
+                                       top_p=0.9 if temperature > 1 else 1.0, seed=budget, adaptive=adaptive)
                 assert out.stats["generated_tokens"] <= budget
-            specjax.generate(tiny_model, [p], method, max_new_tokens=budget, temperature=0.0)
+            specjax.generate(tiny_model, [p], method, max_new_tokens=budget, temperature=0.0, adaptive=adaptive)
     assert _COMPILES == [], f"{len(_COMPILES)} backend compiles after warm-up"
 
 

@@ -104,7 +104,8 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _prompt_length(model, prompts: Sequence[str]) -> int:
+def chat_prompt_length(model, prompts: Sequence[str]) -> int:
+    """The longest chat-templated prompt in tokens: what a run pads its prompts to (one compile)."""
     tok = model.tokenizer
     return max(len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=True)["input_ids"]) for p in prompts)
@@ -165,7 +166,7 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
     samples = n if paradigm == "best_of_n" else 1
     step = 1 if paradigm == "best_of_n" else batch_size  # best_of_n's batch is the N branches
     prompts = [first_round_prompt(q.question) for q in questions]
-    pad = _prompt_length(model, prompts)
+    pad = chat_prompt_length(model, prompts)
     batches = []
     for i, chunk in enumerate(_batches(prompts, step)):
         if (done := (finished or {}).get(i)) is None:
@@ -198,9 +199,9 @@ def _multi_round(model, questions: Sequence[Question], method: str, rounds: int,
     proposer = make_proposer(method, **{o: v for o, v in kw.items() if o not in GENERATE_KW})
     kw = {o: v for o, v in kw.items() if o in GENERATE_KW}
     first = [first_round_prompt(q.question) for q in questions]
-    pad1 = _prompt_length(model, first)
+    pad1 = chat_prompt_length(model, first)
     # a re-answer prompt: its template around an answer of at most max_new tokens (+ slack for re-tokenising)
-    template_pad = _prompt_length(model, [next_round_prompt(q.question, "") for q in questions])
+    template_pad = chat_prompt_length(model, [next_round_prompt(q.question, "") for q in questions])
     pad_next = template_pad + max_new + REANSWER_SLACK
     new_part = pad_next - pad1 + REANSWER_SLACK  # what a later round prefills beyond the shared prefix
     max_len = cache_length(pad_next + max_new + proposer.width + 1, model.config)
