@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10, help="questions per cell (best_of_n: --bon-limit)")
     p.add_argument("--bon-limit", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--matmul-dtype", default=None, choices=["bfloat16"],
+                   help="bf16 matmul weights (cheap wide verifies on CPUs with AMX, and on some without)")
     p.add_argument("--out", default=None, help="JSON of every row")
     args = p.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from eval.tts import run_method
     from specjax.tts.datasets import load_dataset
 
-    model = specjax.load(args.model)
-    print(f"{args.model} on {cpu_name()}, {args.max_new_tokens} new tokens, {time.strftime('%Y-%m-%d')}", flush=True)
+    model = specjax.load(args.model, matmul_dtype=args.matmul_dtype)
+    print(f"{args.model} ({args.matmul_dtype or 'float32'} matmuls) on {cpu_name()}, {args.max_new_tokens} new "
+          f"tokens, {time.strftime('%Y-%m-%d')}", flush=True)
     rows = []
     for cell in cells:
         spec = CELLS[cell]

@@ -65,6 +65,9 @@ PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of a position's acceptance: mea
 DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 steps)
 MAX_BACKOFF = 16  # most steps a drafter that does not pay is skipped before it is probed again
 PROBE_EVERY = 16  # every this many steps a drafted step verifies at its best drafting width, to keep learning
+# a drafter whose propose costs at most this share of a 1-token step proposes every step: skipping it would
+# save less than one missed match costs (n-gram lookups); only costlier ones (models, heads) back off
+CHEAP_PROPOSE = 0.02
 
 
 def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: int) -> Int[Array, "B"]:
@@ -413,6 +416,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     rows = jnp.sum(active).astype(jnp.float32)
     # a step pays when its best width, with the drafter's own cost, beats not drafting at all
     pays = (best > 0) & (expect[:, best].sum() / (costs[best] + drafter_s) > rows / costs[0])
+    pays = pays | (drafter_s <= CHEAP_PROPOSE * costs[0])
     backoff = jnp.where(want, jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF)), adapt.backoff)
     wait = jnp.where(want, jnp.where(pays, 0, backoff), adapt.wait - 1)
     if node_depth is None:

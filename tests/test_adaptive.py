@@ -132,9 +132,11 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0):
 
 def test_decision_rule_on_crafted_costs_and_acceptance():
     assert loop_widths(make_proposer("pld", k=8)) == (1, 5, 9)
-    # drafts that are always rejected: verify one token, and back off from proposing
-    width, num, wait = _decide([1.0, 1.5, 2.0], hit_rate=0.0)
+    # drafts that are always rejected: verify one token, and back off from a drafter costing 10% of a step
+    width, num, wait = _decide([1.0, 1.5, 2.0], hit_rate=0.0, drafter_s=0.1)
     assert (width, num) == (1, 0) and wait >= 1
+    # ... but a nearly free one (1% of a step) keeps proposing: a match may start at the next token
+    assert _decide([1.0, 1.5, 2.0], hit_rate=0.0, drafter_s=0.01) == (1, 0, 0)
     # free verification and drafts that are often right: the full width, the whole draft
     assert _decide([1.0, 1.0, 1.0], hit_rate=0.7)[:2] == (9, 8)
     # accepted 90% but a width-9 verify costs 8x: width 5 wins (E = 4.1 at 1.5x vs 6.1 at 8x)
