@@ -95,13 +95,9 @@ def measure_forward(model, batch: int, width: int, context: int, repeats: int = 
     cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
     tokens = jnp.ones((batch, width), jnp.int32)
     fwd = jax.jit(lambda params, x, c: transformer.forward(params, cfg, x, c).logits)
-    jax.block_until_ready(fwd(model.params, tokens, cache))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(model.params, tokens, cache))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    from specjax.step_cost import timed_seconds
+
+    return timed_seconds(lambda: fwd(model.params, tokens, cache), repeats, percentile=50)
 
 
 def _generate_question(model, question, method: str, n: int, args, pad: int, options: dict[str, Any], seed: int,

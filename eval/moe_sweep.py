@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from functools import partial
 from pathlib import Path
 
@@ -78,18 +77,6 @@ def make_tiny(folder: Path, size: str = "small", seed: int = 0) -> tuple[Path, P
     return out[0], out[1]
 
 
-def _median_time(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def interleaved_runs(runs: dict, repeats: int) -> dict:
     """Each run's output of median decode time among `repeats`, the runs taken round-robin (after one
     untimed compile run each) so that a slow spell of a shared machine falls on all of them alike."""
@@ -116,7 +103,9 @@ def forward_time(params, cfg, batch: int, width: int, context: int, repeats: int
                                 cache_is_empty=True).cache.with_lengths(jnp.full((batch,), context, jnp.int32))
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, width)), jnp.int32)
     run = jax.jit(partial(transformer.forward, cfg=cfg))
-    return _median_time(lambda: run(params, tokens=tokens, cache=cache).logits, repeats)
+    from specjax.step_cost import timed_seconds
+
+    return timed_seconds(lambda: run(params, tokens=tokens, cache=cache).logits, repeats, percentile=50)
 
 
 def measure_model(name: str, args, log=print) -> dict:

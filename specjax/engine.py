@@ -209,7 +209,7 @@ def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache:
     Outputs are padded back to K+1 positions; the padding lies past every row's draft and is unused.
     """
     k1 = inputs.shape[1]
-    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # as loop_widths: a tree's root or all
+    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # loop_widths(proposer), from the shapes
     tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
 
@@ -459,8 +459,8 @@ class _DeviceRun:
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
 
 
-def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopState, traced: Sampling,
-               mesh: Mesh | None) -> tuple[np.ndarray, np.float32, float]:
+def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopState,
+               traced: Sampling) -> tuple[np.ndarray, np.float32, float]:
     """This machine's seconds for the target's forward at each of the proposer's static verify widths, and
     for one `propose`, on the run's own shapes (its batch, cache bucket and real prefilled cache): measured
     the first time (`step_cost`), then read back. A width's forward is timed once per (model, batch, cache
@@ -516,7 +516,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     costs, drafter_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), 0.0, 0.0
     if adaptive:
         t_cal = time.perf_counter()
-        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, state, traced, mesh)
+        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, state, traced)
         setup_s = time.perf_counter() - t_cal
     run = partial(decode, model.params, cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh,
                   gated=speculate_max_rows is not None, adaptive=adaptive)
