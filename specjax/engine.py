@@ -61,7 +61,7 @@ class Adapt:
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
-PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of a position's acceptance: mean, pseudo-observations
+PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of the first position's acceptance (deeper: the one before)
 DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 steps)
 MAX_BACKOFF = 16  # most steps a drafter that does not pay is skipped before it is probed again
 PROBE_EVERY = 16  # every this many steps a drafted step verifies at its best drafting width, to keep learning
@@ -392,14 +392,25 @@ def _drafted_depth(draft, node_depth: Int[Array, "K"] | None) -> Int[Array, "B"]
     return jnp.max(jnp.where(draft.valid, node_depth[None], 0), axis=1)
 
 
+def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    """Posterior mean acceptance of each draft position from its (decayed) counts. Position 0 shrinks
+    towards PRIOR_MEAN, each deeper one towards the estimate of the position before it: deep positions
+    are tried only when every earlier one was accepted, so they have few observations, and a fixed prior
+    of 0.5 there would cut long drafts exactly where acceptance is highest (copied text)."""
+    out, prior = [], jnp.full(tried.shape[:-1], PRIOR_MEAN, jnp.float32)
+    for i in range(tried.shape[-1]):
+        prior = (hit[..., i] + PRIOR_COUNT * prior) / (tried[..., i] + PRIOR_COUNT)
+        out.append(prior)
+    return jnp.stack(out, axis=-1)
+
+
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
                   step):
     """The adaptive decision of one step (see `decode`): the width, the truncated draft, the backoff."""
     batch = draft.num.shape[0]
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch)
-    tried, hit = adapt.tried[source, bucket], adapt.hit[source, bucket]  # [B, D]
-    p = (hit + PRIOR_COUNT * PRIOR_MEAN) / (tried + PRIOR_COUNT)
+    p = acceptance_estimate(adapt.tried[source, bucket], adapt.hit[source, bucket])  # [B, D]
     survive = jnp.concatenate([jnp.zeros((batch, 1)), jnp.cumsum(jnp.cumprod(p, axis=1), axis=1)], axis=1)
     reach = _drafted_depth(draft, node_depth)  # [B]
     if node_depth is None:  # a chain cut to width w keeps w - 1 tokens

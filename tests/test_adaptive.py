@@ -130,6 +130,31 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0):
     return int(widths[best]), int(out.num[0]), int(adapt.wait)
 
 
+def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
+    """Copied text: the first positions were tried often and almost always accepted, the deep ones seldom
+    reached. Their estimate follows the positions before them, not the 0.5 prior, so the full width wins
+    where it pays (width 9 at 2.3x a 1-token step: E = 8.1 / 2.3 against 4.8 / 1.5 for width 5; with a
+    fixed 0.5 prior at the deep positions E would be 6.3 / 2.3 and width 5 would win)."""
+    from specjax.engine import acceptance_estimate
+
+    tried = jnp.asarray([400.0, 390.0, 380.0, 370.0, 2.0, 1.0, 0.0, 0.0])
+    p = np.asarray(acceptance_estimate(tried, tried * 0.98))
+    assert p[:4].min() > 0.97 and p[4:].min() > 0.96  # with a fixed 0.5 prior: 0.74, 0.66, 0.5, 0.5
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    adapt = init_adapt(prop)
+    adapt = adapt.replace(tried=adapt.tried + tried, hit=adapt.hit + tried * 0.98)
+    draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([8], jnp.int32),
+                  confidence=jnp.zeros((1,), jnp.float32))
+    on = jnp.ones((1,), bool)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.5, 2.3]),
+                                     jnp.float32(0), widths, None, prop, jnp.int32(0))
+    assert int(widths[best]) == 9
+
+
 def test_decision_rule_on_crafted_costs_and_acceptance():
     assert loop_widths(make_proposer("pld", k=8)) == (1, 5, 9)
     # drafts that are always rejected: verify one token, and back off from a drafter costing 10% of a step
@@ -148,29 +173,70 @@ def test_decision_rule_on_crafted_costs_and_acceptance():
     assert _decide([1.0, 1.0, 1.0], hit_rate=0.7, num=3)[:2] == (5, 3)
 
 
-def test_adaptive_sampling_keeps_the_distribution(tiny_model, monkeypatch):
-    """3000 sampled branches of one prompt with adaptive widths (a recycling tree: the root alone or the
-    whole tree, chosen per step) against plain sampling: the same distribution at every verified position
-    (a two-sample chi-square test per position)."""
+def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, new: int = 4,
+                       temperature: float = 1.0, **opts) -> list[float]:
+    """`rows` sampled branches of one prompt with adaptive widths against plain sampling: the p-value of a
+    two-sample chi-square test at every verified position. Verification is made as cheap as a 1-token
+    step (an accelerator's regime), so drafts are verified whenever their estimate expects anything:
+    the decision then varies per step with the acceptance counts."""
     from scipy.stats import chi2_contingency
 
-    prompt, rows, new = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7], 3000, 4
-    kw = dict(num_samples=rows, max_new_tokens=new, eos_token_ids=(), temperature=1.0)
-    ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
-    # verification as cheap as a 1-token step (an accelerator's regime), so the tree is verified whenever
-    # its estimate expects anything: the decision then varies per step with the acceptance counts
     from specjax import engine
 
-    monkeypatch.setattr(engine, "step_costs", lambda *a: (np.ones(2, np.float32), np.float32(0), 0.0))
-    out = specjax.generate(tiny_model, [prompt], "recycling", seed=2, adaptive=True, k=3, branching=(2,), **kw)
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
+    kw = dict(num_samples=rows, max_new_tokens=new, eos_token_ids=(), temperature=temperature)
+    ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
+    free = lambda model, plan, proposer, *rest: (np.ones(len(engine.loop_widths(proposer)), np.float32),
+                                                 np.float32(0), 0.0)
+    monkeypatch.setattr(engine, "step_costs", free)
+    out = specjax.generate(tiny_model, [prompt], method, seed=2, adaptive=True, **opts, **kw)
     assert out.stats["adaptive"] and sum(out.stats["width_hist"][1:]) > 0  # some steps verified drafts
     assert out.stats["mean_accepted_tokens"] > 1.0
     vocab = tiny_model.config.vocab_size
+    p_values = []
     for pos in range(1, new):
         table = np.stack([np.bincount([t[pos] for t in ref], minlength=vocab),
                           np.bincount([t[pos] for t in out.tokens], minlength=vocab)])
-        table = table[:, table.sum(axis=0) > 0]
-        assert chi2_contingency(table)[1] > 1e-3, pos
+        p_values.append(chi2_contingency(table[:, table.sum(axis=0) > 0])[1])
+    return p_values
+
+
+TREE = {"k": 3, "branching": (2,)}
+# a layer-skip draft model: a real q close to p, so drafts are often accepted and the test has power
+CHAIN = {"draft": "self:1", "k": 2, "rows": 6000, "new": 6, "temperature": 0.6}
+
+
+@pytest.mark.parametrize("opts", [TREE, CHAIN], ids=["recycling-tree", "draft-chain"])
+def test_adaptive_sampling_keeps_the_distribution(tiny_model, monkeypatch, opts):
+    """A recycling tree (the root alone or the whole tree, chosen per step) and a draft model's chain (cut
+    to each step's width): the same distribution as plain sampling at every verified position."""
+    method = "recycling" if opts is TREE else "draft"
+    assert min(_sampling_p_values(tiny_model, monkeypatch, method, **opts)) > 1e-3
+
+
+def test_the_distribution_test_catches_a_decision_that_peeks(tiny_model, monkeypatch):
+    """The same test fails for a width decision allowed to see this step's verification: one that keeps
+    only the draft tokens the target is about to accept, then verifies again (the token after them is
+    then sampled from the target afresh instead of from the residual, so drafted tokens come out too
+    often). This is what the real decision must never do: it reads only what is known before the verify."""
+    import jax
+
+    from specjax import engine
+
+    honest = engine.verify_chain
+
+    def peeking(logits, draft, sampling_cfg, rng):
+        seen = honest(logits, draft, sampling_cfg, rng)
+        cut = draft.replace(num=jnp.minimum(draft.num, seen.num_accepted))
+        return honest(logits, cut, sampling_cfg, jax.random.fold_in(rng, 1))
+
+    monkeypatch.setattr(engine, "verify_chain", peeking)
+    jax.clear_caches()  # the decode loop compiled by other tests holds the honest verifier
+    try:
+        assert min(_sampling_p_values(tiny_model, monkeypatch, "draft", **CHAIN)) < 1e-5
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
 
 
 def test_best_of_n_groups_greedy_adaptive_equals_ar(tiny_model):

@@ -12,7 +12,7 @@ import pytest
 import specjax
 
 ARGS = ["--head", "medusa", "--dataset", "arith", "--num-prompts", "8", "--seq-len", "48", "--batch-size", "4",
-        "--lr", "3e-2", "--num-heads", "2", "--gen-batch", "8", "--save-every", "1", "--keep", "2",
+        "--lr", "3e-2", "--num-heads", "2", "--shard-size", "4", "--save-every", "1", "--keep", "2",
         "--eval-prompts", "2"]
 
 
@@ -22,8 +22,12 @@ def _run(model_dir, out, steps, *extra):
     return draft_head.main(["--model", str(model_dir), "--out", str(out), "--steps", str(steps), *ARGS, *extra])
 
 
-def _losses(out):
+def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out):
+    return [r for r in _records(out) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def test_loss_falls_and_head_is_exported(trained):
     assert last < first * 0.9, (first, last)
     config = json.loads((trained / "head.json").read_text())
     assert config["kind"] == "medusa" and config["num_heads"] == 2
-    assert (trained / "data.npz").is_file()
+    assert len(json.loads((trained / "data" / "manifest.json").read_text())["shards"]) == 2
     kept = sorted(p.name for p in (trained / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == ["11", "12"]  # keep-last-2
 
@@ -48,7 +52,7 @@ def test_loss_falls_and_head_is_exported(trained):
 def test_kill_and_restart_resumes_with_the_same_next_loss(trained, tiny_chat_checkpoint, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
-    shutil.copy(trained / "data.npz", out / "data.npz")  # same data, no regeneration
+    shutil.copytree(trained / "data", out / "data")  # same data, no regeneration
     assert _run(tiny_chat_checkpoint, out, 8, "--stop-after", "5") == 0  # "killed" after step 5
     assert not (out / "head.json").exists()
     assert _run(tiny_chat_checkpoint, out, 8) == 0  # restart: resumes at 5
@@ -57,7 +61,7 @@ def test_kill_and_restart_resumes_with_the_same_next_loss(trained, tiny_chat_che
     full = {r["step"]: r["loss"] for r in _losses(trained)}
     ref = tmp_path / "reference"
     ref.mkdir()
-    shutil.copy(trained / "data.npz", ref / "data.npz")
+    shutil.copytree(trained / "data", ref / "data")
     assert _run(tiny_chat_checkpoint, ref, 8) == 0
     assert [r["loss"] for r in _losses(ref)] == pytest.approx([r["loss"] for r in resumed], rel=1e-5)
     assert full[1] == pytest.approx(resumed[0]["loss"], rel=1e-5)
@@ -122,9 +126,9 @@ def test_hybrid_with_a_medusa_head_equals_ar(trained, tiny_chat_model):
 def test_medusa_targets_and_batches_are_replayable():
     from train.draft_head import batch_at, medusa_targets
 
-    tokens = np.array([[10, 11, 12, 13, 14, 0]])
+    labels = np.array([[11, 12, 13, 14, 0, 0]])  # the target's next token at each position of 10 11 12 13 14
     mask = np.array([[True] * 5 + [False]])
-    target, valid = medusa_targets(tokens, mask, np.array([[0, 2, 3]]), num_heads=2)
+    target, valid = medusa_targets(labels, mask, np.array([[0, 2, 3]]), num_heads=2)
     assert target[0].tolist() == [[12, 13], [14, 0], [0, 0]]  # head i at t: token t + 2 + i
     assert valid[0].tolist() == [[True, True], [True, False], [False, False]]
     a, b = batch_at(7, 0, 100, 4, 64, 16), batch_at(7, 0, 100, 4, 64, 16)
@@ -133,7 +137,7 @@ def test_medusa_targets_and_batches_are_replayable():
 
 
 EAGLE_ARGS = ["--head", "eagle", "--dataset", "arith", "--num-prompts", "8", "--seq-len", "48", "--batch-size", "4",
-              "--lr", "3e-2", "--ttt-steps", "3", "--gen-batch", "8", "--save-every", "4", "--keep", "1",
+              "--lr", "3e-2", "--ttt-steps", "3", "--shard-size", "4", "--save-every", "4", "--keep", "1",
               "--eval-prompts", "0"]
 
 
@@ -153,9 +157,10 @@ def test_eagle_head_learns_its_data_and_drafts_it_back(tiny_chat_checkpoint, tin
     assert len(records[-1]["top1_per_step"]) == 3
     config = json.loads((out / "head.json").read_text())
     assert config["kind"] == "eagle" and config["ttt_steps"] == 3 and config["draft_vocab_size"] <= 8192
-    with np.load(out / "data.npz") as f:
-        tokens = f["tokens"]
-    for row in tokens[:2]:
+    from train.distill_data import ShardedData
+
+    tokens = ShardedData(out / "data").take(np.arange(2))["tokens"]
+    for row in tokens:
         prompt = row[:26].tolist()
         ar = specjax.generate(tiny_chat_model, [prompt], "ar", max_new_tokens=20, eos_token_ids=())
         assert ar.tokens[0] == row[26:46].tolist()  # the training data are the model's own greedy text

@@ -317,6 +317,10 @@ def test_train_cli_refuses_bad_input_before_loading(tmp_path, capsys, no_load):
     _refused(draft_head.main, head + out + ["--dataset", "/no/such.jsonl"], capsys, "--dataset", "not found")
     _refused(draft_head.main, head + out + ["--eval-prompts", "-1"], capsys, "--eval-prompts must be >= 0")
     _refused(draft_head.main, head + out + ["--steps", "x"], capsys, "--steps", "invalid int value")
+    _refused(draft_head.main, head + out + ["--samples-per-prompt", "4"], capsys, "identical answers",
+             "--temperature > 0")
+    _refused(draft_head.main, head + out + ["--eval-tree", "16,5"], capsys, "--eval-tree", "total,depth,topk")
+    _refused(draft_head.main, head + out + ["--features", "ram"], capsys, "--features", "invalid choice")
     _refused(draft_head.main, ["--head", "eagle2"] + out, capsys, "--head 'eagle2' is not available")
 
 

@@ -3,21 +3,23 @@
     python -m train.draft_head --head medusa --steps 300 --out heads/medusa-smollm2
     python -m train.draft_head --head eagle --steps 600 --out heads/eagle-smollm2
 
-1. Data: the target's own greedy generations on prompts from any dataset the harness accepts,
-   generated with specjax in large batches and cached in OUT/data.npz (reused when the model,
-   dataset, prompt count and lengths match).
-2. Training: Flax heads on the frozen target's features (final hidden states for Medusa, fused
-   low/middle/high layer outputs for EAGLE; computed once with the data and cached with it, so a
-   step costs only the head). EAGLE trains with the training-time test: the head is unrolled
-   --ttt-steps deep on its own outputs, as it drafts. Both use
-   Optax AdamW with linear warmup, cosine decay and global-norm clipping; batches are a pure function
-   of the step, so a resumed run sees exactly the batches an uninterrupted one would.
+1. Data: the target's own answers (greedy, or --samples-per-prompt sampled ones at --temperature) to
+   prompts from any datasets the harness accepts, generated with specjax in resumable shards under
+   OUT/data (`train.distill_data`: a kill loses at most one shard), with the target's greedy next token
+   at every position as the label and, by default, its features (final hidden states for Medusa, fused
+   low/middle/high layer outputs for EAGLE) stored float16 and read memory-mapped, so a step costs
+   only the head (`--features recompute` recomputes them per batch instead).
+2. Training: Flax heads on the frozen target's features. EAGLE trains with the training-time test:
+   the head is unrolled --ttt-steps deep on its own outputs, as it drafts. Both use Optax AdamW with
+   linear warmup, cosine decay and global-norm clipping; batches are a pure function of the step, so
+   a resumed run sees exactly the batches an uninterrupted one would.
 3. Checkpoints: Orbax CheckpointManager in OUT/checkpoints (every --save-every steps, keep the last
    --keep, atomic); a rerun with the same OUT resumes from the latest one. Losses go to
-   OUT/metrics.jsonl.
+   OUT/metrics.jsonl, and every --eval-every steps the head is evaluated through the real generate
+   loop on held-out prompts (accepted tokens per target forward, chain and tree): the learning curve,
+   in metrics.jsonl and OUT/learning_curve.png.
 4. Export: OUT/head.json + OUT/head.safetensors (bf16), loadable with
-   `specjax.generate(..., method="medusa", head=OUT)`, then a final evaluation through the real
-   generate loop (mean accepted tokens vs ar).
+   `specjax.generate(..., method="medusa", head=OUT)`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from train import distill_data
 
 HEADS = ("medusa", "eagle")
 
@@ -51,6 +54,14 @@ def parse_args(argv):
     p.add_argument("--skip", type=int, default=0,
                    help="leave out each dataset's first N questions (hold out what benchmarks run on)")
     p.add_argument("--num-prompts", type=int, default=256, help="prompts to self-distil on")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="answers per prompt (sampled at --temperature; more diverse data from the same prompts)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of the answers (0: greedy, one answer per prompt)")
+    p.add_argument("--shard-size", type=int, default=32,
+                   help="prompts per data shard (a kill during data generation loses at most one shard)")
+    p.add_argument("--features", default="disk", choices=("disk", "recompute"),
+                   help="target features: stored with the data (float16, memory-mapped) or recomputed per batch")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=192, help="prompt + generation tokens per sequence")
@@ -62,89 +73,67 @@ def parse_args(argv):
     p.add_argument("--ttt-steps", type=int, default=4, help="eagle: training-time-test depth (draft steps trained)")
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="eagle: draft vocabulary (most frequent tokens of the data; EAGLE-3's reduced LM head)")
-    p.add_argument("--gen-batch", type=int, default=32, help="prompts per generate call when building data")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this step as if killed (time-boxed runs, resume tests); no export")
-    p.add_argument("--eval-prompts", type=int, default=4, help="prompts of the final generate evaluation (0: skip)")
+    p.add_argument("--eval-prompts", type=int, default=4,
+                   help="held-out prompts of the generate evaluations (the first --skip questions when "
+                        "--skip > 0, else questions past the training ones; 0: no evaluation)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N steps as well as at the end (the learning curve; 0: only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=96, help="new tokens per prompt in the evaluations")
+    p.add_argument("--eval-tree", default="16,5,3",
+                   help="eagle: the tree evaluated beside the chain of --ttt-steps + 1, as total,depth,topk")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- data
 
 
-def target_features(model, tokens: np.ndarray, layers: tuple[int, ...] = (), batch: int = 8) -> np.ndarray:
-    """The frozen target's final hidden states [N, L, D] (layers=()) or its `layers` outputs
-    concatenated [N, L, len(layers) * D], float16, computed once: training steps then cost only the
-    head, not a target forward each."""
-    import jax
-    import jax.numpy as jnp
+def _questions(args, first: int, count: int) -> list:
+    """`count` questions split evenly over the comma-listed datasets, from each dataset's question `first`
+    on, interleaved (one of each in turn), so every prefix of the data, a shard or a run cut short, mixes
+    them."""
+    import itertools
 
-    from specjax.models import transformer
-
-    def features(p, t):
-        out = transformer.forward(p, model.config, t, hidden_layers=layers)
-        return jnp.concatenate(out.layer_hidden, axis=-1) if layers else out.hidden
-
-    run = jax.jit(features)
-    parts = [np.asarray(run(model.params, tokens[i : i + batch]), np.float16) for i in range(0, len(tokens), batch)]
-    return np.concatenate(parts)
-
-
-def training_questions(args, extra: int = 0):
-    """--num-prompts questions (plus `extra` more past them, for evaluation), split evenly over the
-    comma-listed datasets, each dataset's first --skip left out."""
     from specjax.tts.datasets import load_dataset
 
     names = [n for n in args.dataset.split(",") if n]
-    share = -(-args.num_prompts // len(names))
-    train, held = [], []
-    for name in names:
-        qs = load_dataset(name, limit=args.skip + share + extra)[args.skip:]
-        train += qs[:share]
-        held += qs[share:]
-    return train[: args.num_prompts] if not extra else held[:extra]
+    share = -(-count // len(names))
+    lists = [load_dataset(name, limit=first + share)[first:] for name in names]
+    return [q for q in itertools.chain(*itertools.zip_longest(*lists)) if q is not None][:count]
 
 
-def build_data(model, args, folder: Path, layers: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tokens [N, seq_len] (prompt + greedy generation, zero-padded), mask [N, seq_len] and the target's
-    features (`target_features`) [N, seq_len, F]; cached in folder/data.npz."""
-    import specjax
-    from specjax.tts.paradigms import first_round_prompt
+def training_questions(args) -> list:
+    """--num-prompts questions split evenly over the datasets, each dataset's first --skip left out."""
+    return _questions(args, args.skip, args.num_prompts)
 
-    key = {"model": args.model, "dataset": args.dataset, "num_prompts": args.num_prompts, "seq_len": args.seq_len}
+
+def held_out_questions(args) -> list:
+    """--eval-prompts questions no training step sees: the skipped ones (what benchmarks run on), else
+    the questions past the training ones."""
     if args.skip:
-        key["skip"] = args.skip
-    if layers:
-        key["features"] = list(layers)
-    path = folder / "data.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            if json.loads(str(f["key"])) == key:
-                return f["tokens"], f["mask"], f["hidden"]
+        return _questions(args, 0, min(args.eval_prompts, args.skip * len(args.dataset.split(","))))
+    share = -(-args.num_prompts // len(args.dataset.split(",")))
+    return _questions(args, share, args.eval_prompts)
+
+
+def data_spec(args, layers: tuple[int, ...]) -> distill_data.DataSpec:
+    return distill_data.DataSpec(
+        model=args.model, dataset=args.dataset, skip=args.skip, num_prompts=args.num_prompts,
+        samples_per_prompt=args.samples_per_prompt, temperature=args.temperature, seq_len=args.seq_len,
+        shard_size=args.shard_size, seed=args.seed, feature_layers=layers, store_features=args.features == "disk")
+
+
+def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_shard=None) -> distill_data.ArrayData:
+    """The self-distillation data of `args` in folder/data: the shards not there yet are generated."""
     questions = training_questions(args)
-    tok = model.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": first_round_prompt(q.question)}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in questions]
-    prompts = [p[-(args.seq_len // 2):] for p in prompts]  # room for at least seq_len / 2 generated tokens
-    tokens = np.zeros((len(prompts), args.seq_len), np.int32)
-    mask = np.zeros((len(prompts), args.seq_len), bool)
-    for i in range(0, len(prompts), args.gen_batch):
-        chunk = prompts[i : i + args.gen_batch]
-        budget = args.seq_len - min(len(p) for p in chunk)
-        out = specjax.generate(model, chunk, "ar", max_new_tokens=budget, temperature=0.0)
-        for j, (p, gen) in enumerate(zip(chunk, out.tokens)):
-            row = (p + gen)[: args.seq_len]
-            tokens[i + j, : len(row)] = row
-            mask[i + j, : len(row)] = True
-        print(f"data: {min(i + args.gen_batch, len(prompts))}/{len(prompts)} sequences", file=sys.stderr)
-    hidden = target_features(model, tokens, layers)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(path, tokens=tokens, mask=mask, hidden=hidden, key=json.dumps(key))
-    return tokens, mask, hidden
+    if not questions:
+        raise ValueError(f"--dataset {args.dataset!r} has no questions past --skip {args.skip}")
+    return distill_data.build_shards(model, data_spec(args, layers), questions, folder / "data",
+                                     log=distill_data.progress, after_shard=after_shard)
 
 
 # ---------------------------------------------------------------- training
@@ -158,16 +147,17 @@ def make_optimizer(args):
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
 
 
-def medusa_targets(tokens: np.ndarray, mask: np.ndarray, pos: np.ndarray, num_heads: int):
-    """For positions pos [B, P] of rows tokens [B, L]: head i's target token t+2+i [B, P, K] and
-    whether it exists (inside the sequence, not padding)."""
-    length = tokens.shape[1]
-    idx = pos[:, :, None] + 2 + np.arange(num_heads)  # head i predicts t + 2 + i
+def medusa_targets(labels: np.ndarray, mask: np.ndarray, pos: np.ndarray, num_heads: int):
+    """For positions pos [B, P] of rows with labels [B, L] (the target's greedy next token at each
+    position): head i's target, the token at t+2+i [B, P, K], and whether that token exists (inside the
+    sequence, not padding)."""
+    length = labels.shape[1]
+    idx = pos[:, :, None] + 2 + np.arange(num_heads)  # head i predicts t + 2 + i ...
     inside = idx < length
     idx = np.minimum(idx, length - 1)
-    rows = np.arange(len(tokens))[:, None, None]
+    rows = np.arange(len(labels))[:, None, None]
     valid = inside & mask[rows, idx] & np.take_along_axis(mask, pos, axis=1)[:, :, None]
-    return tokens[rows, idx], valid
+    return labels[rows, idx - 1], valid  # ... which the target predicted at t + 1 + i
 
 
 def medusa_loss(head_params, heads, lm_head, hidden, target, valid):
@@ -209,7 +199,18 @@ class HeadTask:
     extra: dict  # extra exported arrays
 
 
-def medusa_task(args, model, tokens, mask, hidden) -> HeadTask:
+def batch_features(data: distill_data.ArrayData, model, layers: tuple[int, ...]) -> Callable:
+    """rows' arrays -> their target features float32: the stored ones, or (data built with --features
+    recompute) a target forward over the rows' tokens."""
+    import jax.numpy as jnp
+
+    if data.take(np.zeros(1, np.int64))["features"] is not None:
+        return lambda arrays: jnp.asarray(arrays["features"], jnp.float32)
+    run = distill_data.feature_fn(model, layers)
+    return lambda arrays: run(model.params, jnp.asarray(arrays["tokens"]))[0].astype(jnp.float32)
+
+
+def medusa_task(args, model, data: distill_data.ArrayData) -> HeadTask:
     import jax
     import jax.numpy as jnp
 
@@ -217,22 +218,25 @@ def medusa_task(args, model, tokens, mask, hidden) -> HeadTask:
 
     heads = MedusaHeads(args.num_heads, model.config.hidden_size)
     params = heads.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, model.config.hidden_size)))["params"]
+    features = batch_features(data, model, ())
 
     def batch(step):
-        rows, pos = batch_at(step, args.seed, len(tokens), args.batch_size, tokens.shape[1], args.positions)
-        target, valid = medusa_targets(tokens[rows], mask[rows], pos, args.num_heads)
-        h = np.take_along_axis(hidden[rows], pos[:, :, None], axis=1)
-        return jnp.asarray(h, jnp.float32), jnp.asarray(target), jnp.asarray(valid)
+        rows, pos = batch_at(step, args.seed, data.num_rows, args.batch_size, data.seq_len, args.positions)
+        arrays = data.take(rows)
+        target, valid = medusa_targets(arrays["labels"], arrays["mask"], pos, args.num_heads)
+        h = jnp.take_along_axis(features(arrays), jnp.asarray(pos)[:, :, None], axis=1)
+        return h, jnp.asarray(target), jnp.asarray(valid)
 
     return HeadTask(params=params, loss=lambda p, lm_head, b: medusa_loss(p, heads, lm_head, *b),
                     consts=model.params["lm_head"], batch=batch, metric="top1_per_head",
                     config={"num_heads": args.num_heads}, extra={})
 
 
-def eagle_loss(params, module, consts, features, tokens, mask, anchors, steps: int):
+def eagle_loss(params, module, consts, features, tokens, mask, labels, anchors, steps: int):
     """Mean CE over the unrolled steps (step s weighted 0.8^(s-1), as EAGLE-3) of the head's
-    draft-vocabulary logits at `anchors` against x_{anchor+s+1}; tokens outside the draft vocabulary
-    and padding are left out. Also per-step top-1 accuracy."""
+    draft-vocabulary logits at `anchors` against the target's greedy choice of x_{anchor+s+1} (`labels`
+    at anchor+s); tokens outside the draft vocabulary and padding are left out. Also per-step top-1
+    accuracy."""
     import jax.numpy as jnp
     import optax
 
@@ -244,7 +248,7 @@ def eagle_loss(params, module, consts, features, tokens, mask, anchors, steps: i
     inside = idx < length
     idx = jnp.minimum(idx, length - 1)
     gather = lambda x: jnp.take_along_axis(jnp.broadcast_to(x[None], (steps,) + x.shape), idx, axis=2)
-    target = consts["t2d"][gather(tokens)]
+    target = consts["t2d"][gather(jnp.concatenate([labels[:, :1], labels[:, :-1]], axis=1))]  # labels at idx - 1
     valid = inside & gather(mask) & jnp.take_along_axis(mask, anchors, axis=1)[None] & (target >= 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(target, 0))
     weight = valid.astype(jnp.float32) * (0.8 ** jnp.arange(steps))[:, None, None]
@@ -254,29 +258,32 @@ def eagle_loss(params, module, consts, features, tokens, mask, anchors, steps: i
     return loss, acc
 
 
-def eagle_task(args, model, tokens, mask, features) -> HeadTask:
+def eagle_task(args, model, data: distill_data.ArrayData) -> HeadTask:
     import jax
     import jax.numpy as jnp
 
     from specjax.heads.eagle import EagleHead, draft_vocab, feature_layers, head_config, init_head
 
     cfg = model.config
-    ids = draft_vocab(tokens, mask, args.draft_vocab, cfg.vocab_size)
+    ids = draft_vocab(data.token_counts(cfg.vocab_size), args.draft_vocab)
     t2d = np.full(cfg.vocab_size, -1, np.int32)
     t2d[ids] = np.arange(len(ids))
     module = EagleHead(head_config(cfg))
     consts = {"lm_draft": jnp.take(model.params["lm_head"], jnp.asarray(ids), axis=1), "t2d": jnp.asarray(t2d),
               "target": {k: model.params[k] for k in ("lm_head", "embed") if k in model.params}}
+    layers = feature_layers(cfg.num_layers)
+    features = batch_features(data, model, layers)
 
     def batch(step):
-        rows, pos = batch_at(step, args.seed, len(tokens), args.batch_size, tokens.shape[1] - 2, args.positions)
-        return (jnp.asarray(features[rows], jnp.float32), jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]),
-                jnp.asarray(pos, jnp.int32))
+        rows, pos = batch_at(step, args.seed, data.num_rows, args.batch_size, data.seq_len - 2, args.positions)
+        arrays = data.take(rows)
+        return (features(arrays), jnp.asarray(arrays["tokens"]), jnp.asarray(arrays["mask"]),
+                jnp.asarray(arrays["labels"]), jnp.asarray(pos, jnp.int32))
 
     loss = lambda p, c, b: eagle_loss(p, module, c, *b, steps=args.ttt_steps)
     return HeadTask(params=init_head(model, jax.random.PRNGKey(args.seed)), loss=loss, consts=consts, batch=batch,
                     metric="top1_per_step",
-                    config={"draft_vocab_size": len(ids), "feature_layers": list(feature_layers(cfg.num_layers)),
+                    config={"draft_vocab_size": len(ids), "feature_layers": list(layers),
                             "ttt_steps": args.ttt_steps},
                     extra={"draft_vocab": ids})
 
@@ -331,7 +338,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def train(args, task: HeadTask, folder: Path, log=print) -> tuple[Any, list[dict]]:
+def train(args, task: HeadTask, folder: Path, log=print,
+          on_eval: Callable[[int, Any], dict] | None = None) -> tuple[Any, list[dict]]:
+    """Runs (or resumes) the optimisation; `on_eval(step, params)` every --eval-every steps gives the
+    learning-curve record of that step (run before the step's checkpoint, so a kill never skips one)."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -379,6 +389,10 @@ def train(args, task: HeadTask, folder: Path, log=print) -> tuple[Any, list[dict
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             progress.update(bar, advance=1, info=f"loss {record['loss']:.3f} top1 {record[task.metric]}")
+            every = getattr(args, "eval_every", 0)
+            if on_eval is not None and every and (step + 1) % every == 0 and step + 1 < args.steps:
+                metrics.write(json.dumps({"step": step + 1, "eval": on_eval(step + 1, state["params"])}) + "\n")
+                metrics.flush()
             manager.save(step + 1, args=ocp.args.StandardSave(state))
             if args.stop_after is not None and step + 1 >= args.stop_after:
                 break
@@ -403,8 +417,13 @@ def check_args(args) -> None:
     if args.head not in HEADS:
         raise ValueError(f"--head {args.head!r} is not available; use one of {', '.join(HEADS)}")
     cli.check_ints(args, 1, "steps", "batch_size", "num_heads", "save_every", "keep", "num_prompts", "positions",
-                   "ttt_steps", "draft_vocab", "gen_batch", "stop_after")
-    cli.check_ints(args, 0, "skip", "eval_prompts", "warmup", "seed")
+                   "ttt_steps", "draft_vocab", "samples_per_prompt", "shard_size", "eval_tokens", "stop_after")
+    cli.check_ints(args, 0, "skip", "eval_prompts", "eval_every", "warmup", "seed")
+    validation.number("--temperature", args.temperature, min=0)
+    if args.samples_per_prompt > 1 and args.temperature == 0:
+        raise ValueError(f"--samples-per-prompt {args.samples_per_prompt} at --temperature 0 gives identical "
+                         "answers: pass --temperature > 0 (e.g. 0.7), or --samples-per-prompt 1")
+    eval_tree(args)
     if args.seq_len < 8:
         raise ValueError(f"--seq-len must be >= 8, got {args.seq_len}")
     validation.number("--lr", args.lr, gt=0)
@@ -419,6 +438,27 @@ def check_args(args) -> None:
     cli.output_dir(args.out, "--out")
 
 
+def eval_tree(args) -> dict[str, int]:
+    """--eval-tree 'total,depth,topk' as eagle options, checked."""
+    try:
+        total, depth, topk = (int(v) for v in args.eval_tree.split(","))
+    except ValueError:
+        raise ValueError(f"--eval-tree {args.eval_tree!r} must be three integers total,depth,topk, "
+                         "e.g. 16,5,3") from None
+    from specjax.drafting import eagle_tree
+
+    eagle_tree(total, depth, topk)  # a tree that cannot be built fails here, not after the training
+    return {"total": total, "depth": depth, "topk": topk}
+
+
+def eval_configs(args) -> dict[str, dict]:
+    """The drafting shapes the evaluations measure: EAGLE as a chain --ttt-steps deep (as trained) and as
+    --eval-tree; Medusa with its trained heads."""
+    if args.head == "eagle":
+        return {"chain": {"topk": 1, "depth": args.ttt_steps}, "tree": eval_tree(args)}
+    return {"heads": {}}
+
+
 def _main(args) -> int:
     import jax
 
@@ -427,6 +467,7 @@ def _main(args) -> int:
 
     check_args(args)
     folder = Path(args.out)
+    distill_data.read_manifest(folder / "data")  # unreadable folders fail before the model loads
     model = specjax.load(args.model)
     t0 = time.perf_counter()
     layers = ()
@@ -434,42 +475,119 @@ def _main(args) -> int:
         from specjax.heads.eagle import feature_layers
 
         layers = feature_layers(model.config.num_layers)
-    tokens, mask, features = build_data(model, args, folder, layers)
-    print(f"data: {len(tokens)} sequences, {int(mask.sum())} tokens ({time.perf_counter() - t0:.1f}s)")
-    task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, tokens, mask, features)
-    params, history = train(args, task, folder)
+    data = build_data(model, args, folder, layers)
+    print(f"data: {data.num_rows} sequences, {data.num_tokens} tokens ({time.perf_counter() - t0:.1f}s)")
+    task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data)
+    config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
+              "target": args.model, "steps": args.steps, "dataset": args.dataset, "data_tokens": data.num_tokens,
+              **task.config}
+    export = lambda where, params, **extra: save_head(where, {**config, **extra},
+                                                      {**jax.tree.map(np.asarray, dict(params)), **task.extra})
+    prompts = [q.question for q in held_out_questions(args)] if args.eval_prompts else []
+    evaluator = Evaluator(model, args, prompts) if prompts else None
+
+    def on_eval(step, params):
+        export(folder / "eval_head", params)
+        record = {"tokens_seen": tokens_seen(args, step), **evaluator(folder / "eval_head")}
+        plot_learning_curve(folder / "metrics.jsonl", folder / "learning_curve.png", extra=(step, record))
+        return record
+
+    params, history = train(args, task, folder, on_eval=on_eval if evaluator else None)
     if args.stop_after is not None and args.stop_after < args.steps:
         print(f"stopped after step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
         return 0
     if history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, {task.metric.replace('_', ' ')} {last[task.metric]}")
-    config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
-              "target": args.model, "steps": args.steps, "dataset": args.dataset,
-              "final": history[-1] if history else None, **task.config}
-    save_head(folder, config, {**jax.tree.map(np.asarray, dict(params)), **task.extra})
+    export(folder, params, final=history[-1] if history else None)
     print(f"head saved to {folder} ({(folder / 'head.safetensors').stat().st_size / 1e6:.1f} MB)")
-    if args.eval_prompts:
-        evaluate(model, args, folder)
+    if evaluator is not None:
+        record = {"step": args.steps, "eval": {"tokens_seen": tokens_seen(args, args.steps), **evaluator(folder)}}
+        with (folder / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_learning_curve(folder / "metrics.jsonl", folder / "learning_curve.png")
+        figures = record["eval"]
+        mats = ", ".join(f"{name} {v['mean_accepted_tokens']:.2f}" for name, v in figures["configs"].items())
+        print(f"eval on {len(prompts)} held-out prompts: tokens per target forward {mats}; ar "
+              f"{figures['ar_tokens_per_s']:.1f} tok/s; greedy output equals ar: {figures['equals_ar']}")
     return 0
 
 
-def evaluate(model, args, folder: Path) -> dict[str, float]:
-    """Mean accepted tokens of the exported head through the real generate loop, greedy."""
-    import specjax
-    from specjax.tts.paradigms import first_round_prompt
+def tokens_seen(args, step: int) -> int:
+    """Training positions the loss has read after `step` steps (the learning curve's x axis)."""
+    return step * args.batch_size * min(args.positions, args.seq_len)
 
-    questions = training_questions(args, extra=args.eval_prompts)
-    prompts = [first_round_prompt(q.question) for q in questions] or ["What is 12 * 13?"]
-    run = lambda method, **kw: specjax.generate(model, prompts, method, max_new_tokens=64, **kw)
-    run("ar"), run(args.head, head=str(folder))  # warm-up: compile outside the timed calls
-    ar, out = run("ar"), run(args.head, head=str(folder))
-    figures = {"mean_accepted_tokens": out.stats["mean_accepted_tokens"], "equals_ar": out.tokens == ar.tokens,
-               "tokens_per_s": out.stats["tokens_per_s"], "ar_tokens_per_s": ar.stats["tokens_per_s"]}
-    print(f"eval on {len(prompts)} held-out prompts: {figures['mean_accepted_tokens']:.2f} tokens per target "
-          f"forward, {figures['tokens_per_s']:.1f} tok/s vs ar {figures['ar_tokens_per_s']:.1f}, "
-          f"greedy output equals ar: {figures['equals_ar']}")
-    return figures
+
+class Evaluator:
+    """The head at a folder through the real generate loop on held-out prompts, greedy, batch of all the
+    prompts, fixed widths (the head's own acceptance, not the adaptive loop's choice): accepted tokens
+    per target forward and tok/s for each of `eval_configs`, and whether the output equals `ar`'s."""
+
+    def __init__(self, model, args, questions: list[str]):
+        from specjax.tts.paradigms import first_round_prompt
+
+        self.model, self.args = model, args
+        self.prompts = [first_round_prompt(q) for q in questions]
+        self.ar = None
+
+    def run(self, method: str, **options):
+        import specjax
+
+        return specjax.generate(self.model, self.prompts, method, max_new_tokens=self.args.eval_tokens,
+                                adaptive=False, **options)
+
+    def __call__(self, head_dir: Path) -> dict[str, Any]:
+        if self.ar is None:
+            self.run("ar")  # warm-up: compile outside the timed call
+            self.ar = self.run("ar")
+        configs, equal = {}, True
+        for name, options in eval_configs(self.args).items():
+            out = self.run(self.args.head, head=str(head_dir), **options)
+            equal &= out.tokens == self.ar.tokens
+            configs[name] = {"mean_accepted_tokens": round(out.stats["mean_accepted_tokens"], 4),
+                             "tokens_per_s": round(out.stats["tokens_per_s"], 2)}
+        return {"configs": configs, "ar_tokens_per_s": round(self.ar.stats["tokens_per_s"], 2), "equals_ar": equal}
+
+
+def learning_curve(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """(tokens seen, accepted tokens per forward) per evaluated config, from metrics.jsonl's eval records."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if not metrics_path.is_file():
+        return curves
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for name, v in record.get("eval", {}).get("configs", {}).items():
+            curves.setdefault(name, []).append((record["eval"]["tokens_seen"], v["mean_accepted_tokens"]))
+    return curves
+
+
+def plot_learning_curve(metrics_path: Path, png: Path, extra: tuple[int, dict] | None = None) -> None:
+    """Accepted tokens per target forward against training tokens seen (`extra`: a record not yet in the file)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = learning_curve(metrics_path)
+    if extra is not None:
+        for name, v in extra[1]["configs"].items():
+            curves.setdefault(name, []).append((extra[1]["tokens_seen"], v["mean_accepted_tokens"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("training positions seen")
+    ax.set_ylabel("accepted tokens per target forward")
+    ax.set_title("draft head learning curve (held-out prompts, greedy)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

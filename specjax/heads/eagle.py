@@ -86,11 +86,12 @@ def init_head(model, rng: jax.Array) -> dict:
     return params
 
 
-def draft_vocab(tokens: np.ndarray, mask: np.ndarray, size: int, vocab_size: int) -> np.ndarray:
-    """The `size` most frequent token ids of the training data (EAGLE-3's draft vocabulary), sorted;
-    topped up with the lowest unused ids when the data has fewer distinct tokens."""
+def draft_vocab(counts: np.ndarray, size: int) -> np.ndarray:
+    """The `size` most frequent token ids of the training data (EAGLE-3's draft vocabulary), sorted, from
+    per-id counts [V] (the data may be too large to hold at once); topped up with the lowest unused ids
+    when the data has fewer distinct tokens."""
+    vocab_size = len(counts)
     size = min(size, vocab_size)
-    counts = np.bincount(tokens[mask].ravel(), minlength=vocab_size)
     order = np.lexsort((np.arange(vocab_size), -counts))  # by count descending, then id
     return np.sort(order[:size]).astype(np.int32)
 

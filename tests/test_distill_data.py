@@ -1,0 +1,133 @@
+"""Draft-head training data in shards: a kill during generation resumes at the shard boundary with the
+data an uninterrupted run writes; memory-mapped shards give the same batches as in-memory arrays; the
+learning-curve records are written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from train import distill_data
+
+SPEC = dict(model="tiny", dataset="arith", skip=0, num_prompts=6, samples_per_prompt=2, temperature=0.8, seq_len=40,
+            shard_size=2, seed=3, feature_layers=(0, 1), store_features=True)
+
+
+class Killed(Exception):
+    pass
+
+
+def _questions(n):
+    from specjax.tts.datasets import load_dataset
+
+    return load_dataset("arith", limit=n)
+
+
+def _build(model, folder, after_shard=None, **changes):
+    spec = distill_data.DataSpec(**{**SPEC, **changes})
+    return distill_data.build_shards(model, spec, _questions(spec.num_prompts), folder, log=lambda *a: None,
+                                     after_shard=after_shard)
+
+
+@pytest.fixture(scope="module")
+def full(tiny_chat_model, tmp_path_factory):
+    return _build(tiny_chat_model, tmp_path_factory.mktemp("full"))
+
+
+def test_a_killed_generation_resumes_at_the_shard_boundary_with_the_same_data(full, tiny_chat_model, tmp_path):
+    def kill_after_second(shard):
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _build(tiny_chat_model, tmp_path, after_shard=kill_after_second)
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["shards"]) == 2
+    (tmp_path / "shard-00002.partial").mkdir()  # what a kill in the middle of a shard leaves
+    (tmp_path / "shard-00002.partial" / "tokens.npy").write_bytes(b"cut short")
+    regenerated = []
+    resumed = _build(tiny_chat_model, tmp_path, after_shard=regenerated.append)
+    assert regenerated == [2]  # only the missing shard is generated again
+    assert not list(tmp_path.glob("*.partial"))
+    a, b = full.in_memory(), resumed.in_memory()
+    assert a.tokens.shape == (12, 40) and a.features.shape == (12, 40, 2 * tiny_chat_model.config.hidden_size)
+    for key in distill_data.ARRAYS:
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    # sampled answers: two per prompt, which differ (the shard seed drives the sampling, not the run)
+    assert not np.array_equal(a.tokens[0], a.tokens[1])
+
+
+def test_labels_are_the_targets_greedy_next_tokens(full, tiny_chat_model):
+    import specjax
+
+    data = full.in_memory()
+    for end in (12, 30):  # inside the prompt and inside the sampled answer
+        prefix = data.tokens[1, :end].tolist()
+        ar = specjax.generate(tiny_chat_model, [prefix], "ar", max_new_tokens=1, eos_token_ids=(), chat=False)
+        assert data.labels[1, end - 1] == ar.tokens[0][0]
+    assert data.mask.sum() == full.num_tokens
+
+
+def test_more_prompts_extend_the_data_and_fewer_read_a_prefix(full, tiny_chat_model, tmp_path):
+    import shutil
+
+    shutil.copytree(full.folder, tmp_path / "d")
+    made = []
+    small = _build(tiny_chat_model, tmp_path / "d", after_shard=made.append, num_prompts=4)
+    assert made == [] and small.num_rows == 8  # the first two shards, reused
+    grown = _build(tiny_chat_model, tmp_path / "d", after_shard=made.append, num_prompts=7)
+    assert made == [3] and grown.num_rows == 14  # one new shard (a short one: 1 prompt)
+    np.testing.assert_array_equal(grown.in_memory().tokens[:12], full.in_memory().tokens)
+    _build(tiny_chat_model, tmp_path / "d", after_shard=made.append, num_prompts=8)
+    assert made == [3, 3]  # the short shard is regenerated in full
+
+
+def test_other_settings_are_refused_with_the_fix(full, tiny_chat_model):
+    with pytest.raises(ValueError, match=r"other settings \(seq_len 40 -> 48\).*another --out, or delete"):
+        _build(tiny_chat_model, full.folder, seq_len=48)
+
+
+def test_sharded_and_in_memory_data_give_the_same_training_batches(full, tiny_chat_model):
+    from train import draft_head
+
+    args = argparse.Namespace(seed=0, batch_size=3, positions=8, num_heads=2, ttt_steps=2, draft_vocab=64)
+    for make in (draft_head.medusa_task, draft_head.eagle_task):
+        streamed, held = make(args, tiny_chat_model, full), make(args, tiny_chat_model, full.in_memory())
+        for step in (0, 5):
+            for x, y in zip(streamed.batch(step), held.batch(step)):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_recomputed_features_match_the_stored_ones(full, tiny_chat_model, tmp_path):
+    from train import draft_head
+
+    bare = _build(tiny_chat_model, tmp_path, store_features=False)
+    assert bare.take(np.arange(2))["features"] is None
+    args = argparse.Namespace(seed=0, batch_size=3, positions=8, num_heads=2, ttt_steps=2, draft_vocab=64)
+    stored, recomputed = draft_head.eagle_task(args, tiny_chat_model, full), draft_head.eagle_task(
+        args, tiny_chat_model, bare)
+    x, y = stored.batch(2)[0], recomputed.batch(2)[0]
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-2, rtol=1e-2)  # float16 storage
+
+
+def test_learning_curve_records_and_plot(tiny_chat_checkpoint, tmp_path):
+    from train import draft_head
+
+    out = tmp_path / "eagle"
+    argv = ["--model", str(tiny_chat_checkpoint), "--out", str(out), "--head", "eagle", "--dataset", "arith",
+            "--num-prompts", "4", "--seq-len", "40", "--batch-size", "2", "--lr", "3e-2", "--ttt-steps", "2",
+            "--shard-size", "4", "--steps", "6", "--save-every", "2", "--eval-every", "2", "--eval-prompts", "2",
+            "--eval-tokens", "8", "--eval-tree", "4,2,2"]
+    assert draft_head.main(argv) == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert [r["eval"]["tokens_seen"] for r in evals] == [2 * 32 * s for s in (2, 4, 6)]  # batch x positions
+    for r in evals:
+        assert set(r["eval"]["configs"]) == {"chain", "tree"} and r["eval"]["equals_ar"] is True
+        assert all(v["mean_accepted_tokens"] >= 1.0 for v in r["eval"]["configs"].values())
+    curves = draft_head.learning_curve(out / "metrics.jsonl")
+    assert [x for x, _ in curves["chain"]] == [r["eval"]["tokens_seen"] for r in evals]
+    assert (out / "learning_curve.png").stat().st_size > 1000
