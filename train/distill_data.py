@@ -133,7 +133,8 @@ def read_manifest(folder: Path, spec: DataSpec | None = None) -> dict[str, Any]:
     manifest = json.loads(path.read_text()) if path.is_file() else {"key": None, "shards": []}
     if spec is not None and manifest["key"] not in (None, spec.key()):
         theirs, ours = manifest["key"], spec.key()
-        diff = ", ".join(f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in ours if theirs.get(k) != ours[k])
+        diff = ", ".join(f"{k} {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                         if theirs.get(k) != ours.get(k))
         raise ValueError(f"{folder} holds data of other settings ({diff}): pass another --out, or delete "
                          f"{folder} to rebuild it")
     return manifest
