@@ -7,10 +7,10 @@ Round 1 of think twice (the question, "reason step by step ... \\boxed{}"), batc
 each head as a chain of `--chain` tokens and as the `--tree` (total,depth,topk), at fixed widths, so the
 figures are the head's own acceptance rather than the adaptive loop's choice. `--multi-round` adds round
 2 (review the round-1 answer): `ar` and the hybrid (suffix match, else the head) on each head, also at
-fixed widths (on a CPU where the adaptive loop declines to draft, it would hide the heads' difference). Reported per configuration: tokens, tok/s, speedup against `ar` in the
-same run, mean accepted tokens per verify forward (`mean_accepted_tokens`, bonus included, weighted by
-steps) and whether the greedy output
-equals `ar`'s, as it must. `default` in --heads names the head shipped for the model. Each
+fixed widths (on a CPU where the adaptive loop declines to draft, it would hide the heads' difference).
+Reported per configuration: tokens, tok/s, speedup against `ar` in the same run, mean accepted tokens
+per verify forward (`mean_accepted_tokens`, bonus included, weighted by steps) and whether the greedy
+output equals `ar`'s, as it must. `default` in --heads names the head shipped for the model. Each
 configuration is warmed up (compiled) on the first question before it is timed.
 """
 
