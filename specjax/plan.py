@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,15 +167,30 @@ _BOUND: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _BOUND_PER_MODEL = 8
 
 
+def _head_stamps(proposer: Proposer) -> tuple:
+    """(field, mtime, size) of each trained head a proposer names by folder, so that a head saved again
+    at the same path (a training run's evaluations, a user retraining) is read again, not reused."""
+    from specjax.heads.io import WEIGHTS
+
+    stamps = []
+    for field in dataclasses.fields(proposer):
+        value = getattr(proposer, field.name)
+        if isinstance(value, str) and value and (Path(value) / WEIGHTS).is_file():
+            st = (Path(value) / WEIGHTS).stat()
+            stamps.append((field.name, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
 def bind_proposer(model, method: "str | Proposer", sampling_cfg: SamplingConfig, **options) -> tuple[Proposer, Any]:
     """`make_proposer(...).bind(model, mode)`, once per (model, proposer, sampling mode).
 
     The bound proposer is a static argument of the jitted loop and holds only the sampling *mode*, so
     calls that differ in temperature or budget reuse it (and its compiled programs); binding also reads
-    trained heads from disk, which a run over many questions does once instead of once per call.
+    trained heads from disk, which a run over many questions does once instead of once per call, and
+    again when a head's files change.
     """
     proposer = make_proposer(method, **options)
-    key = (proposer, sampling_cfg.mode)
+    key = (proposer, sampling_cfg.mode, _head_stamps(proposer) if dataclasses.is_dataclass(proposer) else ())
     try:
         per_model = _BOUND.setdefault(model, {})
     except TypeError:  # a model object that cannot be weakly referenced: bind every time

@@ -13,7 +13,7 @@ import specjax
 from specjax.config import SamplingConfig
 from specjax.drafting import Context, eagle_tree
 from specjax.heads.eagle import EagleHead, draft_vocab, head_config, ttt_mask, unroll
-from specjax.heads.io import save_head
+from specjax.heads.io import load_head, save_head
 from specjax.models import transformer
 from specjax.proposers.eagle import Eagle
 
@@ -136,3 +136,21 @@ def test_eagle_errors_name_the_fix(tiny_model, head_dir, tmp_path):
         specjax.generate(tiny_model, [[1, 2]], "eagle", head=str(medusa_dir))
     with pytest.raises(ValueError, match="depth"):
         specjax.generate(tiny_model, [[1, 2]], "eagle", head=head_dir, total=2, depth=4, topk=2)
+
+
+def test_a_head_saved_again_at_the_same_path_is_read_again(tiny_model, tmp_path):
+    """generate() binds a proposer once per (model, options); a head re-saved in the same folder (a
+    training run's periodic evaluations, a user retraining) must be read again, not served stale."""
+    from specjax.plan import bind_proposer
+
+    folder = save_random_eagle_head(tiny_model, tmp_path / "head")
+    _, first = bind_proposer(tiny_model, "eagle", SamplingConfig(), head=folder)
+    _, again = bind_proposer(tiny_model, "eagle", SamplingConfig(), head=folder)
+    assert again is first  # unchanged files: the bound weights are reused
+    config, params = load_head(folder, kind="eagle")
+    params = jax.tree.map(lambda x: x if x.dtype.kind == "i" else x * 0.5, params)
+    save_head(folder, config, params, dtype="float32")
+    _, fresh = bind_proposer(tiny_model, "eagle", SamplingConfig(), head=folder)
+    old, new = jax.tree.leaves(first["head"]), jax.tree.leaves(fresh["head"])
+    assert any(not np.allclose(a, b) for a, b in zip(old, new))
+    np.testing.assert_allclose(new[0], np.asarray(old[0]) * 0.5, rtol=1e-6)
