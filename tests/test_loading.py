@@ -82,3 +82,40 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="unknown dtype"):
         specjax.load("smollm2-135m-instruct", dtype="float8")
+
+
+def test_converted_gguf_weights_are_reused_until_the_file_changes(tmp_path, monkeypatch):
+    """The slow GGUF conversion runs once per file version: a second load memory-maps the stored
+    arrays (equal to the converted ones), a replaced file is converted again, `none` stores nothing."""
+    import jax
+    import numpy as np
+    from conftest import hf_tiny_config
+
+    from specjax.config import ModelConfig
+    from specjax.models import loading, transformer
+
+    hf = {k: v for k, v in hf_tiny_config("smollm2").to_dict().items()
+          if isinstance(v, (int, float, str, bool, type(None)))}
+    cfg = ModelConfig.from_hf(hf)
+    params = jax.tree_util.tree_map(np.asarray, transformer.init_params(cfg, jax.random.PRNGKey(0)))
+    calls = []
+    monkeypatch.setattr(loading, "_convert_gguf", lambda path: calls.append(path) or (hf, params))
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"v1")
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path / "cache"))
+
+    cfg1, p1 = loading.load_gguf(source)
+    cfg2, p2 = loading.load_gguf(source)
+    assert len(calls) == 1 and cfg2 == cfg1 == cfg
+    assert isinstance(p2["layers"][1]["wqkv"], np.memmap)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p2, params)
+    assert not list((tmp_path / "cache" / "converted").glob("*.partial-*"))
+
+    source.write_bytes(b"v2 is longer")  # another size: another key
+    loading.load_gguf(source)
+    assert len(calls) == 2
+
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")
+    loading.load_gguf(source)
+    loading.load_gguf(source)
+    assert len(calls) == 4

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from specjax import cache_folder
 from specjax.config import ModelConfig
 
 EMBEDDED = {
@@ -222,7 +224,8 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_config(fields: dict[str, Any], has_output: bool) -> ModelConfig:
+def _gguf_hf_config(fields: dict[str, Any], has_output: bool) -> dict[str, Any]:
+    """The transformers-style config dict of a GGUF file's metadata (JSON-serialisable)."""
     arch = fields["general.architecture"]
     if arch not in ("llama", "qwen2", "qwen3", "mistral"):
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (llama, mistral, qwen2, qwen3)")
@@ -230,7 +233,7 @@ def _gguf_config(fields: dict[str, Any], has_output: bool) -> ModelConfig:
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     eos = fields.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig.from_hf({
+    return {
         "model_type": arch,
         "vocab_size": int(g("vocab_size") or len(fields["tokenizer.ggml.tokens"])),
         "hidden_size": hidden,
@@ -245,11 +248,24 @@ def _gguf_config(fields: dict[str, Any], has_output: bool) -> ModelConfig:
         "max_position_embeddings": int(g("context_length", 8192)),
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": None if eos is None else int(eos),
-    })
+    }
 
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict]:
-    """Config and host (numpy float32) params of a GGUF file (dequantised)."""
+    """Config and host (numpy float32) params of a GGUF file (dequantised). The conversion (parsing the
+    metadata, dequantising, re-laying out: ~10 s for the embedded model on a 2-core CPU) is done once
+    and kept in the specjax cache folder; later loads memory-map its arrays (`converted_cache`)."""
+    folder = converted_cache(path)
+    hit = None if folder is None else read_converted(folder)
+    if hit is not None:
+        return hit
+    hf, params = _convert_gguf(path)
+    if folder is not None:
+        write_converted(folder, hf, params)
+    return ModelConfig.from_hf(hf), params
+
+
+def _convert_gguf(path: Path) -> tuple[dict[str, Any], dict]:
     import gguf
 
     try:
@@ -258,7 +274,8 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict]:
     except Exception as e:
         raise ModelLoadError(f"corrupt or unreadable GGUF file {path}: {type(e).__name__}: {e}") from e
     tensors = {t.name: t for t in reader.tensors}
-    cfg = _gguf_config(fields, "output.weight" in tensors)
+    hf = _gguf_hf_config(fields, "output.weight" in tensors)
+    cfg = ModelConfig.from_hf(hf)
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
@@ -270,14 +287,73 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict]:
             w = _unpermute_rope(w, cfg.num_heads if "attn_q" in name else cfg.num_kv_heads)
         return w
 
-    return cfg, _assemble(cfg, get, lambda n: n in tensors, gguf_names)
+    return hf, _assemble(cfg, get, lambda n: n in tensors, gguf_names)
+
+
+# ---------------------------------------------------------------- converted weights on disk
+
+CONVERTED_FORMAT = 1  # bump when _assemble's layout changes: older entries are then ignored
+
+
+def _source_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def converted_cache(path: Path) -> Path | None:
+    """Where the converted weights of checkpoint file `path` are kept: a function of its resolved path,
+    size and modification time (a replaced file is converted again); None when the cache is off."""
+    root = cache_folder.root()
+    return None if root is None else root / "converted" / f"{_source_key(path)}-v{CONVERTED_FORMAT}"
+
+
+def _flatten(params: dict) -> dict[str, np.ndarray]:
+    flat = {k: v for k, v in params.items() if k != "layers"}
+    for i, layer in enumerate(params["layers"]):
+        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return flat
+
+
+def _unflatten(flat: dict[str, np.ndarray], num_layers: int) -> dict:
+    params: dict[str, Any] = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+    layers: list[dict[str, np.ndarray]] = [{} for _ in range(num_layers)]
+    for key, value in flat.items():
+        if key.startswith("layers."):
+            _, i, name = key.split(".", 2)
+            layers[int(i)][name] = value
+    params["layers"] = tuple(layers)
+    return params
+
+
+def write_converted(folder: Path, hf_config: dict[str, Any], params: dict) -> None:
+    """Stores a conversion as one .npy per array plus `config.json`, written beside the final folder
+    and renamed into place, so a kill or a full disk leaves no half entry (only a cost: convert again)."""
+    if folder.is_dir():
+        return
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        flat = _flatten(params)
+        for key, value in flat.items():
+            np.save(tmp / f"{key}.npy", value)
+        (tmp / "config.json").write_text(json.dumps({"hf_config": hf_config, "arrays": sorted(flat)}))
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # read-only or full: run without the cache
+
+
+def read_converted(folder: Path) -> tuple[ModelConfig, dict] | None:
+    """The config and memory-mapped params of a stored conversion; None when absent or unreadable."""
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        cfg = ModelConfig.from_hf(meta["hf_config"])
+        flat = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return cfg, _unflatten(flat, cfg.num_layers)
 
 
 # ---------------------------------------------------------------- tokenizer
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("SPECJAX_CACHE", Path.home() / ".cache" / "specjax"))
-
 
 def load_tokenizer(kind: str, path: Path):
     """HF tokenizer with its chat template. A GGUF's tokenizer is converted once (slow), then cached."""
@@ -288,9 +364,10 @@ def load_tokenizer(kind: str, path: Path):
         if not any((path / n).is_file() for n in names):
             return None  # weights-only folder: token-id prompts still work
         return AutoTokenizer.from_pretrained(str(path))
-    stat = path.stat()
-    digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_root() / "tokenizers" / digest
+    root = cache_folder.root()
+    if root is None:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    cached = root / "tokenizers" / _source_key(path)
     if (cached / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cached))
