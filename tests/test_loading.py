@@ -111,11 +111,16 @@ def test_converted_gguf_weights_are_reused_until_the_file_changes(tmp_path, monk
     jax.tree_util.tree_map(np.testing.assert_array_equal, p2, params)
     assert not list((tmp_path / "cache" / "converted").glob("*.partial-*"))
 
+    entry = loading.converted_cache(source)
+    (entry / "lm_head.npy").write_bytes(b"truncated")  # a damaged entry is converted and written again
+    loading.load_gguf(source)
+    assert len(calls) == 2 and isinstance(loading.load_gguf(source)[1]["lm_head"], np.memmap) and len(calls) == 2
+
     source.write_bytes(b"v2 is longer")  # another size: another key
     loading.load_gguf(source)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
     monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")
     loading.load_gguf(source)
     loading.load_gguf(source)
-    assert len(calls) == 4
+    assert len(calls) == 5

@@ -261,6 +261,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict]:
         return hit
     hf, params = _convert_gguf(path)
     if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry (a truncated array) is written anew
         write_converted(folder, hf, params)
     return ModelConfig.from_hf(hf), params
 
