@@ -169,3 +169,20 @@ def test_eagle_head_learns_its_data_and_drafts_it_back(tiny_chat_checkpoint, tin
                                    eos_token_ids=(), **opts)
             assert got.tokens == ar.tokens
             assert got.stats["mean_accepted_tokens"] > 2.5, opts
+
+
+def test_more_prompts_than_the_datasets_hold_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A dataset that runs out is topped up by the others; when all run out the run stops with the count
+    it could have, before any model is loaded or data generated."""
+    from train import draft_head
+
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(5)))
+    args = draft_head.parse_args(["--head", "medusa", "--dataset", f"{data},arith", "--skip", "2",
+                                  "--num-prompts", "9", "--out", str(tmp_path / "o")])
+    got = [q.question for q in draft_head.training_questions(args)]
+    assert len(got) == 9 and got[:6:2] == ["q2?", "q3?", "q4?"]  # interleaved, then arith alone
+    monkeypatch.setattr(specjax, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    code = draft_head.main(["--head", "medusa", "--dataset", str(data), "--skip", "2", "--num-prompts", "4",
+                            "--out", str(tmp_path / "o")])
+    assert code == 2 and "holds only 3 questions past --skip 2: pass --num-prompts 3" in capsys.readouterr().err

@@ -93,16 +93,15 @@ def parse_args(argv):
 
 
 def _questions(args, first: int, count: int) -> list:
-    """`count` questions split evenly over the comma-listed datasets, from each dataset's question `first`
-    on, interleaved (one of each in turn), so every prefix of the data, a shard or a run cut short, mixes
-    them."""
+    """`count` questions from the comma-listed datasets, from each dataset's question `first` on,
+    interleaved (one of each in turn), so every prefix of the data, a shard or a run cut short, mixes
+    them; once a dataset runs out the others go on. Fewer than `count` when all run out."""
     import itertools
 
     from specjax.tts.datasets import load_dataset
 
     names = [n for n in args.dataset.split(",") if n]
-    share = -(-count // len(names))
-    lists = [load_dataset(name, limit=first + share)[first:] for name in names]
+    lists = [load_dataset(name, limit=first + count)[first:] for name in names]
     return [q for q in itertools.chain(*itertools.zip_longest(*lists)) if q is not None][:count]
 
 
@@ -113,11 +112,21 @@ def training_questions(args) -> list:
 
 def held_out_questions(args) -> list:
     """--eval-prompts questions no training step sees: the skipped ones (what benchmarks run on), else
-    the questions past the training ones."""
+    each dataset's questions from --num-prompts on."""
     if args.skip:
         return _questions(args, 0, min(args.eval_prompts, args.skip * len(args.dataset.split(","))))
-    share = -(-args.num_prompts // len(args.dataset.split(",")))
-    return _questions(args, share, args.eval_prompts)
+    return _questions(args, args.num_prompts, args.eval_prompts)  # no dataset gave training more than that
+
+
+def check_question_count(args) -> list:
+    """The training questions, refused when the datasets hold fewer than --num-prompts past --skip (the
+    data would silently be smaller than asked, and its last shard empty)."""
+    questions = training_questions(args)
+    if len(questions) < args.num_prompts:
+        raise ValueError(f"--num-prompts {args.num_prompts} but --dataset {args.dataset!r} holds only "
+                         f"{len(questions)} questions past --skip {args.skip}: pass --num-prompts "
+                         f"{len(questions)} or less, add a dataset, or raise --samples-per-prompt for more data")
+    return questions
 
 
 def data_spec(args, layers: tuple[int, ...]) -> distill_data.DataSpec:
@@ -129,9 +138,7 @@ def data_spec(args, layers: tuple[int, ...]) -> distill_data.DataSpec:
 
 def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_shard=None) -> distill_data.ArrayData:
     """The self-distillation data of `args` in folder/data: the shards not there yet are generated."""
-    questions = training_questions(args)
-    if not questions:
-        raise ValueError(f"--dataset {args.dataset!r} has no questions past --skip {args.skip}")
+    questions = check_question_count(args)
     return distill_data.build_shards(model, data_spec(args, layers), questions, folder / "data",
                                      log=distill_data.progress, after_shard=after_shard)
 
@@ -468,6 +475,7 @@ def _main(args) -> int:
     check_args(args)
     folder = Path(args.out)
     distill_data.read_manifest(folder / "data")  # unreadable folders fail before the model loads
+    check_question_count(args)
     model = specjax.load(args.model)
     t0 = time.perf_counter()
     layers = ()
