@@ -50,7 +50,8 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="folder: data cache, checkpoints, exported head")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dataset", default="arith",
-                   help="any dataset the harness takes, or a comma list of them (prompts are split evenly)")
+                   help="any dataset the harness takes, or a comma list of them (interleaved; one that runs "
+                        "out leaves the rest to the others)")
     p.add_argument("--skip", type=int, default=0,
                    help="leave out each dataset's first N questions (hold out what benchmarks run on)")
     p.add_argument("--num-prompts", type=int, default=256, help="prompts to self-distil on")
@@ -106,7 +107,7 @@ def _questions(args, first: int, count: int) -> list:
 
 
 def training_questions(args) -> list:
-    """--num-prompts questions split evenly over the datasets, each dataset's first --skip left out."""
+    """--num-prompts questions interleaved over the datasets, each dataset's first --skip left out."""
     return _questions(args, args.skip, args.num_prompts)
 
 
