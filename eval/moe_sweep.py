@@ -177,7 +177,7 @@ def measure_model(name: str, args, log=print) -> dict:
     seconds = [r["t_forward_1_s"] for r in rows] + [r["t_forward_g_s"] for r in rows]
     fit = moesd.StepTimeFit.fit(profile, tokens, seconds)
     for r in rows:  # the roofline's view: forward times from the fitted hardware terms, plus the loop's own cost
-        overhead = r["t_ar_step_s"] - r["t_forward_1_s"]
+        overhead = max(r["t_ar_step_s"] - r["t_forward_1_s"], 0.0)  # below 0 is timing noise, not a cost
         f1, fg = fit(r["batch"]) + overhead, fit(r["batch"] * (r["gamma"] + 1)) + overhead
         r["fit_efficiency"] = float(f1 / fg)
         r["fit_predicted_speedup"] = float(moesd.speedup(r["alpha"], r["gamma"], f1, fg, r["draft_cost_s"],

@@ -182,6 +182,14 @@ def test_more_prompts_than_the_datasets_hold_is_refused_before_the_model_loads(t
                                   "--num-prompts", "9", "--out", str(tmp_path / "o")])
     got = [q.question for q in draft_head.training_questions(args)]
     assert len(got) == 9 and got[:6:2] == ["q2?", "q3?", "q4?"]  # interleaved, then arith alone
+    held = [q.question for q in draft_head.held_out_questions(args)]  # the skipped ones only, never past them
+    assert held[:3:2] == ["q0?", "q1?"] and len(held) == 4 and not set(held) & set(got)
+    one = tmp_path / "one.jsonl"  # fewer questions than --skip: arith must not fill in past its own skip
+    one.write_text(json.dumps({"question": "only?", "answer": "1"}) + "\n")
+    args = draft_head.parse_args(["--head", "medusa", "--dataset", f"{one},arith", "--skip", "2", "--num-prompts",
+                                  "4", "--eval-prompts", "6", "--out", str(tmp_path / "o")])
+    held, got = ([q.question for q in f(args)] for f in (draft_head.held_out_questions, draft_head.training_questions))
+    assert len(held) == 3 and not set(held) & set(got)
     monkeypatch.setattr(specjax, "load", lambda *a, **k: pytest.fail("the model loaded"))
     code = draft_head.main(["--head", "medusa", "--dataset", str(data), "--skip", "2", "--num-prompts", "4",
                             "--out", str(tmp_path / "o")])

@@ -93,16 +93,18 @@ def parse_args(argv):
 # ---------------------------------------------------------------- data
 
 
-def _questions(args, first: int, count: int) -> list:
-    """`count` questions from the comma-listed datasets, from each dataset's question `first` on,
-    interleaved (one of each in turn), so every prefix of the data, a shard or a run cut short, mixes
-    them; once a dataset runs out the others go on. Fewer than `count` when all run out."""
+def _questions(args, first: int, count: int, stop: int | None = None) -> list:
+    """`count` questions from the comma-listed datasets, each dataset's questions `first` to `stop`
+    (default: as many as needed), interleaved (one of each in turn), so every prefix of the data, a
+    shard or a run cut short, mixes them; once a dataset runs out the others go on. Fewer than `count`
+    when all run out."""
     import itertools
 
     from specjax.tts.datasets import load_dataset
 
     names = [n for n in args.dataset.split(",") if n]
-    lists = [load_dataset(name, limit=first + count)[first:] for name in names]
+    end = first + count if stop is None else stop
+    lists = [load_dataset(name, limit=end)[first:end] for name in names]
     return [q for q in itertools.chain(*itertools.zip_longest(*lists)) if q is not None][:count]
 
 
@@ -115,7 +117,7 @@ def held_out_questions(args) -> list:
     """--eval-prompts questions no training step sees: the skipped ones (what benchmarks run on), else
     each dataset's questions from --num-prompts on."""
     if args.skip:
-        return _questions(args, 0, min(args.eval_prompts, args.skip * len(args.dataset.split(","))))
+        return _questions(args, 0, args.eval_prompts, stop=args.skip)
     return _questions(args, args.num_prompts, args.eval_prompts)  # no dataset gave training more than that
 
 
