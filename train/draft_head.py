@@ -139,9 +139,11 @@ def data_spec(args, layers: tuple[int, ...]) -> distill_data.DataSpec:
         shard_size=args.shard_size, seed=args.seed, feature_layers=layers, store_features=args.features == "disk")
 
 
-def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_shard=None) -> distill_data.ArrayData:
-    """The self-distillation data of `args` in folder/data: the shards not there yet are generated."""
-    questions = check_question_count(args)
+def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_shard=None,
+               questions: list | None = None) -> distill_data.ArrayData:
+    """The self-distillation data of `args` in folder/data: the shards not there yet are generated
+    (`questions`: `check_question_count(args)` when the caller has it already)."""
+    questions = check_question_count(args) if questions is None else questions
     return distill_data.build_shards(model, data_spec(args, layers), questions, folder / "data",
                                      log=distill_data.progress, after_shard=after_shard)
 
@@ -478,7 +480,7 @@ def _main(args) -> int:
     check_args(args)
     folder = Path(args.out)
     distill_data.read_manifest(folder / "data")  # unreadable folders fail before the model loads
-    check_question_count(args)
+    questions = check_question_count(args)  # before the model loads: a count that cannot be met fails now
     model = specjax.load(args.model)
     t0 = time.perf_counter()
     layers = ()
@@ -486,7 +488,7 @@ def _main(args) -> int:
         from specjax.heads.eagle import feature_layers
 
         layers = feature_layers(model.config.num_layers)
-    data = build_data(model, args, folder, layers)
+    data = build_data(model, args, folder, layers, questions=questions)
     print(f"data: {data.num_rows} sequences, {data.num_tokens} tokens ({time.perf_counter() - t0:.1f}s)")
     task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data)
     config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
