@@ -5,10 +5,11 @@
 Per method, two fresh processes share one empty cache folder (`SPECJAX_CACHE_DIR`, a temporary one
 unless --cache-dir is given). The cold process runs 9 `generate` calls (3 prompt lengths inside one
 prompt bucket x 3 values of max_new_tokens) and counts the XLA compiles (`jax.monitoring` backend-compile
-events that were not disk-cache hits) and their seconds. The warm process makes the first of those calls
-(everything it needs is on disk) and then the same call again: the ratio of the two is the first-call
-overhead a user sees in a new process once the cache is warm. Figures depend on the machine; the header
-prints it.
+events that were not disk-cache hits) and their seconds. The warm process loads the model (its
+seconds are printed: `load` reads the stored programs back and warms them meanwhile,
+`specjax.programs`), makes the first of those calls and then the same call again: the ratio of the
+two is the first-call overhead a user sees in a new process once the cache is warm. Figures depend on
+the machine; the header prints it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def _ev(name, **kw):
         events["hit"] += 1
 mon.register_event_duration_secs_listener(_dur)
 mon.register_event_listener(_ev)
+t_import = time.perf_counter()
 import specjax
 cfg = json.loads(sys.argv[1])
+t_load = time.perf_counter()
 model = specjax.load(cfg["model"])
+load_s = time.perf_counter() - t_load
 question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
 prompts = [question, question + "How many clips did she sell?", question + "How many clips did Natalia sell "
            "altogether in April and May? Think step by step."]
@@ -53,7 +57,7 @@ else:
     report["first_s"], _ = call(prompts[0], 64)
     report["steady_s"] = min(call(prompts[0], 64)[0] for _ in range(3))
 report.update(compiles=len(events["compile"]) - events["hit"], hits=events["hit"],
-              compile_s=sum(events["compile"]))
+              compile_s=sum(events["compile"]), load_s=load_s, programs=specjax.programs.counts())
 print("REPORT " + json.dumps(report))
 """
 
@@ -93,15 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} on {cpu_name()} ({os.cpu_count()} cores); 9 calls = 3 prompt lengths x max_new_tokens "
           "32/64/96")
     print(f"{'method':<8}{'cold: compiles':>15}{'compile s':>11}{'9 calls s':>11}{'warm: compiles':>16}"
-          f"{'first call s':>14}{'steady s':>10}{'first/steady':>14}")
+          f"{'load s':>8}{'first call s':>14}{'steady s':>10}{'first/steady':>14}   warm process's programs")
     for method in methods:
         with tempfile.TemporaryDirectory() as tmp:
             cache = args.cache_dir or tmp
             cold = _child(args.model, method, "cold", cache)
             warm = _child(args.model, method, "warm", cache)
         print(f"{method:<8}{cold['compiles']:>15}{cold['compile_s']:>11.1f}{cold['seconds']:>11.1f}"
-              f"{warm['compiles']:>16}{warm['first_s']:>14.2f}{warm['steady_s']:>10.2f}"
-              f"{warm['first_s'] / warm['steady_s']:>13.1f}x", flush=True)
+              f"{warm['compiles']:>16}{warm['load_s']:>8.1f}{warm['first_s']:>14.2f}{warm['steady_s']:>10.2f}"
+              f"{warm['first_s'] / warm['steady_s']:>13.2f}x   "
+              + ", ".join(f"{k} {v}" for k, v in warm["programs"].items()), flush=True)
     return 0
 
 

@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from specjax import sampling, sharding
+from specjax import programs, sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.drafting import Context, TreeTemplate, at, gather_rows
 from specjax.models import cache as kv
@@ -511,17 +511,20 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     rows, batch = plan.rows, plan.batch
     mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
     t0 = time.perf_counter()
-    prefilled = prefill(
-        model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed, plan.start,
-        None if session is None else session.cache, cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids,
-        feature_layers=proposer.feature_layers, mesh=mesh)
+    owner = getattr(model, "programs_key", "")
+    prefilled = programs.call(
+        prefill, (model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed,
+                  plan.start, None if session is None else session.cache),
+        dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh),
+        owner, warmable=True)
     jax.block_until_ready(prefilled[0])
     t1 = time.perf_counter()
     carry = session is not None and session.proposer == proposer
     feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
-    state = start_proposer(prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
-                           session.proposer_state if carry else None, session.context if carry else None,
-                           traced, session.acceptance if carry else None, proposer=proposer)
+    state = programs.call(
+        start_proposer, (prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
+                         session.proposer_state if carry else None, session.context if carry else None,
+                         traced, session.acceptance if carry else None), dict(proposer=proposer), owner)
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
     costs, drafter_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), 0.0, 0.0
@@ -529,8 +532,12 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
         t_cal = time.perf_counter()
         costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, state, traced)
         setup_s = time.perf_counter() - t_cal
-    run = partial(decode, model.params, cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh,
-                  gated=speculate_max_rows is not None, adaptive=adaptive)
+    static = dict(cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh, gated=speculate_max_rows is not None,
+                  adaptive=adaptive)
+
+    def run(*args):
+        return programs.call(decode, (model.params, *args), static, owner)
+
     stopped = np.zeros(batch, bool)
     if stop_rows is None:
         state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from specjax import sharding, validation
+from specjax import programs, sharding, validation
 from specjax.config import ModelConfig
 from specjax.models import loading, transformer
 
@@ -22,6 +22,7 @@ class Model:
     params: Any
     tokenizer: Any
     name: str = ""
+    programs_key: str = ""  # its name in the compiled-program store (`specjax.programs`); "" = none
 
     @property
     def mesh(self) -> Mesh | None:
@@ -64,10 +65,23 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
     low = None if matmul_dtype is None else loading.parse_dtype(matmul_dtype)
     if low is not None and jnp.dtype(low).itemsize > jnp.dtype(jdtype).itemsize:
         raise ValueError(f"matmul_dtype={matmul_dtype!r} is wider than dtype={dtype!r}: it may only lower precision")
+    owner = "" if mesh is not None else _programs_owner(kind, path, dtype, matmul_dtype)
+    prefetching = programs.prefetch(owner)  # reads last time's compiled programs while the weights load
     cfg, host = loading.load_gguf(path) if kind == "gguf" else loading.load_dir(path)
     params = sharding.place_params(host, jdtype, mesh)
     if low is not None and low != jdtype:
         params = sharding.lower_matmul_weights(params, low)
     del host
+    programs.warm(params, prefetching)  # their first runs, while the tokenizer loads
     tok = loading.load_tokenizer(kind, path) if tokenizer else None
-    return Model(config=cfg, params=params, tokenizer=tok, name=str(name))
+    return Model(config=cfg, params=params, tokenizer=tok, name=str(name), programs_key=owner)
+
+
+def _programs_owner(kind: str, path, dtype: Any, matmul_dtype: Any) -> str:
+    """What a load's programs depend on: the checkpoint (path, size, mtime) and the dtypes asked for."""
+    source = path if kind == "gguf" else path / "config.json"
+    try:
+        stat = source.stat()
+    except OSError:
+        return ""
+    return programs.owner_key(kind, source.resolve(), stat.st_size, stat.st_mtime_ns, dtype, matmul_dtype)

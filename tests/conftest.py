@@ -146,7 +146,11 @@ def save_random_eagle_head(model, folder, drop=(3, 17, 40)):
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Drops jit caches after each test module: one process compiles hundreds of programs over the
-    suite, and a late XLA:CPU compile once crashed (segfault) in a run that had kept them all."""
+    """Drops jit caches and the program store's memory after each test module: one process compiles
+    hundreds of programs over the suite, and a late XLA:CPU compile once crashed (segfault) in a run
+    that had kept them all."""
     yield
     jax.clear_caches()
+    from specjax import programs
+
+    programs.clear()

@@ -231,6 +231,7 @@ def test_the_distribution_test_catches_a_decision_that_peeks(tiny_model, monkeyp
         return honest(logits, cut, sampling_cfg, jax.random.fold_in(rng, 1))
 
     monkeypatch.setattr(engine, "verify_chain", peeking)
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")  # the program store would serve the honest decode loop
     jax.clear_caches()  # the decode loop compiled by other tests holds the honest verifier
     try:
         assert min(_sampling_p_values(tiny_model, monkeypatch, "draft", **CHAIN)) < 1e-5

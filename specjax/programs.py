@@ -1,0 +1,317 @@
+"""Compiled programs kept on disk whole, so a new process runs its first call without tracing.
+
+JAX's persistent cache (`<cache folder>/xla`) saves the XLA compile, but a new process still traces
+and lowers every program to find its cache key, then deserialises the executable: on a 2-core CPU
+about 2.6 s before the first token of a call whose steady-state run takes 1.3 s. This store keys each
+compiled program by what determines it (the function, its static arguments, the avals of its inputs,
+the specjax source, jax and the device) without tracing, keeps the serialised executable under
+`<cache folder>/programs`, and remembers which programs each loaded model used last. `specjax.load`
+starts reading those back in a background thread while the weights load (`prefetch`), and once the
+weights are placed runs the prefill programs among them once on dummy inputs while the tokenizer
+loads (`warm`): XLA:CPU's YNNPACK fusions set themselves up on an executable's first run (about
+0.35 s for a 64-token prefill of the default model on a 2-core CPU, nothing a cache can hold). A
+repeated workload's first call then finds its programs in memory and initialised.
+
+Only single-device runs of specjax's own proposers use the store; sharded ones (a mesh), proposers
+defined outside specjax (their code is not in the digest) and `SPECJAX_CACHE_DIR=none` go through
+`jax.jit` as before; so must code that patches specjax's functions at run time (set the variable).
+A file that cannot be read back (another jaxlib, a damaged write) is compiled again and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from specjax.cache_folder import root
+
+RECENT = 24  # programs remembered per model, most recent first
+PREFETCH = 6  # of those, read back by `prefetch` (a generate call runs three: prefill, start, decode)
+WARM_PATIENCE_S = 10.0  # how long a call waits for a warm-up of its program before running it anyway
+
+_lock = threading.Lock()
+_memory: dict[str, Any] = {}  # key -> loaded executable
+_loading: dict[str, threading.Event] = {}  # keys a prefetch thread is reading now
+_warming: dict[str, threading.Event] = {}  # keys a warm thread has yet to run once
+_warmable: set[str] = set()  # keys whose first run may be made on dummy inputs (`warm`)
+_counts = {"compiled": 0, "from_disk": 0, "prefetched": 0, "warmed": 0}
+_source_digest: str | None = None
+
+
+def counts() -> dict[str, int]:
+    """Programs this process compiled, read from disk on demand, read ahead by `prefetch`, and ran
+    once on dummy inputs by `warm`."""
+    return dict(_counts)
+
+
+def clear() -> None:
+    """Drops the programs held in memory (as `jax.clear_caches` does for jit's); the disk keeps them."""
+    _memory.clear()
+
+
+def _folder() -> Path | None:
+    base = root()
+    return None if base is None else base / "programs"
+
+
+def _source() -> str:
+    """A digest of specjax's own source: a changed program body must not meet a stale executable."""
+    global _source_digest
+    if _source_digest is None:
+        h = hashlib.sha1()
+        pkg = Path(__file__).parent
+        for path in sorted(pkg.rglob("*.py")):
+            h.update(str(path.relative_to(pkg)).encode())
+            h.update(path.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _environment() -> str:
+    dev = jax.devices()[0]
+    return "|".join([jax.__version__, dev.platform, dev.device_kind, dev.client.platform_version,
+                     os.environ.get("XLA_FLAGS", ""), str(jax.config.jax_enable_x64),
+                     str(jax.config.jax_default_matmul_precision), _source()])
+
+
+def _leaf(x: Any) -> str:
+    aval = jax.typeof(x)
+    weak = getattr(aval, "weak_type", False)
+    return f"{aval.dtype}{list(aval.shape)}{'w' if weak else ''}"
+
+
+def _single_device(leaves: list[Any]) -> bool:
+    for x in leaves:
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:
+            return False
+    return True
+
+
+def _ours(value: Any) -> bool:
+    """A static argument whose code the source digest covers: plain values and specjax's own types.
+    A user's proposer class could change its code under the same name, so its calls go through jit."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, tuple):
+        return all(map(_ours, value))
+    return type(value).__module__.split(".")[0] == "specjax"
+
+
+def program_key(fn: Callable, args: tuple, static: dict[str, Any]) -> str | None:
+    """The store's key for `fn(*args, **static)`, or None when the store does not serve the call."""
+    leaves, tree = jax.tree.flatten(args)
+    if not _single_device(leaves) or static.get("mesh") is not None or not all(map(_ours, static.values())):
+        return None
+    parts = [getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+             repr(sorted((k, f"{type(v).__module__}.{type(v).__qualname__}:{v!r}") for k, v in static.items())),
+             str(tree), ",".join(map(_leaf, leaves)), _environment()]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def _read(key: str) -> Any | None:
+    folder = _folder()
+    path = None if folder is None else folder / f"{key}.bin"
+    if path is None or not path.is_file():
+        return None
+    from jax.experimental import serialize_executable
+
+    try:
+        blob, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
+        return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+    except Exception:  # another jaxlib, a torn write: compile again and replace it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(key: str, compiled: Any) -> None:
+    folder = _folder()
+    if folder is None:
+        return
+    from jax.experimental import serialize_executable
+
+    try:
+        data = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / f"{key}.bin")
+    except Exception:  # an executable that cannot be serialised, a full disk: it still runs
+        pass
+
+
+def _recent_path() -> Path | None:
+    folder = _folder()
+    return None if folder is None else folder / "recent.json"
+
+
+def _recent() -> dict[str, list[list]]:
+    """{owner: [[key, warmable], ...]}, most recent first."""
+    path = _recent_path()
+    try:
+        table = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {o: [e for e in v if isinstance(e, list) and len(e) == 2] for o, v in table.items() if isinstance(v, list)}
+
+
+def _remember(owner: str, key: str, warmable: bool) -> None:
+    path = _recent_path()
+    if path is None or not owner:
+        return
+    with _lock:
+        table = _recent()
+        entries = table.get(owner, [])
+        if entries[:1] == [[key, warmable]]:
+            return
+        table[owner] = ([[key, warmable]] + [e for e in entries if e[0] != key])[:RECENT]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".recent.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+
+_hits = threading.local()
+
+
+def _count_hit(name: str, **_: Any) -> None:
+    if name == "/jax/compilation_cache/cache_hits":
+        _hits.n = getattr(_hits, "n", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def _compile(lowered: Any) -> tuple[Any, bool]:
+    """(executable, whether it may be stored). An executable that XLA:CPU read back from JAX's
+    persistent cache serialises without its kernels ("Function ... not found" when run again), so the
+    store keeps only real compiles: a no-op option gives the store's programs XLA cache keys of their
+    own (a jit call's entry of the same program never answers for them), and XLA's cache is not
+    written under those keys (the store holds the program), so it cannot answer for them later either."""
+    before = getattr(_hits, "n", 0)
+    with _lock:
+        floor = jax.config.jax_persistent_cache_min_compile_time_secs
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+        try:
+            compiled = lowered.compile(compiler_options={"xla_embed_ir_in_executable": False})
+        finally:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", floor)
+    return compiled, getattr(_hits, "n", 0) == before
+
+
+def call(fn: Callable, args: tuple, static: dict[str, Any], owner: str = "", warmable: bool = False) -> Any:
+    """`fn(*args, **static)` for a `jax.jit` function, through the store when it serves the call.
+
+    `owner` names the loaded model (`Model.programs_key`) so that its next load can prefetch
+    the programs it ran. `warmable`: the program's first argument is the model's params and any
+    zero-filled rest is a valid input (no data-dependent loop can spin on it), so `warm` may run it."""
+    key = None if _folder() is None else program_key(fn, args, static)
+    if key is None:
+        return fn(*args, **static)
+    for pending, patience in ((_loading.get(key), None), (_warming.get(key), WARM_PATIENCE_S)):
+        if pending is not None:
+            pending.wait(patience)  # a warm-up that takes longer does not hold the call up
+    compiled = _memory.get(key)
+    if compiled is None:
+        compiled = _read(key)
+        if compiled is not None:
+            _counts["from_disk"] += 1
+        else:
+            compiled, fresh = _compile(fn.lower(*args, **static))
+            _counts["compiled"] += 1
+            if fresh:
+                _write(key, compiled)
+        _memory[key] = compiled
+    _remember(owner, key, warmable)
+    return compiled(*args)
+
+
+def owner_key(*parts: Any) -> str:
+    """A loaded model's name in the store: what it was loaded from and how (path, size, mtime, dtypes)."""
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:20]
+
+
+def prefetch(owner: str, limit: int = PREFETCH) -> threading.Thread | None:
+    """Reads `owner`'s most recently used programs into memory in a background thread (returned;
+    None when there is nothing to read). A call that needs a program being read waits for it."""
+    if _folder() is None or not owner:
+        return None
+    folder = _folder()
+    entries = [(k, w) for k, w in _recent().get(owner, [])[:limit]
+               if k not in _memory and k not in _loading and (folder / f"{k}.bin").is_file()]
+    if not entries:
+        return None
+    keys = [k for k, _ in entries]
+    _warmable.update(k for k, w in entries if w)
+    events = {k: threading.Event() for k in keys}
+    _loading.update(events)
+
+    def work() -> None:
+        for k in keys:
+            try:
+                compiled = _read(k)
+                if compiled is not None:
+                    _memory[k] = compiled
+                    _counts["prefetched"] += 1
+            finally:
+                _loading.pop(k, None)
+                events[k].set()
+
+    thread = threading.Thread(target=work, name="specjax-prefetch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _dummy(info: Any) -> Any:
+    """A zero input of an argument's shape; integer scalars are 1 (a budget, a seed, a length)."""
+    import numpy as np
+
+    value = 1 if info.shape == () and np.issubdtype(info.dtype, np.integer) else 0
+    return np.full(info.shape, value, info.dtype)
+
+
+def warm(params: Any, prefetching: threading.Thread | None) -> threading.Thread | None:
+    """Once `prefetching` has read its programs, runs each warmable one whose first argument has the
+    structure of `params` on `params` and dummy inputs, in a background thread. A call that needs
+    one of them meanwhile waits for it."""
+    if prefetching is None:
+        return None
+    p_leaves, p_tree = jax.tree.flatten(params)
+    pending = {k: threading.Event() for k in list(_warmable)}
+    _warming.update(pending)
+
+    def work() -> None:
+        prefetching.join()
+        for k, event in pending.items():
+            try:
+                compiled = _memory.get(k)
+                if compiled is None:
+                    continue
+                (args, kwargs) = compiled.args_info
+                if kwargs or not args or jax.tree.structure(args[0]) != p_tree:
+                    continue
+                rest = jax.tree.map(_dummy, args[1:])
+                jax.block_until_ready(compiled(jax.tree.unflatten(p_tree, p_leaves), *rest))
+                _counts["warmed"] += 1
+            except Exception:  # a warm-up is only ever a head start: the real call runs regardless
+                pass
+            finally:
+                _warmable.discard(k)
+                _warming.pop(k, None)
+                event.set()
+
+    thread = threading.Thread(target=work, name="specjax-warm", daemon=True)
+    thread.start()
+    return thread
