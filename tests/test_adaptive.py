@@ -257,3 +257,22 @@ def test_real_model_adaptive_equals_ar_with_the_shipped_heads(real_model):
         out = specjax.generate(real_model, prompts, method, max_new_tokens=40, adaptive=True)
         assert out.tokens == ar.tokens, method
         assert out.stats["adaptive"] and sum(out.stats["width_hist"]) == out.stats["decode_steps"], method
+
+
+def test_a_fully_accepted_draft_moves_the_row_to_the_streak_buckets():
+    """Row 0 accepts its whole draft of 4, row 1 rejects at position 2, row 2 does not draft: only row 0
+    is on a streak, its next decision reads the counts kept after full acceptances (bucket + NUM_BUCKETS),
+    and row 2 keeps the streak it had."""
+    from specjax.drafting import Draft
+    from specjax.engine import NUM_BUCKETS, _observe, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    adapt = init_adapt(prop, batch=3).replace(streak=jnp.asarray([0, 1, 1], jnp.int32))
+    draft = Draft(tokens=jnp.zeros((3, 8), jnp.int32), num=jnp.asarray([4, 4, 0], jnp.int32),
+                  confidence=jnp.zeros((3,), jnp.float32))
+    drafting = jnp.asarray([True, True, False])
+    bucket = jnp.asarray([0, NUM_BUCKETS, NUM_BUCKETS], jnp.int32)
+    out = _observe(adapt, draft, drafting, jnp.asarray([4, 2, 0], jnp.int32), bucket, None)
+    assert out.streak.tolist() == [1, 0, 1]
+    assert out.tried[0, 0, :5].tolist() == [1, 1, 1, 1, 0] and out.hit[0, 0, :5].tolist() == [1, 1, 1, 1, 0]
+    assert out.tried[0, NUM_BUCKETS, :4].tolist() == [1, 1, 1, 0] and out.hit[0, NUM_BUCKETS, :3].tolist() == [1, 1, 0]
