@@ -492,10 +492,12 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopS
     shape = dict(model=step_cost.model_key(cfg, model.params), batch=plan.batch, cache_len=plan.cache_len)
     keys = {step_cost.step_key("forward", detail=f"w{w}", **shape): w for w in widths}
 
-    def measure(key: str) -> float:
-        tokens = jnp.zeros((plan.batch, keys[key]), jnp.int32)
+    def measure(todo: list[str]) -> dict[str, float]:
+        programs.settle()  # a load's warm-ups still running would inflate the first timings
         forward = jax.jit(lambda p, x, c: transformer.forward(p, cfg, x, c).logits)
-        return step_cost.timed_seconds(lambda: forward(model.params, tokens, state.cache))
+        runs = {k: partial(forward, model.params, jnp.zeros((plan.batch, keys[k]), jnp.int32), state.cache)
+                for k in todo}
+        return step_cost.interleaved_seconds(runs)
 
     costs, spent = step_cost.cached_seconds(list(keys), measure)
     detail = hashlib.sha1(repr(proposer).encode()).hexdigest()[:16]
@@ -504,7 +506,7 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopS
     rng = jax.random.PRNGKey(0)
     (drafter,), more = step_cost.cached_seconds(
         [step_cost.step_key("propose", detail=detail, **shape)],
-        lambda _: step_cost.timed_seconds(lambda: propose(state.proposer_state, ctx, rng)))
+        lambda todo: {k: step_cost.timed_seconds(lambda: propose(state.proposer_state, ctx, rng)) for k in todo})
     spent += more
     return np.asarray(costs, np.float32), np.float32(drafter), spent
 

@@ -12,7 +12,8 @@ loads (`warm`): XLA:CPU's YNNPACK fusions set themselves up on an executable's f
 0.35 s for a 64-token prefill of the default model on a 2-core CPU, nothing a cache can hold). A
 repeated workload's first call then finds its programs in memory and initialised.
 
-Only single-device runs of specjax's own proposers use the store; sharded ones (a mesh), proposers
+Only single-process, single-device runs of specjax's own proposers use the store; sharded ones (a mesh,
+`jax.distributed`), proposers
 defined outside specjax (their code is not in the digest) and `SPECJAX_CACHE_DIR=none` go through
 `jax.jit` as before; so must code that patches specjax's functions at run time (set the variable).
 A file that cannot be read back (another jaxlib, a damaged write) is compiled again and replaced.
@@ -90,9 +91,13 @@ def _leaf(x: Any) -> str:
 
 
 def _single_device(leaves: list[Any]) -> bool:
+    """One process, every input on the default device: what a stored executable was compiled for."""
+    if jax.process_count() > 1:
+        return False
+    home = {jax.devices()[0]}
     for x in leaves:
         sharding = getattr(x, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:
+        if sharding is not None and sharding.device_set != home:
             return False
     return True
 
@@ -271,7 +276,18 @@ def prefetch(owner: str, limit: int = PREFETCH) -> threading.Thread | None:
 
     thread = threading.Thread(target=work, name="specjax-prefetch", daemon=True)
     thread.start()
+    _threads.append(thread)
     return thread
+
+
+_threads: list[threading.Thread] = []
+
+
+def settle() -> None:
+    """Waits for this process's prefetch and warm-up threads (before timing anything)."""
+    for thread in list(_threads):
+        thread.join()
+    _threads.clear()
 
 
 def _dummy(info: Any) -> Any:
@@ -314,4 +330,5 @@ def warm(params: Any, prefetching: threading.Thread | None) -> threading.Thread 
 
     thread = threading.Thread(target=work, name="specjax-warm", daemon=True)
     thread.start()
+    _threads.append(thread)
     return thread

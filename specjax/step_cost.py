@@ -8,7 +8,8 @@ cache bucket) the first time they are needed (about 0.3-1 s per width for the de
 CPU, less when the compiled forwards are already in the persistent cache), then read from
 `<cache>/step_costs.json` by every later call and process. `python -m specjax.calibrate` measures them
 ahead of time (`--force` measures again, e.g. after a run on a busy machine). Values are lower quartiles
-over a few repeats; a shared, noisy machine still moves them by ~10-20%.
+over a few repeats, the widths timed in interleaved rounds; a shared, noisy machine still moves them
+by ~10-20%.
 """
 
 from __future__ import annotations
@@ -94,14 +95,33 @@ def timed_seconds(run: Callable[[], Any], repeats: int = REPEATS, percentile: fl
     return float(np.percentile(times, percentile))
 
 
-def cached_seconds(keys: Sequence[str], measure: Callable[[str], float]) -> tuple[list[float], float]:
-    """The seconds of each key: from memory, else the cache folder's file, else `measure(key)` (stored).
-    Returns them and the seconds spent measuring."""
+def interleaved_seconds(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS,
+                        percentile: float = 25) -> dict[str, float]:
+    """`timed_seconds` of several runs taken in rounds (each run once per round) rather than one after
+    another: a burst of other work on the machine then lands on every width alike instead of inflating
+    whichever was being timed (one such burst made a 9-token verify look 1.75x a 1-token step where the
+    loop itself paid 1.4x, and the adaptive loop drafted too little)."""
+    for run in runs.values():
+        jax.block_until_ready(run())
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.percentile(v, percentile)) for k, v in times.items()}
+
+
+def cached_seconds(keys: Sequence[str], measure: Callable[[list[str]], dict[str, float]]
+                   ) -> tuple[list[float], float]:
+    """The seconds of each key: from memory, else the cache folder's file, else `measure(missing keys)`
+    (stored). Returns them and the seconds spent measuring."""
     missing = [k for k in keys if k not in _MEMORY]
     if missing:
         _MEMORY.update({k: v for k, v in _load().items() if k in missing})
     t0 = time.perf_counter()
-    fresh = {k: measure(k) for k in keys if k not in _MEMORY}
+    todo = [k for k in keys if k not in _MEMORY]
+    fresh = measure(todo) if todo else {}
     spent = time.perf_counter() - t0 if fresh else 0.0
     if fresh:
         _MEMORY.update(fresh)

@@ -142,6 +142,7 @@ def test_draft_sampling_is_lossless_and_a_wrong_verifier_is_caught(small_vocab_m
 
     # wrong: after a rejection, resample from p instead of the residual max(0, p - q)
     monkeypatch.setattr(verify, "_residual", lambda p, q: p)
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")  # the program store would serve the honest decode loop
     engine.decode.clear_cache()
     try:
         wrong = _pair_samples(small_vocab_model, prompt, n)
