@@ -34,7 +34,6 @@ def _ev(name, **kw):
         events["hit"] += 1
 mon.register_event_duration_secs_listener(_dur)
 mon.register_event_listener(_ev)
-t_import = time.perf_counter()
 import specjax
 cfg = json.loads(sys.argv[1])
 t_load = time.perf_counter()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from specjax.cache_folder import root
 
@@ -251,9 +252,9 @@ def owner_key(*parts: Any) -> str:
 def prefetch(owner: str, limit: int = PREFETCH) -> threading.Thread | None:
     """Reads `owner`'s most recently used programs into memory in a background thread (returned;
     None when there is nothing to read). A call that needs a program being read waits for it."""
-    if _folder() is None or not owner:
-        return None
     folder = _folder()
+    if folder is None or not owner:
+        return None
     entries = [(k, w) for k, w in _recent().get(owner, [])[:limit]
                if k not in _memory and k not in _loading and (folder / f"{k}.bin").is_file()]
     if not entries:
@@ -292,8 +293,6 @@ def settle() -> None:
 
 def _dummy(info: Any) -> Any:
     """A zero input of an argument's shape; integer scalars are 1 (a budget, a seed, a length)."""
-    import numpy as np
-
     value = 1 if info.shape == () and np.issubdtype(info.dtype, np.integer) else 0
     return np.full(info.shape, value, info.dtype)
 

@@ -86,13 +86,7 @@ def timed_seconds(run: Callable[[], Any], repeats: int = REPEATS, percentile: fl
     """Wall time of `run()` (its outputs blocked on), after one untimed call (compile, warm-up): by
     default the lower quartile of the repeats, since other work on a shared machine only ever adds time
     (the analyses' timings use the median, 50)."""
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - t0)
-    return float(np.percentile(times, percentile))
+    return interleaved_seconds({"run": run}, repeats, percentile)["run"]
 
 
 def interleaved_seconds(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS,
