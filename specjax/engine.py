@@ -33,6 +33,7 @@ from specjax.models import cache as kv
 from specjax.models import transformer
 from specjax.models.cache import KVCache
 from specjax.plan import Plan, bind_proposer, make_plan
+from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
 from specjax.stats import GenerationStats
@@ -283,7 +284,8 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
 @partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated", "adaptive"), donate_argnums=(1,))
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
            max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None,
-           costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None, *, cfg: ModelConfig,
+           costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None,
+           verify_floor: Int[Array, ""] | None = None, *, cfg: ModelConfig,
            proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False,
            adaptive: bool = False) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
@@ -301,6 +303,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     lossless (any prefix of a draft verifies exactly). A step whose best width cannot pay for the
     drafter's own `drafter_s` backs off: `propose` is skipped for 1, 2, 4, ... `MAX_BACKOFF` steps, then
     probed again. The decision reads only what is known before the verify forward.
+
+    `verify_floor` (0 in a real run; traced): the verify forward covers at least this many draft
+    positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the warm-up
+    (`specjax.warm_start`) run the width they name. Positions past a row's draft are never accepted.
     """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
@@ -337,7 +343,8 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                                                                  drafter_s, widths, node_depth, proposer, s.steps)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
-        out = _verify_forward(params, cfg, inputs, s.cache, jnp.max(draft.num), template, layers)
+        longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
+        out = _verify_forward(params, cfg, inputs, s.cache, longest, template, layers)
         cache = out.cache
         if template is None:
             res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
@@ -478,85 +485,150 @@ class _DeviceRun:
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
 
 
-def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, state: LoopState,
-               traced: Sampling) -> tuple[np.ndarray, np.float32, float]:
-    """This machine's seconds for the target's forward at each of the proposer's static verify widths, and
-    for one `propose`, on the run's own shapes (its batch, cache bucket and real prefilled cache): measured
-    the first time (`step_cost`), then read back. A width's forward is timed once per (model, batch, cache
-    bucket) and shared by every method; a tree's attention mask is an input of the same forward, so it
-    costs what a chain of its width does. Returns the seconds and the seconds spent measuring."""
+CALIBRATION_STEPS = 4  # decode steps per timed run of the calibration
+CALIBRATION_REPEATS = 3  # timed rounds (after one untimed) of every width
+SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
+
+
+def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig,
+               eos_ids: tuple[int, ...] = (), speculate_max_rows: int | None = None
+               ) -> tuple[np.ndarray, np.float32, float]:
+    """This machine's seconds for a decode step at each of the proposer's static verify widths, and for
+    one `propose`, on the run's own shapes: measured the first time, then read back (`step_cost`).
+
+    They are measured in the decode loop itself, the program the run is about to use: on a dummy prompt
+    that every drafter matches (`warm_start.dummy_plan`), `CALIBRATION_STEPS` steps at a time with the
+    width forced, in interleaved rounds, and once with `propose` skipped. A step at width w then costs
+    costs[w] + the drafter's seconds, a skipped step costs[0]: what the loop's decision assumes. Timing
+    the loop rather than a standalone forward compiles nothing more and counts each method's own
+    proposal and update as the loop pays them. Returns the seconds and the seconds spent measuring."""
+    from specjax import step_cost, warm_start
+
+    widths = loop_widths(proposer)
+    shape = dict(model=step_cost.model_key(model.config, model.params), batch=plan.batch, cache_len=plan.cache_len)
+    detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None)).encode()).hexdigest()[:16]
+    keys = {step_cost.step_key("loop", detail=f"{detail}:{'skip' if i == SKIP else f'w{widths[i]}'}", **shape): i
+            for i in [SKIP, *range(len(widths))]}
+
+    def measure(_: list[str]) -> dict[str, float]:
+        programs.settle()  # a load's prefetch still running would inflate the first timings
+        dummy = warm_start.dummy_plan(
+            model, proposer, num_prompts=plan.num_prompts, num_samples=plan.batch // plan.num_prompts,
+            prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
+            tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups])
+        if dummy is None:  # no room in the cache to measure: every width costs the same
+            return {k: 1.0 for k in keys}
+        seconds = _run(model, dummy, proposer, weights, sampling_cfg, 0, eos_ids, None, None, 32, speculate_max_rows,
+                       adaptive=True, warm_up="measure")
+        return {k: seconds[i][0] for k, i in keys.items()}
+
+    measured, spent = step_cost.cached_seconds(list(keys), measure)
+    skip, chosen = measured[0], np.asarray(measured[1:])
+    drafter = max(chosen[0] - skip, 0.0)  # width 1 with a proposal vs without one
+    costs = np.maximum(chosen - drafter, 1e-9)
+    costs[0] = skip
+    return costs.astype(np.float32), np.float32(drafter), spent
+
+
+def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> dict[int, tuple[float, list, int]]:
+    """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
+    with the widths the runs chose (`Adapt.width_hist`) and how many steps proposed: what the timing
+    really measured."""
     from specjax import step_cost
 
-    cfg = model.config
-    widths = loop_widths(proposer)
-    shape = dict(model=step_cost.model_key(cfg, model.params), batch=plan.batch, cache_len=plan.cache_len)
-    keys = {step_cost.step_key("forward", detail=f"w{w}", **shape): w for w in widths}
+    n = len(widths)
+    copies = {}
 
-    def measure(todo: list[str]) -> dict[str, float]:
-        programs.settle()  # a load's warm-ups still running would inflate the first timings
-        forward = jax.jit(lambda p, x, c: transformer.forward(p, cfg, x, c).logits)
-        runs = {k: partial(forward, model.params, jnp.zeros((plan.batch, keys[k]), jnp.int32), state.cache)
-                for k in todo}
-        return step_cost.interleaved_seconds(runs)
+    def fresh(i: int) -> LoopState:
+        s = jax.tree.map(jnp.copy, state)
+        return s.replace(adapt=s.adapt.replace(wait=jnp.int32(1 << 30))) if i == SKIP else s
 
-    costs, spent = step_cost.cached_seconds(list(keys), measure)
-    detail = hashlib.sha1(repr(proposer).encode()).hexdigest()[:16]
-    ctx = _context(state, jnp.asarray(plan.groups), weights, traced)
-    propose = jax.jit(lambda ps, c, r: proposer.propose(ps, c, r)[1].num)
-    rng = jax.random.PRNGKey(0)
-    (drafter,), more = step_cost.cached_seconds(
-        [step_cost.step_key("propose", detail=detail, **shape)],
-        lambda todo: {k: step_cost.timed_seconds(lambda: propose(state.proposer_state, ctx, rng)) for k in todo})
-    spent += more
-    return np.asarray(costs, np.float32), np.float32(drafter), spent
+    def forced(i: int) -> np.ndarray:
+        return np.where(np.arange(n) == max(i, 0), np.float32(1e-6), np.float32(1)).astype(np.float32)
+
+    def timed(i: int):
+        def go(s: LoopState) -> LoopState:
+            copies[i] = run(s, np.int32(CALIBRATION_STEPS), forced(i), np.int32(0 if i == SKIP else widths[i] - 1))
+            return copies[i].tokens
+        return go
+
+    configs = [SKIP, *range(n)]
+    seconds = step_cost.interleaved_seconds({i: timed(i) for i in configs}, repeats=CALIBRATION_REPEATS,
+                                            inputs={i: partial(fresh, i) for i in configs})
+    out = {}
+    for i in configs:
+        adapt = jax.device_get(copies[i].adapt)
+        steps = max(int(copies[i].steps) - int(state.steps), 1)
+        out[i] = (seconds[i] / steps, adapt.width_hist.tolist(), int(adapt.drafted_steps))
+    return out
 
 
 def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig, seed: int,
          eos_ids: tuple[int, ...], session: Session | None, stop_rows, check_every: int,
-         speculate_max_rows: int | None, adaptive: bool = False) -> _DeviceRun:
-    """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses."""
+         speculate_max_rows: int | None, adaptive: bool = False, warm_up: str = "") -> Any:
+    """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses.
+
+    `warm_up` (`specjax.warm_start`): "prefill" runs only the prefill; "all" also the proposer's start
+    and, without calibrating, one decode step at each verify width (forced by the costs it is given),
+    so that each width's first-run setup is paid now; both return None. "measure" (`step_costs`)
+    returns the seconds per decode step of each forced width instead (`_time_widths`)."""
     cfg: ModelConfig = model.config
     traced = sampling.traced(sampling_cfg)  # numpy leaves: passed as they are, no eager conversion
     max_new = np.int32(plan.max_new_tokens)
     rows, batch = plan.rows, plan.batch
     mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
     t0 = time.perf_counter()
-    owner = getattr(model, "programs_key", "")
     prefilled = programs.call(
         prefill, (model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed,
                   plan.start, None if session is None else session.cache),
-        dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh),
-        owner, warmable=True)
+        dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh))
     jax.block_until_ready(prefilled[0])
+    if warm_up == "prefill":
+        return None
     t1 = time.perf_counter()
     carry = session is not None and session.proposer == proposer
     feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
     state = programs.call(
         start_proposer, (prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
                          session.proposer_state if carry else None, session.context if carry else None,
-                         traced, session.acceptance if carry else None), dict(proposer=proposer), owner)
+                         traced, session.acceptance if carry else None), dict(proposer=proposer))
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
     costs, drafter_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), 0.0, 0.0
-    if adaptive:
+    if adaptive and warm_up:
+        costs = np.ones(len(loop_widths(proposer)), np.float32)
+    elif adaptive:
         t_cal = time.perf_counter()
-        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, state, traced)
+        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, sampling_cfg, eos_ids,
+                                                     speculate_max_rows)
         setup_s = time.perf_counter() - t_cal
     static = dict(cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh, gated=speculate_max_rows is not None,
                   adaptive=adaptive)
 
     def run(*args):
-        return programs.call(decode, (model.params, *args), static, owner)
+        return programs.call(decode, (model.params, *args), static)
 
     stopped = np.zeros(batch, bool)
+    if warm_up == "measure":
+        def forced_run(s, limit, forced, floor):
+            return run(s, plan.groups, limit, traced, max_new, gate, weights, forced, np.float32(0), floor)
+        return _time_widths(forced_run, state, loop_widths(proposer))
+    if warm_up:  # one step at each verify width: the floor makes it, forced costs make an adaptive loop pick it
+        for i, width in enumerate(loop_widths(proposer)):
+            forced = np.where(np.arange(len(costs)) == min(i, len(costs) - 1), np.float32(1e-6), costs)
+            state = run(state, plan.groups, np.int32(i + 1), traced, max_new, gate, weights, forced.astype(np.float32),
+                        drafter_s, np.int32(width - 1))
+        jax.block_until_ready(state.tokens)
+        return None
     if stop_rows is None:
-        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s)
+        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(0))
     else:  # pause every `check_every` steps: one host sync per pause, never per token
         limit = 0
         row_starts = plan.row_prompt_lengths
         while True:
             limit += check_every
-            state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s)
+            state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s,
+                        np.int32(0))
             toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
             if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
                 break
@@ -626,6 +698,18 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
     return GenerateOutput(tokens=generated, texts=texts, stats=stats, session=kept)
 
 
+def _record(model, method: Proposer, sampling_cfg: SamplingConfig, plan: Plan, num_samples: int,
+            eos_ids: tuple[int, ...], gate: int | None, adaptive: bool, used: tuple[str, ...]) -> None:
+    from specjax import warm_start
+
+    if not programs._ours(method):  # a user's proposer: its code may change under the same name
+        return
+    warm_start.record(model.programs_key, warm_start.Recipe(
+        method=method, temperature=sampling_cfg.temperature, top_k=sampling_cfg.top_k, top_p=sampling_cfg.top_p,
+        num_prompts=plan.num_prompts, num_samples=num_samples, prompt_bucket=plan.prompt_bucket,
+        cache_len=plan.cache_len, eos_ids=eos_ids, speculate_max_rows=gate, adaptive=adaptive, programs=used))
+
+
 def adaptive_default() -> bool:
     """`generate(adaptive=None)`: on, unless `SPECJAX_ADAPTIVE` is 0 / false / off (fixed widths everywhere)."""
     return os.environ.get("SPECJAX_ADAPTIVE", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -689,6 +773,10 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
     gate = None if gate is None else int(gate)
     if adaptive is None:
         adaptive = adaptive_default()
-    run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every, gate,
-               adaptive=bool(adaptive))
+    with programs.recording() as used:
+        run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every,
+                   gate, adaptive=bool(adaptive))
+    if session is None and used and getattr(model, "programs_key", ""):  # what the next load replays (`warm_start`)
+        _record(model, make_proposer(method, **method_options), sampling_cfg, the_plan, num_samples, eos_ids, gate,
+                bool(adaptive), tuple(used))
     return _finish(model, the_plan, proposer, weights, run, eos_ids, gate, keep_session)

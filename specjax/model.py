@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from functools import partial
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from specjax import programs, sharding, validation
+from specjax import programs, sharding, validation, warm_start
 from specjax.config import ModelConfig
 from specjax.models import loading, transformer
 
@@ -66,15 +67,30 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
     if low is not None and jnp.dtype(low).itemsize > jnp.dtype(jdtype).itemsize:
         raise ValueError(f"matmul_dtype={matmul_dtype!r} is wider than dtype={dtype!r}: it may only lower precision")
     owner = "" if mesh is not None else _programs_owner(kind, path, dtype, matmul_dtype)
-    prefetching = programs.prefetch(owner)  # reads last time's compiled programs while the weights load
+    warm_start.prefetch(owner)  # reads the programs of last time's calls while the weights load
     cfg, host = loading.load_gguf(path) if kind == "gguf" else loading.load_dir(path)
     params = sharding.place_params(host, jdtype, mesh)
     if low is not None and low != jdtype:
         params = sharding.lower_matmul_weights(params, low)
     del host
-    programs.warm(params, prefetching)  # their first runs, while the tokenizer loads
-    tok = loading.load_tokenizer(kind, path) if tokenizer else None
-    return Model(config=cfg, params=params, tokenizer=tok, name=str(name), programs_key=owner)
+    loaded: dict[str, Any] = {}
+
+    def load_tokenizer() -> None:
+        try:
+            loaded["tok"] = loading.load_tokenizer(kind, path)
+        except BaseException as e:  # raised on the caller's thread below
+            loaded["error"] = e
+
+    reader = threading.Thread(target=load_tokenizer, name="specjax-tokenizer", daemon=True) if tokenizer else None
+    if reader is not None:
+        reader.start()
+    # last time's calls replayed on a dummy prompt (their programs' first runs) while the tokenizer loads
+    warm_start.replay_last(Model(config=cfg, params=params, tokenizer=None, name=str(name), programs_key=owner))
+    if reader is not None:
+        reader.join()
+        if "error" in loaded:
+            raise loaded["error"]
+    return Model(config=cfg, params=params, tokenizer=loaded.get("tok"), name=str(name), programs_key=owner)
 
 
 def _programs_owner(kind: str, path, dtype: Any, matmul_dtype: Any) -> str:

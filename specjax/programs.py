@@ -5,53 +5,48 @@ and lowers every program to find its cache key, then deserialises the executable
 about 2.6 s before the first token of a call whose steady-state run takes 1.3 s. This store keys each
 compiled program by what determines it (the function, its static arguments, the avals of its inputs,
 the specjax source, jax and the device) without tracing, keeps the serialised executable under
-`<cache folder>/programs`, and remembers which programs each loaded model used last. `specjax.load`
-starts reading those back in a background thread while the weights load (`prefetch`), and once the
-weights are placed runs the prefill programs among them once on dummy inputs while the tokenizer
-loads (`warm`): XLA:CPU's YNNPACK fusions set themselves up on an executable's first run (about
-0.35 s for a 64-token prefill of the default model on a 2-core CPU, nothing a cache can hold). A
-repeated workload's first call then finds its programs in memory and initialised.
+`<cache folder>/programs`. `specjax.load` reads the programs of the model's last calls back in a
+background thread while the weights load (`prefetch`; `specjax.warm_start` records which), and once the
+weights are placed replays the model's last calls on a dummy prompt (`specjax.warm_start`) while the
+tokenizer loads in a background thread: XLA:CPU's YNNPACK fusions
+set themselves up on their first run (per executable and per verify width, 0.15-0.35 s each for the
+default model on a 2-core CPU, nothing a cache can hold). A repeated workload's first call then finds
+its programs in memory and initialised.
 
 Only single-process, single-device runs of specjax's own proposers use the store; sharded ones (a mesh,
-`jax.distributed`), proposers
-defined outside specjax (their code is not in the digest) and `SPECJAX_CACHE_DIR=none` go through
-`jax.jit` as before; so must code that patches specjax's functions at run time (set the variable).
-A file that cannot be read back (another jaxlib, a damaged write) is compiled again and replaced.
+`jax.distributed`), proposers defined outside specjax (their code is not in the digest) and
+`SPECJAX_CACHE_DIR=none` go through `jax.jit` as before; so must code that patches specjax's functions
+at run time (set the variable). A file that cannot be read back (another jaxlib, a damaged write) is
+compiled again and replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import pickle
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from specjax.cache_folder import root
-
-RECENT = 24  # programs remembered per model, most recent first
-PREFETCH = 6  # of those, read back by `prefetch` (a generate call runs three: prefill, start, decode)
-WARM_PATIENCE_S = 10.0  # how long a call waits for a warm-up of its program before running it anyway
 
 _lock = threading.Lock()
 _memory: dict[str, Any] = {}  # key -> loaded executable
 _loading: dict[str, threading.Event] = {}  # keys a prefetch thread is reading now
-_warming: dict[str, threading.Event] = {}  # keys a warm thread has yet to run once
-_warmable: set[str] = set()  # keys whose first run may be made on dummy inputs (`warm`)
+_local = threading.local()  # .stored_only: a head start (`stored_only`); .used: keys `recording` collects
 _counts = {"compiled": 0, "from_disk": 0, "prefetched": 0, "warmed": 0}
 _source_digest: str | None = None
 
 
 def counts() -> dict[str, int]:
     """Programs this process compiled, read from disk on demand, read ahead by `prefetch`, and ran
-    once on dummy inputs by `warm`."""
+    in a head start (`head_start`)."""
     return dict(_counts)
 
 
@@ -155,40 +150,6 @@ def _write(key: str, compiled: Any) -> None:
         pass
 
 
-def _recent_path() -> Path | None:
-    folder = _folder()
-    return None if folder is None else folder / "recent.json"
-
-
-def _recent() -> dict[str, list[list]]:
-    """{owner: [[key, warmable], ...]}, most recent first."""
-    path = _recent_path()
-    try:
-        table = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return {o: [e for e in v if isinstance(e, list) and len(e) == 2] for o, v in table.items() if isinstance(v, list)}
-
-
-def _remember(owner: str, key: str, warmable: bool) -> None:
-    path = _recent_path()
-    if path is None or not owner:
-        return
-    with _lock:
-        table = _recent()
-        entries = table.get(owner, [])
-        if entries[:1] == [[key, warmable]]:
-            return
-        table[owner] = ([[key, warmable]] + [e for e in entries if e[0] != key])[:RECENT]
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".recent.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-
-
 _hits = threading.local()
 
 
@@ -217,31 +178,51 @@ def _compile(lowered: Any) -> tuple[Any, bool]:
     return compiled, getattr(_hits, "n", 0) == before
 
 
-def call(fn: Callable, args: tuple, static: dict[str, Any], owner: str = "", warmable: bool = False) -> Any:
-    """`fn(*args, **static)` for a `jax.jit` function, through the store when it serves the call.
+class NotStored(LookupError):
+    """A head start met a program the store does not hold: compiling it is the real call's business."""
 
-    `owner` names the loaded model (`Model.programs_key`) so that its next load can prefetch
-    the programs it ran. `warmable`: the program's first argument is the model's params and any
-    zero-filled rest is a valid input (no data-dependent loop can spin on it), so `warm` may run it."""
+
+def call(fn: Callable, args: tuple, static: dict[str, Any]) -> Any:
+    """`fn(*args, **static)` for a `jax.jit` function, through the store when it serves the call."""
     key = None if _folder() is None else program_key(fn, args, static)
+    warming = getattr(_local, "stored_only", False)
     if key is None:
+        if warming:
+            raise NotStored(getattr(fn, "__qualname__", repr(fn)))
         return fn(*args, **static)
-    for pending, patience in ((_loading.get(key), None), (_warming.get(key), WARM_PATIENCE_S)):
-        if pending is not None:
-            pending.wait(patience)  # a warm-up that takes longer does not hold the call up
+    used = getattr(_local, "used", None)
+    if used is not None and key not in used:
+        used.append(key)
+    pending = _loading.get(key)
+    if pending is not None:
+        pending.wait()
     compiled = _memory.get(key)
     if compiled is None:
         compiled = _read(key)
         if compiled is not None:
             _counts["from_disk"] += 1
+        elif warming:
+            raise NotStored(key)
         else:
             compiled, fresh = _compile(fn.lower(*args, **static))
             _counts["compiled"] += 1
             if fresh:
                 _write(key, compiled)
         _memory[key] = compiled
-    _remember(owner, key, warmable)
+    if warming:
+        _counts["warmed"] += 1
     return compiled(*args)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[str]]:
+    """Collects the keys of the stored programs that this thread's calls run inside, in order of first use."""
+    outer = getattr(_local, "used", None)
+    _local.used = []
+    try:
+        yield _local.used
+    finally:
+        _local.used = outer
 
 
 def owner_key(*parts: Any) -> str:
@@ -249,18 +230,16 @@ def owner_key(*parts: Any) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:20]
 
 
-def prefetch(owner: str, limit: int = PREFETCH) -> threading.Thread | None:
-    """Reads `owner`'s most recently used programs into memory in a background thread (returned;
-    None when there is nothing to read). A call that needs a program being read waits for it."""
+def prefetch(keys: list[str]) -> threading.Thread | None:
+    """Reads these stored programs into memory, in this order, in a background thread (returned; None
+    when there is nothing to read). A call that needs a program being read waits for it."""
     folder = _folder()
-    if folder is None or not owner:
+    if folder is None:
         return None
-    entries = [(k, w) for k, w in _recent().get(owner, [])[:limit]
-               if k not in _memory and k not in _loading and (folder / f"{k}.bin").is_file()]
-    if not entries:
+    keys = [k for k in dict.fromkeys(keys)
+            if k not in _memory and k not in _loading and (folder / f"{k}.bin").is_file()]
+    if not keys:
         return None
-    keys = [k for k, _ in entries]
-    _warmable.update(k for k, w in entries if w)
     events = {k: threading.Event() for k in keys}
     _loading.update(events)
 
@@ -285,49 +264,20 @@ _threads: list[threading.Thread] = []
 
 
 def settle() -> None:
-    """Waits for this process's prefetch and warm-up threads (before timing anything)."""
+    """Waits for this process's prefetch threads (before timing anything)."""
     for thread in list(_threads):
         thread.join()
     _threads.clear()
 
 
-def _dummy(info: Any) -> Any:
-    """A zero input of an argument's shape; integer scalars are 1 (a budget, a seed, a length)."""
-    value = 1 if info.shape == () and np.issubdtype(info.dtype, np.integer) else 0
-    return np.full(info.shape, value, info.dtype)
-
-
-def warm(params: Any, prefetching: threading.Thread | None) -> threading.Thread | None:
-    """Once `prefetching` has read its programs, runs each warmable one whose first argument has the
-    structure of `params` on `params` and dummy inputs, in a background thread. A call that needs
-    one of them meanwhile waits for it."""
-    if prefetching is None:
-        return None
-    p_leaves, p_tree = jax.tree.flatten(params)
-    pending = {k: threading.Event() for k in list(_warmable)}
-    _warming.update(pending)
-
-    def work() -> None:
-        prefetching.join()
-        for k, event in pending.items():
-            try:
-                compiled = _memory.get(k)
-                if compiled is None:
-                    continue
-                (args, kwargs) = compiled.args_info
-                if kwargs or not args or jax.tree.structure(args[0]) != p_tree:
-                    continue
-                rest = jax.tree.map(_dummy, args[1:])
-                jax.block_until_ready(compiled(jax.tree.unflatten(p_tree, p_leaves), *rest))
-                _counts["warmed"] += 1
-            except Exception:  # a warm-up is only ever a head start: the real call runs regardless
-                pass
-            finally:
-                _warmable.discard(k)
-                _warming.pop(k, None)
-                event.set()
-
-    thread = threading.Thread(target=work, name="specjax-warm", daemon=True)
-    thread.start()
-    _threads.append(thread)
-    return thread
+@contextlib.contextmanager
+def stored_only() -> Iterator[None]:
+    """A head start (`specjax.warm_start`): inside, `call` runs only programs the store holds (raising
+    `NotStored` otherwise: a head start never compiles), counts them as warmed and does not reorder
+    the model's recent programs. It runs on the thread of the calls it prepares: an XLA:CPU executable
+    first run on another thread stays slower on this one (1.7 vs 1.1 s a suffix call, 2-core CPU)."""
+    _local.stored_only = True
+    try:
+        yield
+    finally:
+        _local.stored_only = False

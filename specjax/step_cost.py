@@ -89,19 +89,24 @@ def timed_seconds(run: Callable[[], Any], repeats: int = REPEATS, percentile: fl
     return interleaved_seconds({"run": run}, repeats, percentile)["run"]
 
 
-def interleaved_seconds(runs: dict[str, Callable[[], Any]], repeats: int = REPEATS,
-                        percentile: float = 25) -> dict[str, float]:
+def interleaved_seconds(runs: dict[Any, Callable[..., Any]], repeats: int = REPEATS, percentile: float = 25,
+                        inputs: dict[Any, Callable[[], Any]] | None = None) -> dict[Any, float]:
     """`timed_seconds` of several runs taken in rounds (each run once per round) rather than one after
     another: a burst of other work on the machine then lands on every width alike instead of inflating
     whichever was being timed (one such burst made a 9-token verify look 1.75x a 1-token step where the
-    loop itself paid 1.4x, and the adaptive loop drafted too little)."""
-    for run in runs.values():
-        jax.block_until_ready(run())
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    loop itself paid 1.4x, and the adaptive loop drafted too little). `inputs[k]()`, untimed, makes a
+    fresh input for each run of `runs[k]` (for runs that consume theirs: a donated loop state)."""
+    def args(k: Any) -> tuple:  # made (and finished) before the clock starts
+        return () if inputs is None else (jax.block_until_ready(inputs[k]()),)
+
+    for k, run in runs.items():
+        jax.block_until_ready(run(*args(k)))
+    times: dict[Any, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
         for k, run in runs.items():
+            given = args(k)
             t0 = time.perf_counter()
-            jax.block_until_ready(run())
+            jax.block_until_ready(run(*given))
             times[k].append(time.perf_counter() - t0)
     return {k: float(np.percentile(v, percentile)) for k, v in times.items()}
 

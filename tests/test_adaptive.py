@@ -83,10 +83,34 @@ def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, t
     first = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
     assert first.stats["calibration_s"] > 0
     saved = (tmp_path / "step_costs.json").read_text()
-    assert "forward" in saved and step_cost.device_name() in saved
+    assert "|loop|" in saved and step_cost.device_name() in saved
     monkeypatch.setattr(step_cost, "_MEMORY", {})  # a new process: read back from the file
     again = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
     assert again.stats["calibration_s"] == 0 and again.stats["step_costs_s"] == first.stats["step_costs_s"]
+
+
+@pytest.mark.parametrize("method, opts", [("pld", {"k": 8}), ("suffix", {"branches": 2, "k": 4})],
+                         ids=["chain", "tree"])
+def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
+    """Each timed run of the in-loop calibration verified at the width it is filed under, on drafts
+    the dummy prompt makes, and the run filed as skipping proposed nothing."""
+    from specjax import engine, warm_start
+    from specjax.config import SamplingConfig
+    from specjax.plan import bind_proposer
+
+    proposer, weights = bind_proposer(tiny_model, method, SamplingConfig(), **opts)
+    widths = engine.loop_widths(proposer)
+    plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=2, prompt_bucket=64,
+                                 cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
+    timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
+                        adaptive=True, warm_up="measure")
+    assert sorted(timed) == [engine.SKIP, *range(len(widths))]
+    for i, (seconds, hist, drafted) in timed.items():
+        assert seconds > 0
+        if i == engine.SKIP:
+            assert drafted == 0 and hist[1:] == [0] * (len(widths) - 1)
+        else:
+            assert hist[i] == engine.CALIBRATION_STEPS and sum(hist) == hist[i] and drafted == hist[i]
 
 
 def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):

@@ -107,12 +107,64 @@ def test_warm_cache_folder_serves_a_second_process(tmp_path):
     assert len(list((tmp_path / "cache" / "programs").glob("*.bin"))) >= 3
 
 
-def test_load_prefetches_and_warms_the_programs_it_ran_last(tmp_path, tiny_checkpoints):
-    env = {**os.environ, "SPECJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+def test_load_prefetches_and_replays_the_call_it_ran_last(tmp_path, tiny_checkpoints):
+    env = {**os.environ, "SPECJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu", "SPECJAX_ADAPTIVE": "1"}
     cold, warm = _two_processes(env, "load", str(tiny_checkpoints["smollm2"][0]))
     assert int(cold[2]) >= 3 and cold[4:7] == ["0", "0", "0"]
-    # load read all three back before the call, and ran the prefill once on dummy inputs
-    assert int(warm[2]) == 0 and warm[4:7] == ["0", "3", "1"]
+    # load read all three back before the call and replayed the call on a dummy prompt: the prefill,
+    # the proposer's start and one decode step per verify width
+    from specjax.engine import loop_widths
+    from specjax.proposers import make_proposer
+
+    widths = len(loop_widths(make_proposer("pld")))
+    assert int(warm[2]) == 0 and warm[4:7] == ["0", "3", str(2 + widths)]
+
+
+def test_a_head_start_runs_only_stored_programs(tmp_path, monkeypatch, tiny_model):
+    """Replaying a recipe whose programs the store lacks compiles nothing and leaves no trace."""
+    from specjax import programs, warm_start
+
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
+    recipe = warm_start.Recipe(method=make_proposer_named("pld"), temperature=0.0, top_k=0, top_p=1.0,
+                               num_prompts=1, num_samples=1, prompt_bucket=64, cache_len=256, eos_ids=(2,),
+                               speculate_max_rows=None, adaptive=True, programs=())
+    programs.clear()  # nothing in memory either
+    before = programs.counts()
+    with pytest.raises(programs.NotStored), programs.stored_only():
+        warm_start.replay(tiny_model, recipe)
+    after = programs.counts()
+    assert after["compiled"] == before["compiled"] and after["warmed"] == before["warmed"]
+    assert not list(tmp_path.glob("programs/*.bin"))
+
+
+def test_recipes_put_the_last_process_first_in_order_of_use(tmp_path, monkeypatch):
+    from specjax import warm_start
+
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
+    make = lambda method, n: warm_start.Recipe(
+        method=make_proposer_named(method), temperature=0.0, top_k=0, top_p=1.0, num_prompts=n, num_samples=1,
+        prompt_bucket=64, cache_len=256, eos_ids=(2,), speculate_max_rows=None, adaptive=True, programs=())
+    monkeypatch.setattr(warm_start, "_this_process", {})
+    for r in [make("pld", 1), make("suffix", 1), make("pld", 1), make("pld", 2)]:  # one process
+        warm_start.record("owner", r)
+    assert warm_start.recipes("owner") == [make("pld", 1), make("suffix", 1), make("pld", 2)]  # first use
+    monkeypatch.setattr(warm_start, "_this_process", {})  # the next process goes first
+    for n in (1, 2, 3):
+        warm_start.record("owner", make("ar", n))
+    kept = warm_start.recipes("owner")
+    assert kept == [make("ar", 1), make("ar", 2), make("ar", 3), make("pld", 1)]
+    assert len(kept) == warm_start.REMEMBERED and warm_start.recipes("other") == []
+    (tmp_path / "programs" / "recipes.pkl").write_bytes(b"torn")
+    assert warm_start.recipes("owner") == []  # a damaged file is ignored, then rewritten
+    monkeypatch.setattr(warm_start, "_this_process", {})
+    warm_start.record("owner", make("pld", 1))
+    assert warm_start.recipes("owner") == [make("pld", 1)]
+
+
+def make_proposer_named(method: str):
+    from specjax.proposers import make_proposer
+
+    return make_proposer(method)
 
 
 def test_a_damaged_stored_program_is_compiled_again(tmp_path, monkeypatch):
