@@ -5,13 +5,12 @@ and lowers every program to find its cache key, then deserialises the executable
 about 2.6 s before the first token of a call whose steady-state run takes 1.3 s. This store keys each
 compiled program by what determines it (the function, its static arguments, the avals of its inputs,
 the specjax source, jax and the device) without tracing, keeps the serialised executable under
-`<cache folder>/programs`. `specjax.load` reads the programs of the model's last calls back in a
-background thread while the weights load (`prefetch`; `specjax.warm_start` records which), and once the
-weights are placed replays the model's last calls on a dummy prompt (`specjax.warm_start`) while the
-tokenizer loads in a background thread: XLA:CPU's YNNPACK fusions
-set themselves up on their first run (per executable and per verify width, 0.15-0.35 s each for the
-default model on a 2-core CPU, nothing a cache can hold). A repeated workload's first call then finds
-its programs in memory and initialised.
+`<cache folder>/programs`. `specjax.load` reads back the programs of the last process's first call
+(`specjax.warm_start` records which) in a background thread while the weights load (`prefetch`), and
+once the weights are placed replays that call on a dummy prompt while the tokenizer loads in another
+thread: XLA:CPU's YNNPACK fusions set themselves up on their first run (per executable and per verify
+width, 0.15-0.35 s each for the default model on a 2-core CPU, nothing a cache can hold). A repeated
+workload's first call then finds its programs in memory and initialised.
 
 Only single-process, single-device runs of specjax's own proposers use the store; sharded ones (a mesh,
 `jax.distributed`), proposers defined outside specjax (their code is not in the digest) and
@@ -46,7 +45,7 @@ _source_digest: str | None = None
 
 def counts() -> dict[str, int]:
     """Programs this process compiled, read from disk on demand, read ahead by `prefetch`, and ran
-    in a head start (`head_start`)."""
+    in a head start (`stored_only`)."""
     return dict(_counts)
 
 

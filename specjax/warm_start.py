@@ -153,13 +153,13 @@ def replay(model: Any, recipe: Recipe, prefill_only: bool = False) -> None:
 
 
 def prefetch(owner: str) -> threading.Thread | None:
-    """Starts reading the programs of `owner`'s last `REPLAYED` recipes, in the order a replay runs them."""
+    """Starts reading the programs of `owner`'s first `REPLAYED` recipes, in the order a replay runs them."""
     keys = [k for recipe in recipes(owner)[:REPLAYED] for k in recipe.programs]
     return programs.prefetch(keys) if keys else None
 
 
 def replay_last(model: Any) -> int:
-    """Replays `model`'s last `REPLAYED` recipes on this thread; returns how many ran. A recipe whose
+    """Replays `model`'s first `REPLAYED` recipes on this thread; returns how many ran. A recipe whose
     start and decode programs an earlier one ran replays only its prefill. Only stored programs run
     (`programs.stored_only`: a call waits for the one `prefetch` is reading); anything else ends a
     replay quietly."""
