@@ -108,6 +108,7 @@ class LoopState:
     rng: jax.Array
     steps: Int[Array, ""]  # verify forwards run
     accept_hist: Int[Array, "K2"]  # accept_hist[n]: active row-steps that produced n tokens
+    verify_hist: Int[Array, "W"]  # steps whose verify forward ran each static width (`loop_widths`)
     source_counts: Int[Array, "N"]  # active row-steps drafted by each proposer id
     adapt: Adapt
 
@@ -213,6 +214,7 @@ def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache:
     row has a draft, or only short ones, a narrower static forward is chosen with `lax.switch`.
     A tree (`template`) runs all its nodes with the tree's attention mask and depths as positions.
     Outputs are padded back to K+1 positions; the padding lies past every row's draft and is unused.
+    Returns the forward's outputs and the index of the width it ran.
     """
     k1 = inputs.shape[1]
     widths = verify_widths(k1 - 1) if template is None else (1, k1)  # loop_widths(proposer), from the shapes
@@ -237,7 +239,7 @@ def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache:
     written = [(kv.write(ck, nk, slots), kv.write(cv, nv, slots))
                for ck, cv, (nk, nv) in zip(cache.k, cache.v, new_kv)]
     cache = cache.replace(k=tuple(w[0] for w in written), v=tuple(w[1] for w in written))
-    return transformer.ForwardOut(logits=logits, hidden=hidden, cache=cache, layer_hidden=layer_hidden)
+    return transformer.ForwardOut(logits=logits, hidden=hidden, cache=cache, layer_hidden=layer_hidden), index
 
 
 def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array, "B"]) -> Int[Array, "B S"]:
@@ -273,6 +275,7 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
         features=None if features is None else jnp.zeros((batch, proposer.depth + 1) + features.shape[2:],
                                                           features.dtype),
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32),
+        verify_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
         source_counts=jnp.zeros((len(proposer.sources),), jnp.int32), adapt=init_adapt(proposer, acceptance, batch))
     ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start)
     pstate = proposer.init(ctx)
@@ -344,7 +347,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
-        out = _verify_forward(params, cfg, inputs, s.cache, longest, template, layers)
+        out, ran = _verify_forward(params, cfg, inputs, s.cache, longest, template, layers)
         cache = out.cache
         if template is None:
             res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
@@ -381,6 +384,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             rng=rng,
             steps=s.steps + 1,
             accept_hist=s.accept_hist.at[num_new].add(active.astype(jnp.int32)),
+            verify_hist=s.verify_hist.at[ran].add(1),
             source_counts=s.source_counts.at[
                 jnp.zeros_like(num_new) if draft.source is None else draft.source
             ].add(active.astype(jnp.int32)),
@@ -530,17 +534,24 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     return costs.astype(np.float32), np.float32(drafter), spent
 
 
+@jax.jit
+def _copy(state: LoopState) -> LoopState:
+    """A fresh copy of every buffer of `state` (one program; `decode` donates the state it is given)."""
+    return jax.tree.map(jnp.copy, state)
+
+
 def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> dict[int, tuple[float, list, int]]:
     """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
-    with the widths the runs chose (`Adapt.width_hist`) and how many steps proposed: what the timing
-    really measured."""
+    with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
+    steps proposed: what the timing really measured."""
     from specjax import step_cost
 
     n = len(widths)
     copies = {}
+    before = np.asarray(jax.device_get(state.verify_hist))
 
     def fresh(i: int) -> LoopState:
-        s = jax.tree.map(jnp.copy, state)
+        s = _copy(state)
         return s.replace(adapt=s.adapt.replace(wait=jnp.int32(1 << 30))) if i == SKIP else s
 
     def forced(i: int) -> np.ndarray:
@@ -557,9 +568,9 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> di
                                             inputs={i: partial(fresh, i) for i in configs})
     out = {}
     for i in configs:
-        adapt = jax.device_get(copies[i].adapt)
+        adapt, verified = jax.device_get((copies[i].adapt, copies[i].verify_hist))
         steps = max(int(copies[i].steps) - int(state.steps), 1)
-        out[i] = (seconds[i] / steps, adapt.width_hist.tolist(), int(adapt.drafted_steps))
+        out[i] = (seconds[i] / steps, (verified - before).tolist(), int(adapt.drafted_steps))
     return out
 
 
@@ -568,10 +579,10 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
          speculate_max_rows: int | None, adaptive: bool = False, warm_up: str = "") -> Any:
     """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses.
 
-    `warm_up` (`specjax.warm_start`): "prefill" runs only the prefill; "all" also the proposer's start
-    and, without calibrating, one decode step at each verify width (forced by the costs it is given),
-    so that each width's first-run setup is paid now; both return None. "measure" (`step_costs`)
-    returns the seconds per decode step of each forced width instead (`_time_widths`)."""
+    `warm_up` (`specjax.warm_start`): "all" runs the prefill, the proposer's start and, without
+    calibrating, one decode step at each verify width (forced by the costs it is given), so that each
+    width's first-run setup is paid now, and returns None. "measure" (`step_costs`) returns the seconds
+    per decode step of each forced width instead (`_time_widths`)."""
     cfg: ModelConfig = model.config
     traced = sampling.traced(sampling_cfg)  # numpy leaves: passed as they are, no eager conversion
     max_new = np.int32(plan.max_new_tokens)
@@ -583,8 +594,6 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                   plan.start, None if session is None else session.cache),
         dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh))
     jax.block_until_ready(prefilled[0])
-    if warm_up == "prefill":
-        return None
     t1 = time.perf_counter()
     carry = session is not None and session.proposer == proposer
     feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
@@ -660,8 +669,9 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
     from specjax.stats import finish_reason
 
     state = run.state
-    out_tokens, out_lengths, hist, steps, sources, adapt = jax.device_get(
-        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts, state.adapt))
+    out_tokens, out_lengths, hist, steps, sources, adapt, verified = jax.device_get(
+        (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts, state.adapt,
+         state.verify_hist))
     starts, batch = plan.row_prompt_lengths, plan.batch
     eos = set(eos_ids)
     generated, reasons = [], []
@@ -687,7 +697,8 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
         draft_k=proposer.width, speculate_max_rows=speculate_max_rows, stopped_rows=run.stopped.tolist(),
         finish_reasons=reasons,
         reused_prefix_tokens=0 if plan.start is None else int(np.sum(plan.start)),
-        prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len, **_adaptive_stats(proposer, run, adapt, int(steps)))
+        prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len, verified_hist=verified.tolist(),
+        **_adaptive_stats(proposer, run, adapt, int(steps)))
     kept = None
     if keep_session:
         kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,

@@ -62,6 +62,9 @@ class GenerationStats(Mapping):
     predicted_decode_s: float = 0.0  # calibrated seconds of the chosen widths + drafting (vs decode_s)
     drafted_share: float = 0.0  # share of steps that ran `propose`
     calibration_s: float = 0.0  # spent measuring this machine's step costs (first use of a shape), not in wall_s
+    # steps whose verify forward ran each static width of `engine.loop_widths` (`widths` of an adaptive run):
+    # narrower than `width_hist`'s choice where every row's draft was shorter
+    verified_hist: list[int] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

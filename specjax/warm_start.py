@@ -103,7 +103,9 @@ def record(owner: str, recipe: Recipe) -> None:
 
 
 def dummy_prompt(length: int, vocab_size: int) -> list[int]:
-    """A prompt that repeats a short phrase: every drafter matches it and the target continues it."""
+    """A prompt that repeats a short phrase, so that every n-gram drafter finds a match and drafts. The
+    target need not continue it (it accepts 1-1.5 tokens a step here): the loop's `verify_floor` is what
+    makes each width run."""
     phrase = [1300, 2450, 3001, 977, 4120, 655, 2789]
     return [3 + phrase[i % len(phrase)] % max(vocab_size - 3, 1) for i in range(length)]
 
@@ -135,9 +137,8 @@ def dummy_plan(model: Any, proposer: Proposer, *, num_prompts: int, num_samples:
                      max_new_tokens=budget, chat=False, num_samples=num_samples, max_len=cache_len, group=group)
 
 
-def replay(model: Any, recipe: Recipe, prefill_only: bool = False) -> None:
-    """Runs `recipe`'s programs once on a dummy prompt, one decode step per verify width (or only its
-    prefill, where an earlier replay ran the rest)."""
+def replay(model: Any, recipe: Recipe) -> None:
+    """Runs `recipe`'s programs once on a dummy prompt, one decode step per verify width."""
     from specjax import engine
     from specjax.plan import bind_proposer
 
@@ -148,8 +149,7 @@ def replay(model: Any, recipe: Recipe, prefill_only: bool = False) -> None:
                       tokens=sum(engine.loop_widths(proposer)) + 1)  # one step at each width
     if plan is not None:
         engine._run(model, plan, proposer, weights, sampling_cfg, 0, recipe.eos_ids, None, None, 32,
-                    recipe.speculate_max_rows, adaptive=recipe.adaptive,
-                    warm_up="prefill" if prefill_only else "all")
+                    recipe.speculate_max_rows, adaptive=recipe.adaptive, warm_up="all")
 
 
 def prefetch(owner: str) -> threading.Thread | None:
@@ -159,20 +159,15 @@ def prefetch(owner: str) -> threading.Thread | None:
 
 
 def replay_last(model: Any) -> int:
-    """Replays `model`'s first `REPLAYED` recipes on this thread; returns how many ran. A recipe whose
-    start and decode programs an earlier one ran replays only its prefill. Only stored programs run
-    (`programs.stored_only`: a call waits for the one `prefetch` is reading); anything else ends a
-    replay quietly."""
-    done, ran = 0, set()
+    """Replays `model`'s first `REPLAYED` recipes on this thread; returns how many ran. Only stored
+    programs run (`programs.stored_only`: a call waits for the one `prefetch` is reading); anything else
+    ends a replay quietly."""
+    done = 0
     with programs.stored_only():
         for recipe in recipes(getattr(model, "programs_key", ""))[:REPLAYED]:
-            if set(recipe.programs) <= ran:
-                continue
-            prefill_only = set(recipe.programs[1:]) <= ran  # another prompt bucket of the same loop
             try:
-                replay(model, recipe, prefill_only)
+                replay(model, recipe)
             except Exception:  # programs gone, a head that moved: the real call will tell the user
                 continue
             done += 1
-            ran.update(recipe.programs[:1] if prefill_only else recipe.programs)
     return done

@@ -41,6 +41,10 @@ def test_greedy_adaptive_equals_ar(tiny_model, method, opts):
     assert sum(s["width_hist"]) == s["decode_steps"] and len(s["step_costs_s"]) == len(s["widths"])
     assert all(c > 0 for c in s["step_costs_s"]) and 0 < s["drafted_share"] <= 1
     assert s["predicted_tokens"] > 0 and s["predicted_decode_s"] > 0
+    # each step's verify forward ran at most the width chosen (narrower where every draft was shorter)
+    verified, chosen = s["verified_hist"], s["width_hist"]
+    assert sum(verified) == s["decode_steps"] and len(verified) == len(chosen)
+    assert all(sum(verified[j:]) <= sum(chosen[j:]) for j in range(len(chosen)))
 
 
 def test_sampling_is_reproducible_and_fixed_widths_stay_available(tiny_model):
@@ -92,8 +96,8 @@ def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, t
 @pytest.mark.parametrize("method, opts", [("pld", {"k": 8}), ("suffix", {"branches": 2, "k": 4})],
                          ids=["chain", "tree"])
 def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
-    """Each timed run of the in-loop calibration verified at the width it is filed under, on drafts
-    the dummy prompt makes, and the run filed as skipping proposed nothing."""
+    """Each timed run of the in-loop calibration ran its verify forwards at the width it is filed under
+    (the `lax.switch` branch, `verify_hist`), and the run filed as skipping proposed nothing."""
     from specjax import engine, warm_start
     from specjax.config import SamplingConfig
     from specjax.plan import bind_proposer
@@ -105,12 +109,11 @@ def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
     timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
                         adaptive=True, warm_up="measure")
     assert sorted(timed) == [engine.SKIP, *range(len(widths))]
-    for i, (seconds, hist, drafted) in timed.items():
-        assert seconds > 0
-        if i == engine.SKIP:
-            assert drafted == 0 and hist[1:] == [0] * (len(widths) - 1)
-        else:
-            assert hist[i] == engine.CALIBRATION_STEPS and sum(hist) == hist[i] and drafted == hist[i]
+    for i, (seconds, verified, drafted) in timed.items():
+        assert seconds > 0 and len(verified) == len(widths)
+        ran = 0 if i == engine.SKIP else i
+        assert verified[ran] == engine.CALIBRATION_STEPS and sum(verified) == verified[ran]
+        assert drafted == (0 if i == engine.SKIP else engine.CALIBRATION_STEPS)
 
 
 def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):

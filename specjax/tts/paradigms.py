@@ -93,6 +93,8 @@ def aggregate(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if adaptive:
         total["widths"] = adaptive[0]["widths"]
         total["width_hist"] = np.sum([s["width_hist"] for s in adaptive], axis=0).tolist()
+        if all(s.get("verified_hist") for s in adaptive):
+            total["verified_hist"] = np.sum([s["verified_hist"] for s in adaptive], axis=0).tolist()
         steps = sum(s["decode_steps"] for s in adaptive)
         total["drafted_share"] = sum(s["drafted_share"] * s["decode_steps"] for s in adaptive) / max(steps, 1)
         for key in ("predicted_tokens", "predicted_decode_s", "calibration_s"):
