@@ -1,7 +1,9 @@
 """specjax: speculative decoding under test-time scaling, in JAX."""
 
+from specjax import xla_flags
 from specjax.cache_folder import enable_compilation_cache
 
+xla_flags.apply()  # before JAX starts a backend: XLA reads its flags once
 enable_compilation_cache()  # before anything compiles: a later process reads its programs from disk
 
 from specjax.config import ModelConfig, SamplingConfig  # noqa: E402

@@ -68,14 +68,8 @@ def compact(cache: KVCache, start: Int[Array, "B"], path: Int[Array, "B D"]) -> 
 def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> jax.Array:
     """Writes new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at slots slots[b, 0] + t.
 
-    A masked select over the whole buffer, not a scatter: on CPU, XLA turned the scatter (and a
-    dynamic-update-slice) into 2-3 full copies of every layer's cache per step (240 copies per decode
-    step measured in the HLO), while this elementwise form updates the donated buffer in place with
-    one read and one write of it. Slots outside the buffer are simply not written.
-    """
+    A scatter of just the B*T new rows; slots outside the buffer are dropped, not clamped."""
     b, t = slots.shape
-    s = layer_cache.shape[2]
-    rel = jnp.arange(s)[None, :] - slots[:, :1]  # [B, S]: slot j takes new token rel[b, j]
-    hit = (rel >= 0) & (rel < t)
-    picked = jnp.take_along_axis(new.astype(layer_cache.dtype), jnp.clip(rel, 0, t - 1)[:, :, None, None], axis=1)
-    return jnp.where(hit[:, None, :, None], picked.transpose(0, 2, 1, 3), layer_cache)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    cols = slots[:, :1] + jnp.arange(t)[None, :]
+    return layer_cache.at[rows, :, cols].set(new.astype(layer_cache.dtype), mode="drop")

@@ -1,0 +1,65 @@
+"""The compiled decode loop updates the KV cache in place: no step copies a whole cache buffer.
+
+XLA:CPU copies a buffer that a step both reads (attention) and writes in place (the new entries) unless
+its copy insertion runs region analysis (`specjax.xla_flags`); these tests read the compiled loop."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import specjax
+from specjax import engine, programs, xla_flags
+
+
+def _decode_hlo(model, method: str, batch: int, **opts) -> tuple[str, tuple[int, ...]]:
+    """The optimised HLO of the decode loop a `generate` call runs, and the shape of a cache buffer."""
+    seen = {}
+    original = programs.call
+
+    def spy(fn, args, static):
+        if fn is engine.decode:
+            seen["hlo"] = fn.lower(*args, **static).compile().as_text()
+            seen["cache"] = tuple(args[1].cache.k[0].shape)
+        return original(fn, args, static)
+
+    programs.call = spy
+    try:
+        specjax.generate(model, [[5, 6, 7, 8, 9, 5, 6, 7]] * batch, method, max_new_tokens=8, **opts)
+    finally:
+        programs.call = original
+    return seen["hlo"], seen["cache"]
+
+
+@pytest.mark.parametrize("method, batch, opts", [("ar", 1, {}), ("ar", 4, {}), ("pld", 4, {"k": 4}),
+                                                 ("suffix", 2, {"branches": 2, "k": 4})],
+                         ids=["ar-b1", "ar-b4", "pld-b4", "suffix-tree"])
+def test_decode_copies_no_cache_buffer(tiny_model, method, batch, opts):
+    assert xla_flags.in_force, "import specjax ran after a JAX backend started: the flags did not apply"
+    hlo, cache = _decode_hlo(tiny_model, method, batch, **opts)
+    shape = "f32[" + ",".join(map(str, cache)) + "]"
+    copies = [line for line in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", line)]
+    assert copies == [], f"{len(copies)} whole-buffer copies of the KV cache in the decode loop"
+
+
+def test_flags_merge_with_the_users():
+    assert xla_flags.merged("") == "--xla_cpu_copy_insertion_use_region_analysis=true"
+    user = "--xla_force_host_platform_device_count=8 --xla_cpu_copy_insertion_use_region_analysis=false"
+    assert xla_flags.merged(user) == user  # a flag the user set is theirs
+    assert xla_flags.merged("--xla_force_host_platform_device_count=8").split() == [
+        "--xla_force_host_platform_device_count=8", "--xla_cpu_copy_insertion_use_region_analysis=true"]
+
+
+def test_cache_write_drops_slots_past_the_end():
+    """New entries land at slots[b, 0] + t; those past the buffer are dropped, never clamped onto
+    earlier slots."""
+    import jax.numpy as jnp
+
+    from specjax.models import cache as kv
+
+    buf = jnp.zeros((2, 1, 6, 1))
+    new = jnp.arange(1, 7, dtype=jnp.float32).reshape(2, 3, 1, 1)  # [B, T, KV, hd]
+    out = np.asarray(kv.write(buf, new, jnp.array([[1, 2, 3], [4, 5, 6]])))[:, 0, :, 0]
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 4, 5]])
