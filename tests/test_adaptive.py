@@ -139,15 +139,17 @@ def test_confidence_buckets():
     assert np.all(np.asarray(confidence_bucket(None, "count", 3)) == 0)
 
 
-def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0):
+def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     """One decision of the loop on crafted inputs: a chain proposer of k=8, one row drafting `num` tokens,
-    whose positions were each tried `observed` times and accepted at `hit_rate`."""
+    whose positions were each tried `observed` times and accepted at `hit_rate`; `backoff` > 1: the
+    drafter proposes again after backing off."""
     from specjax.drafting import Draft
     from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop)
-    adapt = adapt.replace(tried=adapt.tried + observed, hit=adapt.hit + observed * hit_rate)
+    adapt = adapt.replace(tried=adapt.tried + observed, hit=adapt.hit + observed * hit_rate,
+                          backoff=jnp.int32(backoff))
     draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([num], jnp.int32),
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
@@ -198,6 +200,45 @@ def test_decision_rule_on_crafted_costs_and_acceptance():
     assert width == 5 and wait >= 1
     # a draft of 3 with free verification: the narrowest width that holds it, the draft as it is
     assert _decide([1.0, 1.0, 1.0], hit_rate=0.7, num=3)[:2] == (5, 3)
+    # the first proposal after a backoff is a probe: verified at its best drafting width even where the
+    # estimate says no draft pays, so that an estimate gone stale is tested, then backs off further
+    assert _decide([1.0, 1.5, 2.0], hit_rate=0.0, drafter_s=0.1, backoff=4)[:2] == (5, 4)
+
+
+@pytest.mark.parametrize("tokens, backoff, wait", [(3.0, 1, 0), (1.2, 8, 8)], ids=["paid", "did-not-pay"])
+def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, wait):
+    """A probe at width 5 (1.5x a 1-token step, drafting 0.1x): 3 tokens pay (3 / 1.6 > 1), so proposing
+    resumes; 1.2 do not, so the backoff doubles from 4 and the drafter waits that long."""
+    from specjax.engine import _settle_probe, init_adapt
+
+    adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True))
+    out = _settle_probe(adapt, jnp.float32(tokens), jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 2.0]),
+                        jnp.float32(0.1))
+    assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
+    idle = _settle_probe(adapt.replace(probing=jnp.asarray(False), wait=jnp.int32(3)), jnp.float32(tokens),
+                         jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 2.0]), jnp.float32(0.1))
+    assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
+
+
+def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_model, monkeypatch):
+    """Verifies cost 2.2x (width 5) and 3x (width 9) a 1-token step and proposing 0.2x: under the 0.5
+    prior no draft pays, so the first step backs off. The drafts are in fact accepted at 0.95 a position;
+    the probe after the backoff finds that out and the loop then drafts most steps (without the probe it
+    proposed only when a backoff happened to end on a periodic probe step, and ran at 1 token a step)."""
+    from specjax import engine
+    from specjax.analysis.oracle import Oracle
+
+    def costs(model, plan, proposer, *rest):
+        return np.asarray([1.0, 2.2, 3.0], np.float32) * 1e-3, np.float32(2e-4), 0.0
+
+    monkeypatch.setattr(engine, "step_costs", costs)
+    prompt = [[3, 17, 41, 29, 11, 60, 7]]
+    ar = specjax.generate(tiny_model, prompt, "ar", max_new_tokens=64, eos_token_ids=())
+    oracle = Oracle.for_outputs(prompt, ar.tokens, alpha=0.95, k=8)
+    out = specjax.generate(tiny_model, prompt, oracle, max_new_tokens=64, eos_token_ids=(), adaptive=True)
+    assert out.tokens == ar.tokens
+    hist, steps = out.stats["width_hist"], out.stats["decode_steps"]
+    assert sum(hist[1:]) > hist[0] and steps < 0.6 * ar.stats["decode_steps"]
 
 
 def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, new: int = 4,
