@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_args.no_adaptive = mode == "fixed"
                 got[mode], _, _ = run_method(model, questions, method, run_args)
             run_args.no_adaptive = False
+            free_compiled()
             ratio = {m: got[m]["tokens_per_s"] / base["tokens_per_s"] for m in got}
             rounds = [f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}/{f['tokens_per_s'] / b['tokens_per_s']:.2f}"
                       for a, f, b in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], base["per_round"])]
@@ -79,10 +80,22 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"cell": cell, "method": method, "ar_tokens_per_s": base["tokens_per_s"],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
                          **{f"{m}_summary": got[m] for m in got}})
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+            if args.out:  # after every method: a run killed later keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def free_compiled() -> None:
+    """Drops this process's compiled programs (jit caches, the program store's memory; the disk caches
+    keep them): one process compiling every method twice per cell ran out of memory mappings for
+    XLA:CPU's code ("LLVM ERROR: Unable to allocate section memory") in the fourth cell."""
+    import jax
+
+    from specjax import programs
+
+    jax.clear_caches()
+    programs.clear()
 
 
 if __name__ == "__main__":
