@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.compile_cost import cpu_name
     from eval.tts import parse_args as tts_args
     from eval.tts import run_method
+    from specjax import programs
     from specjax.tts.datasets import load_dataset
 
     model = specjax.load(args.model, matmul_dtype=args.matmul_dtype)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_args.no_adaptive = mode == "fixed"
                 got[mode], _, _ = run_method(model, questions, method, run_args)
             run_args.no_adaptive = False
-            free_compiled()
+            programs.free_all()  # one process compiling every method twice ran out of code mappings
             ratio = {m: got[m]["tokens_per_s"] / base["tokens_per_s"] for m in got}
             rounds = [f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}/{f['tokens_per_s'] / b['tokens_per_s']:.2f}"
                       for a, f, b in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], base["per_round"])]
@@ -84,18 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
-
-
-def free_compiled() -> None:
-    """Drops this process's compiled programs (jit caches, the program store's memory; the disk caches
-    keep them): one process compiling every method twice per cell ran out of memory mappings for
-    XLA:CPU's code ("LLVM ERROR: Unable to allocate section memory") in the fourth cell."""
-    import jax
-
-    from specjax import programs
-
-    jax.clear_caches()
-    programs.clear()
 
 
 if __name__ == "__main__":

@@ -69,19 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = specjax.load(MODEL)
     prompts = [PROMPT] * args.batch
-    seen: dict = {}
-    original = programs.call
-
-    def spy(fn, fargs, static):
-        if fn is engine.decode and "hlo" not in seen:
-            seen["hlo"] = fn.lower(*fargs, **static).compile().as_text()
-            seen["cache"] = tuple(fargs[1].cache.k[0].shape)
-        return original(fn, fargs, static)
-
-    programs.call = spy
     run = lambda: specjax.generate(model, prompts, args.method, max_new_tokens=args.new_tokens, eos_token_ids=())
-    run()
-    programs.call = original
+    with programs.capture(engine.decode) as seen:
+        run()
+    cache_shape = tuple(seen["args"][1].cache.k[0].shape)
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             out = run()
@@ -97,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         shape, opcode = shapes.get(name, ("", ""))
         if not shape and "Await" not in name:
             continue  # host-side events (argument handling, the prefill's programs)
-        g = groups[group_of(name, shape, opcode, model.config, seen["cache"])]
+        g = groups[group_of(name, shape, opcode, model.config, cache_shape)]
         g[0] += e.get("dur", 0) / 1e3
         g[1] += 1
     total = sum(g[0] for g in groups.values())
     wall_ms = 1e3 * out.stats["decode_s"] / steps
-    print(f"{MODEL} float32, batch {args.batch}, method {args.method}, cache {seen['cache']} "
+    print(f"{MODEL} float32, batch {args.batch}, method {args.method}, cache {cache_shape} "
           f"(B, KV heads, slots, head dim), jax {jax.__version__}; XLA flags in force: {xla_flags.in_force}")
     print(f"{steps} decode steps, {wall_ms:.2f} ms per step under the profiler "
           f"({out.stats['decode_tokens_per_s']:.1f} tok/s); traced ops sum to {total / steps:.2f} ms per step\n")

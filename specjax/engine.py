@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax import programs, sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
-from specjax.drafting import Context, TreeTemplate, at, gather_rows
+from specjax.drafting import Context, Draft, TreeTemplate, at, gather_rows
 from specjax.models import cache as kv
 from specjax.models import transformer
 from specjax.models.cache import KVCache
@@ -37,7 +37,7 @@ from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
 from specjax.stats import GenerationStats
-from specjax.verify import verify_chain, verify_tree
+from specjax.verify import TreeVerifyResult, verify_chain, verify_tree
 
 
 @struct.dataclass
@@ -207,40 +207,64 @@ def loop_widths(proposer: Proposer) -> tuple[int, ...]:
     return verify_widths(proposer.width) if proposer.template is None else (1, proposer.width + 1)
 
 
-def _verify_forward(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], cache: KVCache, longest: jax.Array,
-                    template: TreeTemplate | None = None, hidden_layers: tuple[int, ...] = ()):
-    """Runs the target on just enough of the K+1 inputs for the longest draft in the batch.
+def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, valid: Bool[Array, "B K1"] | None,
+            cache: KVCache, longest: jax.Array, sampling_cfg: Sampling, rng: jax.Array,
+            template: TreeTemplate | None = None, hidden_layers: tuple[int, ...] = (), topk: int = 0):
+    """The target forward and the verification of a step, on just enough inputs for the longest draft.
 
     A verify forward of T tokens costs far more than one token on CPUs (3-4x for T=9 here): when no
-    row has a draft, or only short ones, a narrower static forward is chosen with `lax.switch`.
-    A tree (`template`) runs all its nodes with the tree's attention mask and depths as positions.
-    Outputs are padded back to K+1 positions; the padding lies past every row's draft and is unused.
-    Returns the forward's outputs and the index of the width it ran.
+    row has a draft, or only short ones, a narrower static width is chosen with `lax.switch`, and each
+    width's branch also verifies at its own width, returning only the small results: verifying the
+    K+1 positions' logits after every forward (an argmax or a softmax over the vocabulary per position)
+    cost a 1-token step at batch 8 as much as its LM head. A chain is cut to the branch's width (every
+    row's draft fits: the width covers `longest`); a tree runs the root alone or all its nodes with the
+    tree's attention mask and depths as positions. Outputs are padded back to K+1 positions; the padding
+    lies past every row's draft and is unused. Returns (verification, hidden [B, K+1, D], the
+    `hidden_layers` outputs, the cache with the new keys/values, the top-`topk` token ids of each
+    position's logits or None, the index of the width that ran).
     """
     k1 = inputs.shape[1]
     widths = verify_widths(k1 - 1) if template is None else (1, k1)  # loop_widths(proposer), from the shapes
     tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
     def branch(width: int):
-        def run(inputs, cache):
-            opts = tree if width == k1 and template is not None else {}
+        def run(inputs, cache, draft, valid, rng):
+            whole_tree = template is not None and width == k1
             out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers,
-                                      write_cache=False, **opts)
-            pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - width)) + ((0, 0),) * (x.ndim - 2))
-            return (pad(out.logits), pad(out.hidden), tuple(map(pad, out.layer_hidden)),
-                    tuple((pad(k), pad(v)) for k, v in out.new_kv))
+                                      write_cache=False, **(tree if whole_tree else {}))
+            if whole_tree:
+                res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, rng)
+            else:
+                cut = draft.replace(tokens=draft.tokens[:, :width - 1], num=jnp.minimum(draft.num, width - 1),
+                                    probs=None if draft.probs is None else draft.probs[:, :width - 1],
+                                    valid=None)
+                res = verify_chain(out.logits, cut, sampling_cfg, rng)
+                res = res.replace(tokens=pad(res.tokens))
+                if template is not None:  # the root alone: the tree's result with an empty path
+                    res = TreeVerifyResult(tokens=res.tokens[:, :template.max_depth + 1],
+                                           num_accepted=res.num_accepted,
+                                           path=jnp.zeros((inputs.shape[0], template.max_depth), jnp.int32),
+                                           last_node=jnp.zeros_like(res.num_accepted))
+            # the barrier keeps XLA:CPU from fusing a consumer's slice of the top-k back into the LM-head
+            # dot, which it then ran as a naive loop (lookahead's window update: 200 vs 80 ms a step)
+            top = pad(jax.lax.optimization_barrier(jax.lax.top_k(out.logits, topk)[1])) if topk else None
+            # every layer's new keys and values in one array, padded once: [B, K+1, 2 * layers, KV, hd]
+            new_kv = pad(jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv], axis=2))
+            return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), new_kv, top
         return run
 
     index = jnp.searchsorted(jnp.asarray(widths), longest + 1)
     # the branches only read the cache; the new keys/values are written once here, outside the switch
-    # (a conditional that carried the cache copied it every step: +50% on a 1-token step)
-    logits, hidden, layer_hidden, new_kv = jax.lax.switch(index, [branch(w) for w in widths], inputs, cache)
+    # (a conditional that carried the cache copied it in its wide branches, every drafted step)
+    res, hidden, layer_hidden, new_kv, top = jax.lax.switch(index, [branch(w) for w in widths], inputs, cache,
+                                                            draft, valid, rng)
     slots = cache.lengths[:, None] + jnp.arange(k1)[None]
-    written = [(kv.write(ck, nk, slots), kv.write(cv, nv, slots))
-               for ck, cv, (nk, nv) in zip(cache.k, cache.v, new_kv)]
-    cache = cache.replace(k=tuple(w[0] for w in written), v=tuple(w[1] for w in written))
-    return transformer.ForwardOut(logits=logits, hidden=hidden, cache=cache, layer_hidden=layer_hidden), index
+    n = len(cache.k)
+    cache = cache.replace(k=tuple(kv.write(c, new_kv[:, :, i], slots) for i, c in enumerate(cache.k)),
+                          v=tuple(kv.write(c, new_kv[:, :, n + i], slots) for i, c in enumerate(cache.v)))
+    return res, hidden, layer_hidden, cache, top, index
 
 
 def _commit(state: LoopState, new_tokens: Int[Array, "B K1"], num_new: Int[Array, "B"]) -> Int[Array, "B S"]:
@@ -348,16 +372,17 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
-        out, ran = _verify_forward(params, cfg, inputs, s.cache, longest, template, layers)
-        cache = out.cache
+        valid = None
+        if template is not None:
+            valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & drafting[:, None]], axis=1)
+        res, out_hidden, layer_hidden, cache, topk, ran = _verify(
+            params, cfg, inputs, draft, valid, s.cache, longest, sampling_cfg, r_ver, template, layers,
+            proposer.logit_topk)
         if template is None:
-            res = verify_chain(out.logits, draft, sampling_cfg, r_ver)
             node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
             fed = (jnp.arange(k + 1)[None] <= draft.num[:, None]) & active[:, None]
         else:
-            valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & drafting[:, None]], axis=1)
             fed = valid & active[:, None]
-            res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, r_ver)
             node_of_depth = jnp.concatenate([jnp.zeros_like(res.path[:, :1]), res.path], axis=1)
             if any(len(c) > 1 for c in template.children):  # a real tree: move the accepted path's keys/values
                 cache = kv.compact(cache, s.cache.lengths, res.path)
@@ -371,10 +396,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         num_new = jnp.where(active, jnp.minimum(num_new, budget), 0)
         lengths = s.lengths + num_new
         done = s.done | hit_eos | (lengths - s.prompt_lengths >= max_new)
-        hidden = at(out.hidden, at(node_of_depth, jnp.clip(num_new - 1, 0, depth))).astype(jnp.float32)
+        hidden = at(out_hidden, at(node_of_depth, jnp.clip(num_new - 1, 0, depth))).astype(jnp.float32)
         features = None
         if layers:  # the accepted path's features: position lengths - 1 + i is node node_of_depth[:, i]
-            features = gather_rows(jnp.concatenate(out.layer_hidden, axis=-1), node_of_depth)
+            features = gather_rows(jnp.concatenate(layer_hidden, axis=-1), node_of_depth)
         new = s.replace(
             tokens=sharding.constrain_rows(_commit(s, res.tokens, num_new), mesh),
             lengths=lengths,
@@ -395,9 +420,6 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         )
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
         if proposer.logit_topk:
-            # the barrier keeps XLA:CPU from fusing a consumer's slice of the top-k back into the LM-head
-            # dot, which it then ran as a naive loop (lookahead's window update: 200 vs 80 ms a step)
-            topk = jax.lax.optimization_barrier(jax.lax.top_k(out.logits, proposer.logit_topk)[1])
             ctx_new = ctx_new.replace(verified=inputs, verified_topk=topk, verified_valid=fed)
         return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
 

@@ -54,6 +54,14 @@ def clear() -> None:
     _memory.clear()
 
 
+def free_all() -> None:
+    """Drops every compiled program this process holds, jit's and the store's (the disks keep them): a
+    process compiling hundreds of programs (a test suite, a benchmark matrix) runs out of memory
+    mappings for XLA:CPU's code ("LLVM ERROR: Unable to allocate section memory") or crashes."""
+    jax.clear_caches()
+    clear()
+
+
 def _folder() -> Path | None:
     base = root()
     return None if base is None else base / "programs"
@@ -211,6 +219,27 @@ def call(fn: Callable, args: tuple, static: dict[str, Any]) -> Any:
     if warming:
         _counts["warmed"] += 1
     return compiled(*args)
+
+
+@contextlib.contextmanager
+def capture(fn: Callable) -> Iterator[dict[str, Any]]:
+    """Within the block, the first `call` of `fn` is also compiled to text: yields a dict that then
+    holds "hlo" (its optimised HLO) and "args" (its arguments; donated ones keep their shapes). For
+    reading a compiled program (the decode loop) in profiles and tests."""
+    global call
+    seen: dict[str, Any] = {}
+    original = call
+
+    def spy(f: Callable, args: tuple, static: dict[str, Any]) -> Any:
+        if f is fn and "hlo" not in seen:
+            seen["hlo"], seen["args"] = f.lower(*args, **static).compile().as_text(), args
+        return original(f, args, static)
+
+    call = spy
+    try:
+        yield seen
+    finally:
+        call = original
 
 
 @contextlib.contextmanager

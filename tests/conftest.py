@@ -150,7 +150,6 @@ def _free_compiled_programs():
     hundreds of programs over the suite, and a late XLA:CPU compile once crashed (segfault) in a run
     that had kept them all."""
     yield
-    jax.clear_caches()
     from specjax import programs
 
-    programs.clear()
+    programs.free_all()

@@ -16,21 +16,9 @@ from specjax import engine, programs, xla_flags
 
 def _decode_hlo(model, method: str, batch: int, **opts) -> tuple[str, tuple[int, ...]]:
     """The optimised HLO of the decode loop a `generate` call runs, and the shape of a cache buffer."""
-    seen = {}
-    original = programs.call
-
-    def spy(fn, args, static):
-        if fn is engine.decode:
-            seen["hlo"] = fn.lower(*args, **static).compile().as_text()
-            seen["cache"] = tuple(args[1].cache.k[0].shape)
-        return original(fn, args, static)
-
-    programs.call = spy
-    try:
+    with programs.capture(engine.decode) as seen:
         specjax.generate(model, [[5, 6, 7, 8, 9, 5, 6, 7]] * batch, method, max_new_tokens=8, **opts)
-    finally:
-        programs.call = original
-    return seen["hlo"], seen["cache"]
+    return seen["hlo"], tuple(seen["args"][1].cache.k[0].shape)
 
 
 @pytest.mark.parametrize("method, batch, opts", [("ar", 1, {}), ("ar", 4, {}), ("pld", 4, {"k": 4}),
