@@ -433,12 +433,15 @@ def _drafted_depth(draft, node_depth: Int[Array, "K"] | None) -> Int[Array, "B"]
     return jnp.max(jnp.where(draft.valid, node_depth[None], 0), axis=1)
 
 
-def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]) -> Float[Array, "... D"]:
+def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"],
+                        first_prior: Float[Array, "..."] | None = None) -> Float[Array, "... D"]:
     """Posterior mean acceptance of each draft position from its (decayed) counts. Position 0 shrinks
-    towards PRIOR_MEAN, each deeper one towards the estimate of the position before it: deep positions
-    are tried only when every earlier one was accepted, so they have few observations, and a fixed prior
-    of 0.5 there would cut long drafts exactly where acceptance is highest (copied text)."""
-    out, prior = [], jnp.full(tried.shape[:-1], PRIOR_MEAN, jnp.float32)
+    towards `first_prior` (PRIOR_MEAN when None), each deeper one towards the estimate of the position
+    before it: deep positions are tried only when every earlier one was accepted, so they have few
+    observations, and a fixed prior of 0.5 there would cut long drafts exactly where acceptance is
+    highest (copied text)."""
+    out = []
+    prior = jnp.full(tried.shape[:-1], PRIOR_MEAN, jnp.float32) if first_prior is None else first_prior
     for i in range(tried.shape[-1]):
         prior = (hit[..., i] + PRIOR_COUNT * prior) / (tried[..., i] + PRIOR_COUNT)
         out.append(prior)
@@ -451,7 +454,11 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     batch = draft.num.shape[0]
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
-    p = acceptance_estimate(adapt.tried[source, bucket], adapt.hit[source, bucket])  # [B, D]
+    # a bucket starts from its source's rate over all its buckets, not from PRIOR_MEAN: a confidence level
+    # seldom seen (a long match, a high head probability) would otherwise sit at 0.5 for its first steps,
+    # which at a dear verify says "do not draft" and so is never corrected (MAT 1.10 vs 1.52 fixed, pld)
+    pooled = acceptance_estimate(adapt.tried[source].sum(1), adapt.hit[source].sum(1))[:, 0]  # [B]
+    p = acceptance_estimate(adapt.tried[source, bucket], adapt.hit[source, bucket], pooled)  # [B, D]
     survive = jnp.concatenate([jnp.zeros((batch, 1)), jnp.cumsum(jnp.cumprod(p, axis=1), axis=1)], axis=1)
     reach = _drafted_depth(draft, node_depth)  # [B]
     if node_depth is None:  # a chain cut to width w keeps w - 1 tokens

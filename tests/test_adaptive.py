@@ -159,6 +159,35 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     return int(widths[best]), int(out.num[0]), int(adapt.wait)
 
 
+def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
+    """A drafter that has accepted 9 in 10 at one match length meets a longer match for the first time:
+    that bucket starts from the source's pooled rate, so a dear verify (width 5 at 2x a 1-token step)
+    pays; from the flat 0.5 prior it would not (E = 1.94 / 2.0 tokens per unit against 1.0), and the
+    bucket would then never be tried. Its own evidence still overrides the pool."""
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=4)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    assert widths.tolist() == [1, 5]
+    adapt = init_adapt(prop)
+    seen = adapt.replace(tried=adapt.tried.at[0, 1].set(200.0), hit=adapt.hit.at[0, 1].set(180.0))
+    draft = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.asarray([4], jnp.int32),
+                  confidence=jnp.full((1,), 7.0))  # log2(7 + 1) = 3: bucket 3, never observed
+    on = jnp.ones((1,), bool)
+
+    def width(a):
+        _, _, _, best, bucket = _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 2.0]),
+                                              jnp.float32(0), widths, None, prop, jnp.int32(0))
+        assert int(bucket[0]) == 3
+        return int(widths[best])
+
+    assert width(seen) == 5
+    assert width(adapt) == 1  # nothing observed anywhere: the 0.5 prior, and width 5 does not pay
+    rejected = seen.replace(tried=seen.tried.at[0, 3, 0].set(50.0))  # bucket 3 tried 50 times, never accepted
+    assert width(rejected) == 1
+
+
 def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
     """Copied text: the first positions were tried often and almost always accepted, the deep ones seldom
     reached. Their estimate follows the positions before them, not the 0.5 prior, so the full width wins
