@@ -198,8 +198,8 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
 
 
 def verify_widths(k: int) -> tuple[int, ...]:
-    """Static forward widths the loop picks from: 1 (no draft anywhere), 2^i + 1 from 5 up, and K+1."""
-    return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(2, 8) if 2**i < k}))
+    """Static forward widths the loop picks from: 1 (no draft anywhere), 2^i + 1 from 3 up, and K+1."""
+    return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(1, 8) if 2**i < k}))
 
 
 def loop_widths(proposer: Proposer) -> tuple[int, ...]:
