@@ -234,22 +234,25 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
             whole_tree = template is not None and width == k1
             out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers,
                                       write_cache=False, **(tree if whole_tree else {}))
+            # the barrier keeps XLA:CPU from fusing the verification's slices and gathers of the logits
+            # into the LM-head dot, which it then runs as a naive loop (batch 8, width 9, sampling: the
+            # head took 41 instead of 17 ms a step); top-k's consumers did the same (lookahead's window)
+            logits = jax.lax.optimization_barrier(out.logits)
             if whole_tree:
-                res = verify_tree(out.logits, inputs, valid, template, sampling_cfg, rng)
+                res = verify_tree(logits, inputs, valid, template, sampling_cfg, rng)
             else:
                 cut = draft.replace(tokens=draft.tokens[:, :width - 1], num=jnp.minimum(draft.num, width - 1),
                                     probs=None if draft.probs is None else draft.probs[:, :width - 1],
                                     valid=None)
-                res = verify_chain(out.logits, cut, sampling_cfg, rng)
+                res = verify_chain(logits, cut, sampling_cfg, rng)
                 res = res.replace(tokens=pad(res.tokens))
                 if template is not None:  # the root alone: the tree's result with an empty path
                     res = TreeVerifyResult(tokens=res.tokens[:, :template.max_depth + 1],
                                            num_accepted=res.num_accepted,
                                            path=jnp.zeros((inputs.shape[0], template.max_depth), jnp.int32),
                                            last_node=jnp.zeros_like(res.num_accepted))
-            # the barrier keeps XLA:CPU from fusing a consumer's slice of the top-k back into the LM-head
-            # dot, which it then ran as a naive loop (lookahead's window update: 200 vs 80 ms a step)
-            top = pad(jax.lax.optimization_barrier(jax.lax.top_k(out.logits, topk)[1])) if topk else None
+            # (the barrier on top-k's output: lookahead's window update ran 200 instead of 80 ms a step)
+            top = pad(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
             # every layer's new keys and values in one array, padded once: [B, K+1, 2 * layers, KV, hd]
             new_kv = pad(jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv], axis=2))
             return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), new_kv, top
@@ -455,8 +458,8 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
     # a bucket starts from its source's rate over all its buckets, not from PRIOR_MEAN: a confidence level
-    # seldom seen (a long match, a high head probability) would otherwise sit at 0.5 for its first steps,
-    # which at a dear verify says "do not draft" and so is never corrected (MAT 1.10 vs 1.52 fixed, pld)
+    # seldom seen (a long match, a high head probability) would otherwise start at 0.5, which on a dear
+    # verify says "do not draft", and then be tried only on probe steps
     pooled = acceptance_estimate(adapt.tried[source].sum(1), adapt.hit[source].sum(1))[:, 0]  # [B]
     p = acceptance_estimate(adapt.tried[source, bucket], adapt.hit[source, bucket], pooled)  # [B, D]
     survive = jnp.concatenate([jnp.zeros((batch, 1)), jnp.cumsum(jnp.cumprod(p, axis=1), axis=1)], axis=1)

@@ -104,8 +104,23 @@ def probs(logits: Float[Array, "... V"], cfg: SamplingConfig | Sampling) -> Floa
     return jnp.exp(process_logits(logits, cfg))
 
 
+def argmax(x: Float[Array, "... V"]) -> Int[Array, "..."]:
+    """`jnp.argmax` over the last axis (the first index of the maximum) as a max, then a min over the
+    indices that reach it: two plain reductions, which XLA:CPU vectorises, where `jnp.argmax` is one
+    reduction over (value, index) pairs that it does not (batch 8 x 49152 logits: 0.55 vs 0.90 ms)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
+
+
+def categorical(rng: jax.Array, log_weights: Float[Array, "... V"]) -> Int[Array, "..."]:
+    """`jax.random.categorical` over the last axis, the same draws (Gumbel-max with the same noise),
+    through `argmax` (batch 8 x 49152: 2.5 vs 5.8 ms, every sampled step of every method)."""
+    return argmax(log_weights + jax.random.gumbel(rng, log_weights.shape, log_weights.dtype))
+
+
 def sample(rng: jax.Array, logits: Float[Array, "... V"], cfg: SamplingConfig | Sampling) -> Int[Array, "..."]:
     """One token per leading index: the argmax when greedy (rng unused), else a draw from the processed logits."""
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, process_logits(logits, cfg), axis=-1).astype(jnp.int32)
+        return argmax(logits).astype(jnp.int32)
+    return categorical(rng, process_logits(logits, cfg)).astype(jnp.int32)

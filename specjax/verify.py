@@ -23,7 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax.config import SamplingConfig
 from specjax.drafting import Draft, TreeTemplate, at
-from specjax.sampling import process_logits
+from specjax.sampling import argmax, categorical, process_logits
 
 
 @struct.dataclass
@@ -48,7 +48,7 @@ def _residual(p: Float[Array, "B V"], q: Float[Array, "B V"]) -> Float[Array, "B
 def _draw(rng: jax.Array, weights: Float[Array, "B V"], fallback: Float[Array, "B V"]) -> Int[Array, "B"]:
     """A draw proportional to `weights`, or to `fallback` where rounding left all weights at zero."""
     empty = jnp.sum(weights, axis=-1, keepdims=True) <= 0
-    return jax.random.categorical(rng, jnp.log(jnp.where(empty, fallback, weights)), axis=-1).astype(jnp.int32)
+    return categorical(rng, jnp.log(jnp.where(empty, fallback, weights))).astype(jnp.int32)
 
 
 def _emit(accepted: Int[Array, "B K"], n: Int[Array, "B"], new: Int[Array, "B"]) -> Int[Array, "B K+1"]:
@@ -78,7 +78,7 @@ def verify_chain(
     live = jnp.arange(k)[None] < draft.num[:, None]  # real draft positions
 
     if cfg.greedy:
-        best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+        best = argmax(target_logits).astype(jnp.int32)
         ok = (draft.tokens == best[:, :k]) & live
         n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
         return VerifyResult(_emit(draft.tokens, n, at(best, n)), n.astype(jnp.int32))
@@ -134,7 +134,7 @@ def verify_tree(
     d = template.max_depth
 
     if cfg.greedy:
-        best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+        best = argmax(target_logits).astype(jnp.int32)
         parent = np.maximum(np.asarray(template.parents), 0)
         match = (valid & (tree_tokens == best[:, parent])).at[:, 0].set(True)
         accepted = match

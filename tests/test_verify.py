@@ -17,7 +17,7 @@ from scipy.stats import chisquare
 from specjax import verify
 from specjax.config import SamplingConfig
 from specjax.drafting import Draft, TreeTemplate, branching_tree
-from specjax.sampling import probs, process_logits, sample
+from specjax.sampling import argmax, categorical, probs, process_logits, sample
 from specjax.verify import verify_chain, verify_tree
 
 V, K, N = 5, 3, 40_000
@@ -121,6 +121,17 @@ def test_sample_greedy_and_top1_are_argmax():
 
 
 # ---------------------------------------------------------------- greedy chain
+
+
+def test_argmax_and_categorical_match_jax():
+    """The two-reduction argmax keeps jnp.argmax's ties (first index) and all -inf rows (index 0), and
+    `categorical` makes exactly jax.random.categorical's draws from the same key."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 300))
+    x = x.at[0, 0, 7].set(9.0).at[0, 0, 200].set(9.0).at[1, 1].set(-jnp.inf)
+    np.testing.assert_array_equal(argmax(x), jnp.argmax(x, axis=-1))
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        np.testing.assert_array_equal(categorical(key, x[2]), jax.random.categorical(key, x[2]))
 
 
 def test_greedy_chain_exact():
