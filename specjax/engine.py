@@ -565,7 +565,10 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
 
     widths = loop_widths(proposer)
     shape = dict(model=step_cost.model_key(model.config, model.params), batch=plan.batch, cache_len=plan.cache_len)
-    detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None)).encode()).hexdigest()[:16]
+    # the specjax source and the sampling mode are part of what is timed: a changed loop body, or a sampled
+    # verify (a softmax and a draw per position) where a greedy one was timed, must not meet old seconds
+    detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None, sampling_cfg.mode,
+                                programs.source_digest())).encode()).hexdigest()[:16]
     keys = {step_cost.step_key("loop", detail=f"{detail}:{'skip' if i == SKIP else f'w{widths[i]}'}", **shape): i
             for i in [SKIP, *range(len(widths))]}
 

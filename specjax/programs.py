@@ -67,7 +67,7 @@ def _folder() -> Path | None:
     return None if base is None else base / "programs"
 
 
-def _source() -> str:
+def source_digest() -> str:
     """A digest of specjax's own source: a changed program body must not meet a stale executable."""
     global _source_digest
     if _source_digest is None:
@@ -84,7 +84,7 @@ def _environment() -> str:
     dev = jax.devices()[0]
     return "|".join([jax.__version__, dev.platform, dev.device_kind, dev.client.platform_version,
                      os.environ.get("XLA_FLAGS", ""), str(jax.config.jax_enable_x64),
-                     str(jax.config.jax_default_matmul_precision), _source()])
+                     str(jax.config.jax_default_matmul_precision), source_digest()])
 
 
 def _leaf(x: Any) -> str:

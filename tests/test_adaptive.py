@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import step_cost
+from specjax import programs, step_cost
 from specjax.engine import confidence_bucket, loop_widths
 from specjax.proposers import make_proposer
 
@@ -91,6 +91,15 @@ def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, t
     monkeypatch.setattr(step_cost, "_MEMORY", {})  # a new process: read back from the file
     again = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
     assert again.stats["calibration_s"] == 0 and again.stats["step_costs_s"] == first.stats["step_costs_s"]
+    # a sampled run times its own steps (a softmax and a draw per verified position), and so does a
+    # changed specjax source: greedy seconds, or an older loop's, are not its costs
+    sampled = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384,
+                               temperature=0.7)
+    assert sampled.stats["calibration_s"] > 0
+    monkeypatch.setattr(step_cost, "_MEMORY", {})
+    monkeypatch.setattr(programs, "_source_digest", "another source")
+    changed = specjax.generate(tiny_model, [[5, 6, 7]], "pld", max_new_tokens=8, adaptive=True, max_len=384)
+    assert changed.stats["calibration_s"] > 0
 
 
 @pytest.mark.parametrize("method, opts", [("pld", {"k": 8}), ("suffix", {"branches": 2, "k": 4})],
