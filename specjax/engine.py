@@ -74,6 +74,7 @@ PROBE_EVERY = 16  # every this many steps a drafted step verifies at its best dr
 # a drafter whose propose costs at most this share of a 1-token step proposes every step: skipping it would
 # save less than one missed match costs (n-gram lookups); only costlier ones (models, heads) back off
 CHEAP_PROPOSE = 0.02
+TIE_BREAK = 1e-3  # weight of the rows' mean progress beside the slowest row's in the width decision
 
 
 def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: int) -> Int[Array, "B"]:
@@ -370,8 +371,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         adapt = s.adapt
         if adaptive:
-            draft, drafting, adapt, best, bucket = _choose_width(draft, drafting, active, want, s.adapt, costs,
-                                                                 drafter_s, widths, node_depth, proposer, s.steps)
+            draft, drafting, adapt, best, bucket = _choose_width(
+                draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
+                max_new - (s.lengths - s.prompt_lengths))
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
@@ -452,9 +454,11 @@ def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]
 
 
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
-                  step):
-    """The adaptive decision of one step (see `decode`): the width, the truncated draft, the backoff."""
+                  step, remaining: Int[Array, "B"] | None = None):
+    """The adaptive decision of one step (see `decode`): the width, the truncated draft, the backoff.
+    `remaining`: each row's tokens left in its budget (None: the same for every row)."""
     batch = draft.num.shape[0]
+    remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
     # a bucket starts from its source's rate over all its buckets, not from PRIOR_MEAN: a confidence level
@@ -469,7 +473,16 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     else:  # a tree: the root alone or the whole tree
         length = jnp.where(widths[None] > 1, reach[:, None], 0)
     expect = jnp.where(active[:, None], 1.0 + jnp.take_along_axis(survive, length, axis=1), 0.0)  # [B, W]
-    rate = expect.sum(0) / costs
+    # a batch runs until its slowest row is done, so a step is worth the progress (expected tokens over
+    # tokens left) of the row that gains least, not the sum over rows: drafting for some rows of a
+    # best-of-8 batch while another has no draft made the batch no shorter and every step dearer (0.89x
+    # `ar`). Ties (that row gains nothing at any width) go to the most progress on average: with free
+    # verification the other rows' drafts still ride along. One row: expected tokens per second.
+    left = jnp.maximum(remaining, 1).astype(jnp.float32)[:, None]
+    progress = expect / left
+    worst = jnp.min(jnp.where(active[:, None], progress, jnp.inf), axis=0)
+    worth = worst + TIE_BREAK * progress.sum(0) / jnp.maximum(jnp.sum(active), 1)  # [W]
+    rate = worth / costs
     best = jnp.argmax(rate)
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
         # every PROBE_EVERY steps, and on the first proposal after a backoff: a drafter that backs off
@@ -483,7 +496,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     best = jnp.where(want, best, 0).astype(jnp.int32)
     rows = jnp.sum(active).astype(jnp.float32)
     # a step pays when its best width, with the drafter's own cost, beats not drafting at all
-    pays = (best > 0) & (expect[:, best].sum() / (costs[best] + drafter_s) > rows / costs[0])
+    pays = (best > 0) & (worth[best] / (costs[best] + drafter_s) > worth[0] / costs[0])
     pays = pays | (drafter_s <= CHEAP_PROPOSE * costs[0])
     probing = want & after_backoff  # its backoff is settled by what the probe yields (`_settle_probe`)
     backoff = jnp.where(want & ~probing, jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF)),

@@ -168,6 +168,34 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     return int(widths[best]), int(out.num[0]), int(adapt.wait)
 
 
+def test_a_batch_drafts_only_when_its_slowest_row_gains():
+    """Two rows with the same tokens left, one drafting 8 tokens accepted at 0.9, the other with no draft:
+    the batch is no shorter for the first row's draft, so it verifies one token. Once the row without a
+    draft has only 3 tokens left (the other 100), the drafting row is the one the batch waits for, and
+    its draft is verified. With free verification the draft always rides along."""
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    adapt = init_adapt(prop, batch=2)
+    adapt = adapt.replace(tried=adapt.tried + 1000.0, hit=adapt.hit + 900.0)
+    draft = Draft(tokens=jnp.zeros((2, 8), jnp.int32), num=jnp.asarray([8, 0], jnp.int32),
+                  confidence=jnp.zeros((2,), jnp.float32))
+    on = jnp.ones((2,), bool)
+
+    def width(costs, remaining):
+        _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs),
+                                         jnp.float32(0), widths, None, prop, jnp.int32(0),
+                                         jnp.asarray(remaining, jnp.int32))
+        return int(widths[best])
+
+    dear = [1.0, 1.3, 1.5, 2.0]
+    assert width(dear, [100, 100]) == 1
+    assert width(dear, [100, 3]) == 9  # E = 6.1 tokens at 2x
+    assert width([1.0] * 4, [100, 100]) == 9
+
+
 def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
     """A drafter that has accepted 9 in 10 at one match length meets a longer match for the first time:
     that bucket starts from the source's pooled rate, so a dear verify (width 5 at 2x a 1-token step)
