@@ -198,18 +198,22 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features, rng_decode
 
 
-def verify_widths(k: int) -> tuple[int, ...]:
-    """Static forward widths the loop picks from: 1 (no draft anywhere), 2^i + 1 from 3 up, and K+1."""
-    return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(1, 8) if 2**i < k}))
+def verify_widths(k: int, narrow: bool = True) -> tuple[int, ...]:
+    """Static forward widths the loop picks from: 1 (no draft anywhere), 2^i + 1 from 5 up (from 3 when
+    `narrow`), and K+1. The adaptive loop cuts drafts to the width it chooses, and on a CPU where a
+    verify of 5 costs 2x a 1-token step two drafted tokens at width 3 (about 1.35x) pay where four do
+    not; a fixed-width loop verifies whole drafts and would rarely use it, so it does not compile it
+    (each width is one more forward in the compiled loop)."""
+    return tuple(sorted({1, k + 1} | {2**i + 1 for i in range(1 if narrow else 2, 8) if 2**i < k}))
 
 
-def loop_widths(proposer: Proposer) -> tuple[int, ...]:
+def loop_widths(proposer: Proposer, adaptive: bool = True) -> tuple[int, ...]:
     """The static verify widths of a proposer's steps: a chain's `verify_widths`, a tree's root or all."""
-    return verify_widths(proposer.width) if proposer.template is None else (1, proposer.width + 1)
+    return verify_widths(proposer.width, adaptive) if proposer.template is None else (1, proposer.width + 1)
 
 
 def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, valid: Bool[Array, "B K1"] | None,
-            cache: KVCache, longest: jax.Array, sampling_cfg: Sampling, rng: jax.Array,
+            cache: KVCache, longest: jax.Array, sampling_cfg: Sampling, rng: jax.Array, widths: tuple[int, ...],
             template: TreeTemplate | None = None, hidden_layers: tuple[int, ...] = (), topk: int = 0):
     """The target forward and the verification of a step, on just enough inputs for the longest draft.
 
@@ -225,7 +229,6 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     position's logits or None, the index of the width that ran).
     """
     k1 = inputs.shape[1]
-    widths = verify_widths(k1 - 1) if template is None else (1, k1)  # loop_widths(proposer), from the shapes
     tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
     pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
@@ -343,6 +346,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
     widths = jnp.asarray(loop_widths(proposer), jnp.int32)
+    run_widths = loop_widths(proposer, adaptive)  # what the verify switch compiles (`verify_widths`)
     node_depth = None if template is None else jnp.asarray(template.depth[1:], jnp.int32)
 
     def context(s: LoopState) -> Context:
@@ -381,8 +385,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if template is not None:
             valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & drafting[:, None]], axis=1)
         res, out_hidden, layer_hidden, cache, topk, ran = _verify(
-            params, cfg, inputs, draft, valid, s.cache, longest, sampling_cfg, r_ver, template, layers,
-            proposer.logit_topk)
+            params, cfg, inputs, draft, valid, s.cache, longest, sampling_cfg, r_ver, run_widths, template,
+            layers, proposer.logit_topk)
+        ran = jnp.asarray([loop_widths(proposer).index(w) for w in run_widths], jnp.int32)[ran]
         if template is None:
             node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
             fed = (jnp.arange(k + 1)[None] <= draft.num[:, None]) & active[:, None]

@@ -252,6 +252,7 @@ def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
 
 def test_decision_rule_on_crafted_costs_and_acceptance():
     assert loop_widths(make_proposer("pld", k=8)) == (1, 3, 5, 9)
+    assert loop_widths(make_proposer("pld", k=8), adaptive=False) == (1, 5, 9)  # whole drafts: no width 3
     # drafts that are always rejected: verify one token, and back off from a drafter costing 10% of a step
     width, num, wait = _decide([1.0, 1.3, 1.5, 2.0], hit_rate=0.0, drafter_s=0.1)
     assert (width, num) == (1, 0) and wait >= 1
