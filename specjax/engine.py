@@ -257,8 +257,10 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                            last_node=jnp.zeros_like(res.num_accepted))
             # (the barrier on top-k's output: lookahead's window update ran 200 instead of 80 ms a step)
             top = pad(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
-            # every layer's new keys and values in one array, padded once: [B, K+1, 2 * layers, KV, hd]
-            new_kv = pad(jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv], axis=2))
+            # every layer's new keys and values in one array, padded once: [2 * layers, B, K+1, KV, hd], each
+            # layer's block contiguous for its write (stacked on axis 2 the writes began with a layout copy)
+            new_kv = jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv])
+            new_kv = jnp.pad(new_kv, ((0, 0), (0, 0), (0, k1 - width), (0, 0), (0, 0)))
             return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), new_kv, top
         return run
 
@@ -269,8 +271,8 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                                             draft, valid, rng)
     slots = cache.lengths[:, None] + jnp.arange(k1)[None]
     n = len(cache.k)
-    cache = cache.replace(k=tuple(kv.write(c, new_kv[:, :, i], slots) for i, c in enumerate(cache.k)),
-                          v=tuple(kv.write(c, new_kv[:, :, n + i], slots) for i, c in enumerate(cache.v)))
+    cache = cache.replace(k=tuple(kv.write(c, new_kv[i], slots) for i, c in enumerate(cache.k)),
+                          v=tuple(kv.write(c, new_kv[n + i], slots) for i, c in enumerate(cache.v)))
     return res, hidden, layer_hidden, cache, top, index
 
 
@@ -426,7 +428,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             ].add(active.astype(jnp.int32)),
             adapt=adapt if not adaptive else _settle_probe(
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth),
-                jnp.sum(num_new).astype(jnp.float32), jnp.sum(active).astype(jnp.float32), best, costs, drafter_s),
+                num_new.astype(jnp.float32), active, budget, best, costs, drafter_s),
         )
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
         if proposer.logit_topk:
@@ -478,23 +480,18 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     else:  # a tree: the root alone or the whole tree
         length = jnp.where(widths[None] > 1, reach[:, None], 0)
     expect = jnp.where(active[:, None], 1.0 + jnp.take_along_axis(survive, length, axis=1), 0.0)  # [B, W]
-    # a batch runs until its slowest row is done, so a step is worth the progress (expected tokens over
-    # tokens left) of the row that gains least, not the sum over rows: drafting for some rows of a
-    # best-of-8 batch while another has no draft made the batch no shorter and every step dearer (0.89x
-    # `ar`). Ties (that row gains nothing at any width) go to the most progress on average: with free
-    # verification the other rows' drafts still ride along. One row: expected tokens per second.
-    left = jnp.maximum(remaining, 1).astype(jnp.float32)[:, None]
-    progress = expect / left
-    worst = jnp.min(jnp.where(active[:, None], progress, jnp.inf), axis=0)
-    worth = worst + TIE_BREAK * progress.sum(0) / jnp.maximum(jnp.sum(active), 1)  # [W]
+    worth = _batch_worth(expect, active, remaining)  # [W]: the progress of the row the batch waits for
     rate = worth / costs
     best = jnp.argmax(rate)
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
         # every PROBE_EVERY steps, and on the first proposal after a backoff: a drafter that backs off
         # proposes only after waiting, and an estimate that says "no draft" then would never be tested
-        # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62)
-        after_backoff = (adapt.backoff > 1) & jnp.any(reach > 0)
-        probe = (step % PROBE_EVERY == PROBE_EVERY - 1) & jnp.any(reach > 0) | after_backoff
+        # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
+        # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
+        best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
+        gain = jnp.max(best_case[1:]) > _batch_worth(expect[:, :1], active, remaining, tie_break=0.0)[0]
+        after_backoff = (adapt.backoff > 1) & gain
+        probe = (step % PROBE_EVERY == PROBE_EVERY - 1) & gain | after_backoff
         best = jnp.where(probe, 1 + jnp.argmax(rate[1:]), best)
     else:
         after_backoff = jnp.zeros((), bool)
@@ -521,16 +518,33 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     return draft, drafting, adapt, best, bucket
 
 
-def _settle_probe(adapt: Adapt, tokens: Float[Array, ""], rows: Float[Array, ""], best: Int[Array, ""], costs,
-                  drafter_s) -> Adapt:
-    """After a probe that followed a backoff: proposing resumes at once if the probe's realised tokens per
-    second (drafting cost included) beat 1-token steps, else the backoff doubles. The estimate before
-    the probe cannot decide this: it is the estimate the probe is there to test."""
-    paid = tokens / (costs[best] + drafter_s) > rows / costs[0]
+def _settle_probe(adapt: Adapt, tokens: Float[Array, "B"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
+                  best: Int[Array, ""], costs, drafter_s) -> Adapt:
+    """After a probe that followed a backoff: proposing resumes at once if the probe's realised progress
+    per second (drafting cost included, `_batch_worth` as in the width decision) beat 1-token steps, else
+    the backoff doubles. The estimate before the probe cannot decide this: it is the estimate the probe
+    is there to test."""
+    realised = _batch_worth(tokens[:, None], active, remaining)[0]
+    single = _batch_worth(active[:, None].astype(jnp.float32), active, remaining)[0]
+    paid = realised / (costs[best] + drafter_s) > single / costs[0]
     backoff = jnp.where(paid, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF))
     return adapt.replace(backoff=jnp.where(adapt.probing, backoff, adapt.backoff),
                          wait=jnp.where(adapt.probing & ~paid, backoff, adapt.wait),
                          probing=jnp.zeros((), bool))
+
+
+def _batch_worth(tokens: Float[Array, "B W"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
+                 tie_break: float = TIE_BREAK) -> Float[Array, "W"]:
+    """What a step of each width is worth to a batch, from each row's (expected) tokens: a static batch
+    runs until its slowest row is done, so the progress (tokens over tokens left) of the row that gains
+    least, not the sum over rows: drafting for some rows of a best-of-8 batch while another had no draft
+    made the batch no shorter and every step dearer (0.89x `ar`). Ties (that row gains nothing at any
+    width) go to the most progress on average: with free verification the other rows' drafts still ride
+    along. One row: its expected tokens, up to a constant."""
+    progress = tokens / jnp.maximum(remaining, 1).astype(jnp.float32)[:, None]
+    worst = jnp.min(jnp.where(active[:, None], progress, jnp.inf), axis=0)
+    mean = jnp.sum(jnp.where(active[:, None], progress, 0.0), axis=0) / jnp.maximum(jnp.sum(active), 1)
+    return jnp.where(jnp.any(active), worst, 0.0) + tie_break * mean
 
 
 def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth) -> Adapt:

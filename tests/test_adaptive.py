@@ -279,12 +279,42 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, 
     from specjax.engine import _settle_probe, init_adapt
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True))
-    out = _settle_probe(adapt, jnp.float32(tokens), jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]),
-                        jnp.float32(0.1))
+    settle = lambda a, got, left=(100,): _settle_probe(
+        a, jnp.asarray(got, jnp.float32), jnp.ones((len(got),), bool), jnp.asarray(left, jnp.int32), jnp.int32(1),
+        jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.1))
+    out = settle(adapt, [tokens])
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
-    idle = _settle_probe(adapt.replace(probing=jnp.asarray(False), wait=jnp.int32(3)), jnp.float32(tokens),
-                         jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.1))
+    idle = settle(adapt.replace(probing=jnp.asarray(False), wait=jnp.int32(3)), [tokens])
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
+    # a batch is judged by the row it waits for, as the width decision judges it: 3 tokens on a row with
+    # 10 left do not pay for a row with 100 left that got 1 (summed over rows, 4 tokens at 1.6x would)
+    assert int(settle(adapt, [3.0, 1.0], [10, 100]).backoff) == 8
+    assert int(settle(adapt, [1.0, 3.0], [10, 100]).backoff) == 1
+
+
+def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
+    """The periodic probe verifies a draft the estimate would not: worth it to keep learning, but not in a
+    batch where the row with the most tokens left has no draft, since no outcome could shorten the batch.
+    Once that row drafts too, the probe runs."""
+    from specjax.drafting import Draft
+    from specjax.engine import PROBE_EVERY, _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    adapt = init_adapt(prop, batch=2)
+    on = jnp.ones((2,), bool)
+
+    def width(num, remaining):
+        draft = Draft(tokens=jnp.zeros((2, 8), jnp.int32), num=jnp.asarray(num, jnp.int32),
+                      confidence=jnp.zeros((2,), jnp.float32))
+        _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 2.0, 2.5, 3.0]),
+                                         jnp.float32(0), widths, None, prop, jnp.int32(PROBE_EVERY - 1),
+                                         jnp.asarray(remaining, jnp.int32))
+        return int(widths[best])
+
+    assert width([8, 0], [10, 100]) == 1
+    assert width([8, 8], [10, 100]) == 3
+    assert width([0, 8], [10, 100]) == 3  # the row the batch waits for drafts: a probe could pay
 
 
 def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_model, monkeypatch):
