@@ -5,7 +5,8 @@
 
 Each cell loads its questions once and runs `ar`, then every method twice (`adaptive=True`, the default,
 and `adaptive=False`, the methods' fixed widths) through `eval.tts.run_method` (warm-up included, as
-eval.tts does), and prints speedups over `ar` of the same run, with the multi-round cell's rounds apart.
+eval.tts does), and prints speedups over `ar` of the same run, with the multi-round cell's rounds apart;
+`ar` runs again after the methods, and its drift says how far the machine's speed moved meanwhile.
 Cells: single paradigm on `arith` and on SpecTTS-Bench, multi_round (2 rounds) on SpecTTS-Bench,
 best_of_n (N=8, T=0.7) on `arith`. The header names the machine; figures hold for that machine only.
 """
@@ -82,9 +83,24 @@ def main(argv: list[str] | None = None) -> int:
                          **{f"{m}_speedup": ratio[m] for m in ratio},
                          **{f"{m}_summary": got[m] for m in got}})
             if args.out:  # after every method: a run killed later keeps what it measured
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+                _write(args.out, rows)
+        # `ar` again after the methods: a machine whose speed drifted during the cell (a busy neighbour)
+        # shows here, and its ratios above are off by about that much
+        end, _, _ = run_method(model, questions, "ar", run_args)
+        drift = end["tokens_per_s"] / base["tokens_per_s"] - 1
+        print(f"ar again after the methods: {end['tokens_per_s']:.1f} tok/s ({drift:+.1%} against the first run)",
+              flush=True)
+        for row in rows:
+            if row["cell"] == cell:
+                row["ar_end_tokens_per_s"] = end["tokens_per_s"]
+        if args.out:
+            _write(args.out, rows)
     return 0
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
