@@ -8,6 +8,11 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# most of the suite's time is XLA:CPU compiling small programs once each; LLVM's -O0 compiles a tiny
+# model's decode loop about 3x faster, and the matmuls it barely runs are library calls either way. The
+# HLO passes (fusion, copy insertion) and the arithmetic are the same; only the code is less optimised.
+# Before any backend starts, and inherited by the processes tests start (notebook kernels, 8 devices).
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 FAMILIES = ("llama", "llama3", "smollm2", "mistral", "qwen2", "qwen3")
 

@@ -104,6 +104,8 @@ def test_multi_token_decode_and_rollback(tiny_model):
 
 
 def test_mixed_prompt_lengths_match_single_rows(tiny_model):
+    # (5e-5: the suite compiles at LLVM -O0, tests/conftest.py, whose arithmetic differs in the last bits;
+    # a masking error would move the logits by tenths)
     rng = np.random.default_rng(3)
     a, b = rng.integers(3, 64, size=17), rng.integers(3, 64, size=9)
     batch = np.zeros((2, 17), np.int64)
@@ -111,16 +113,16 @@ def test_mixed_prompt_lengths_match_single_rows(tiny_model):
     cfg, params = tiny_model.config, tiny_model.params
     out = transformer.forward(params, cfg, jnp.asarray(batch), KVCache.init(cfg, 2, 64),
                               logit_positions=jnp.array([[16], [8]]))
-    np.testing.assert_allclose(np.asarray(out.logits[0, 0]), tiny_model.logits(a[None])[0, -1], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.logits[1, 0]), tiny_model.logits(b[None])[0, -1], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.logits[0, 0]), tiny_model.logits(a[None])[0, -1], atol=5e-5)
+    np.testing.assert_allclose(np.asarray(out.logits[1, 0]), tiny_model.logits(b[None])[0, -1], atol=5e-5)
     # decode one more token per row at different positions
     cache = out.cache.with_lengths(jnp.array([17, 9]))
     nxt = np.array([[11], [12]])
     out2 = transformer.forward(params, cfg, jnp.asarray(nxt), cache)
     ref_a = tiny_model.logits(np.concatenate([a, [11]])[None])[0, -1]
     ref_b = tiny_model.logits(np.concatenate([b, [12]])[None])[0, -1]
-    np.testing.assert_allclose(np.asarray(out2.logits[0, 0]), ref_a, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out2.logits[1, 0]), ref_b, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out2.logits[0, 0]), ref_a, atol=5e-5)
+    np.testing.assert_allclose(np.asarray(out2.logits[1, 0]), ref_b, atol=5e-5)
 
 
 def test_tree_mask_matches_separate_chains(tiny_model):

@@ -38,7 +38,8 @@ def test_mesh_rules_and_tokens_on_8_devices(tmp_path):
         model.lm_head.weight.mul_(5.0)
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     save_tiny_moe("qwen3_moe", tmp_path / "moe")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
     script = Path(__file__).parent / "helpers" / "sharded_generate.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "head"),
                            str(tmp_path / "moe")], env=env,
