@@ -98,17 +98,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # loop, the default for users, has its own tests (test_adaptive.py), which pass adaptive=True
 os.environ["SPECJAX_ADAPTIVE"] = "0"
 
-# the files that run for minutes (a fresh process with 8 host devices, notebook kernels) go first: the
-# suite runs on two workers a file at a time (pyproject's addopts), and one of them started last ran
-# alone for its whole length while the other worker sat idle
-FIRST = ("test_sharding.py", "test_notebooks.py", "test_moesd.py", "test_distributed.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def tiny_chat_checkpoint(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer and chat template, saved as an HF folder.
