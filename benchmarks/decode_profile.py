@@ -1,6 +1,6 @@
 """Where a plain decode step's time goes: a `jax.profiler` trace of the real decode loop, per op group.
 
-`python -m benchmarks.decode_profile [--batch 1] [--new-tokens 128] [--method ar]`
+`python -m benchmarks.decode_profile [--batch 1] [--new-tokens 128] [--method ar] [--temperature 0] [--top 0]`
 
 Runs `specjax.generate` on the default model (float32, `eos_token_ids=()` so every step runs) once to
 compile and once under `jax.profiler.trace` with XLA:CPU's per-op trace events on
@@ -8,7 +8,8 @@ compile and once under `jax.profiler.trace` with XLA:CPU's per-op trace events o
 step. Ops are named after the compiled decode loop's HLO (read from the same program), grouped by what
 they compute: the matmuls by their output width (q/k/v, attention output and MLP down, gate/up, LM
 head), attention over the cache, the cache write, whole-buffer copies, the rest. Profiling slows a step
-by a few percent; the split, not the total, is the figure to read.
+by a few percent; the split, not the total, is the figure to read. `--temperature` profiles the sampled
+loop (the verify's rejection sampling), `--top N` lists the N costliest ops by name after the groups.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--method", default="ar")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top", type=int, default=0, help="also list the N costliest ops by name")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = specjax.load(MODEL)
     prompts = [PROMPT] * args.batch
-    run = lambda: specjax.generate(model, prompts, args.method, max_new_tokens=args.new_tokens, eos_token_ids=())
+    run = lambda: specjax.generate(model, prompts, args.method, max_new_tokens=args.new_tokens, eos_token_ids=(),
+                                       temperature=args.temperature)
     with programs.capture(engine.decode) as seen:
         run()
     cache_shape = tuple(seen["args"][1].cache.k[0].shape)
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = op_shapes(seen["hlo"])
     steps = out.stats["decode_steps"]
     groups: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    per_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         name = e.get("name", "")
         if e.get("ph") != "X" or name.startswith(("$", "end:")) or "Thunk" in name or "Pjit" in name or "PjRt" in name:
@@ -91,15 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         g = groups[group_of(name, shape, opcode, model.config, cache_shape)]
         g[0] += e.get("dur", 0) / 1e3
         g[1] += 1
+        per_op[name][0] += e.get("dur", 0) / 1e3
+        per_op[name][1] += 1
     total = sum(g[0] for g in groups.values())
     wall_ms = 1e3 * out.stats["decode_s"] / steps
-    print(f"{MODEL} float32, batch {args.batch}, method {args.method}, cache {cache_shape} "
-          f"(B, KV heads, slots, head dim), jax {jax.__version__}; XLA flags in force: {xla_flags.in_force}")
+    print(f"{MODEL} float32, batch {args.batch}, method {args.method}, temperature {args.temperature}, "
+          f"cache {cache_shape} (B, KV heads, slots, head dim), jax {jax.__version__}; "
+          f"XLA flags in force: {xla_flags.in_force}")
     print(f"{steps} decode steps, {wall_ms:.2f} ms per step under the profiler "
           f"({out.stats['decode_tokens_per_s']:.1f} tok/s); traced ops sum to {total / steps:.2f} ms per step\n")
     print(f"{'op group':<62}{'ms/step':>9}{'ops/step':>10}{'share':>8}")
     for key, (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         print(f"{key:<62}{ms / steps:>9.2f}{count / steps:>10.1f}{ms / total:>8.1%}")
+    if args.top:
+        print(f"\n{'op (HLO name, result shape)':<62}{'ms/step':>9}{'ops/step':>10}{'share':>8}")
+        for name, (ms, count) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            label = f"{name} {shapes.get(name, ('', ''))[0]}"[:61]
+            print(f"{label:<62}{ms / steps:>9.2f}{count / steps:>10.1f}{ms / total:>8.1%}")
     return 0
 
 

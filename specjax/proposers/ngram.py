@@ -36,12 +36,16 @@ from specjax.proposers.base import Proposer, option, register
 
 
 def _match_lengths(
-    query: Int[Array, "B S"], qlen: Int[Array, "B"], src: Int[Array, "B R W"], max_match: int
+    query: Int[Array, "B S"], qlen: Int[Array, "B"], src: Int[Array, "B R W"], candidate: Bool[Array, "B R W"],
+    max_match: int,
 ) -> Int[Array, "B R W"]:
-    """m[b, r, i]: how many tokens right before src[b, r, i] equal the last tokens of query row b.
+    """m[b, r, i]: how many tokens right before src[b, r, i] equal the last tokens of query row b, for
+    each candidate (0 elsewhere).
 
     Extends every candidate one token further back per pass and stops when none still matches, so
     the usual short matches cost a few passes over [B, R, W], never a [B, R, W, max_match] tensor.
+    Only candidates start alive: the position right after a row's own end matches that row's suffix
+    trivially, and would keep every step at max_match passes.
     """
     pos = jnp.arange(src.shape[-1])
 
@@ -57,7 +61,7 @@ def _match_lengths(
         alive = alive & (pos > d) & (q_idx >= 0)[:, None, None] & (before == q_tok[:, None, None])
         return d + 1, alive, m + alive
 
-    init = (jnp.int32(0), jnp.ones(src.shape, bool), jnp.zeros(src.shape, jnp.int32))
+    init = (jnp.int32(0), candidate, jnp.zeros(src.shape, jnp.int32))
     return jax.lax.while_loop(still_matching, one_further_back, init)[2]
 
 
@@ -83,9 +87,10 @@ def _suffix_draft(
     """
     batch, _, width = src.shape
     tokens = ctx.tokens.astype(jnp.int32)
-    m = _match_lengths(tokens, ctx.lengths, src, max_match)
     pos = jnp.arange(width)
-    valid = ok[..., None] & (m >= min_match) & (pos < src_len[..., None])
+    candidate = ok[..., None] & (pos < src_len[..., None])
+    m = _match_lengths(tokens, ctx.lengths, src, candidate, max_match)
+    valid = candidate & (m >= min_match)
     score = m * (2 * width) + own[..., None] * width + pos  # lexicographic: length, own row, recency
     score = jnp.where(valid, score, -1).reshape(batch, -1)
     first_token = src.reshape(batch, -1)
