@@ -579,6 +579,7 @@ class _DeviceRun:
 CALIBRATION_STEPS = 4  # decode steps per timed run of the calibration
 CALIBRATION_REPEATS = 3  # timed rounds (after one untimed) of every width
 SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
+PROPOSE = -2  # not a configuration: the seconds one `propose` adds to a step (width 1 with it, less SKIP)
 
 
 def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig,
@@ -601,8 +602,8 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     # verify (a softmax and a draw per position) where a greedy one was timed, must not meet old seconds
     detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None, sampling_cfg.mode,
                                 programs.source_digest())).encode()).hexdigest()[:16]
-    keys = {step_cost.step_key("loop", detail=f"{detail}:{'skip' if i == SKIP else f'w{widths[i]}'}", **shape): i
-            for i in [SKIP, *range(len(widths))]}
+    names = {SKIP: "skip", PROPOSE: "propose", **{i: f"w{w}" for i, w in enumerate(widths)}}
+    keys = {step_cost.step_key("loop", detail=f"{detail}:{name}", **shape): i for i, name in names.items()}
 
     def measure(_: list[str]) -> dict[str, float]:
         programs.settle()  # a load's prefetch still running would inflate the first timings
@@ -611,14 +612,13 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
             prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
             tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups])
         if dummy is None:  # no room in the cache to measure: every width costs the same
-            return {k: 1.0 for k in keys}
+            return {k: 0.0 if i == PROPOSE else 1.0 for k, i in keys.items()}
         seconds = _run(model, dummy, proposer, weights, sampling_cfg, 0, eos_ids, None, None, 32, speculate_max_rows,
                        adaptive=True, warm_up="measure")
         return {k: seconds[i][0] for k, i in keys.items()}
 
     measured, spent = step_cost.cached_seconds(list(keys), measure)
-    skip, chosen = measured[0], np.asarray(measured[1:])
-    drafter = max(chosen[0] - skip, 0.0)  # width 1 with a proposal vs without one
+    skip, drafter, chosen = measured[0], max(measured[1], 0.0), np.asarray(measured[2:])
     costs = np.maximum(chosen - drafter, 1e-9)
     costs[0] = skip
     return costs.astype(np.float32), np.float32(drafter), spent
@@ -633,7 +633,10 @@ def _copy(state: LoopState) -> LoopState:
 def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> dict[int, tuple[float, list, int]]:
     """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
     with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
-    steps proposed: what the timing really measured."""
+    steps proposed: what the timing really measured. `PROPOSE`: the median over rounds of width 1's
+    seconds less SKIP's of the same round. The difference of two separately taken quartiles was noise
+    for a drafter that costs a fifth of a step (EAGLE at batch 8: 2 ms, where a round's own difference
+    said 21), and a drafter that looks free proposes every step."""
     from specjax import step_cost
 
     n = len(widths)
@@ -654,13 +657,15 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> di
         return go
 
     configs = [SKIP, *range(n)]
-    seconds = step_cost.interleaved_seconds({i: timed(i) for i in configs}, repeats=CALIBRATION_REPEATS,
-                                            inputs={i: partial(fresh, i) for i in configs})
-    out = {}
+    times = step_cost.interleaved_times({i: timed(i) for i in configs}, repeats=CALIBRATION_REPEATS,
+                                        inputs={i: partial(fresh, i) for i in configs})
+    out, per_step = {}, {}
     for i in configs:
         adapt, verified = jax.device_get((copies[i].adapt, copies[i].verify_hist))
         steps = max(int(copies[i].steps) - int(state.steps), 1)
-        out[i] = (seconds[i] / steps, (verified - before).tolist(), int(adapt.drafted_steps))
+        per_step[i] = np.asarray(times[i]) / steps
+        out[i] = (float(np.percentile(per_step[i], 25)), (verified - before).tolist(), int(adapt.drafted_steps))
+    out[PROPOSE] = (float(np.median(per_step[0] - per_step[SKIP])), [], 0)
     return out
 
 

@@ -96,6 +96,14 @@ def interleaved_seconds(runs: dict[Any, Callable[..., Any]], repeats: int = REPE
     whichever was being timed (one such burst made a 9-token verify look 1.75x a 1-token step where the
     loop itself paid 1.4x, and the adaptive loop drafted too little). `inputs[k]()`, untimed, makes a
     fresh input for each run of `runs[k]` (for runs that consume theirs: a donated loop state)."""
+    times = interleaved_times(runs, repeats, inputs)
+    return {k: float(np.percentile(v, percentile)) for k, v in times.items()}
+
+
+def interleaved_times(runs: dict[Any, Callable[..., Any]], repeats: int = REPEATS,
+                      inputs: dict[Any, Callable[[], Any]] | None = None) -> dict[Any, list[float]]:
+    """Every round's seconds of each run (see `interleaved_seconds`), in round order: two runs' times of
+    one round were taken back to back, so their difference is free of the machine's slower drifts."""
     def args(k: Any) -> tuple:  # made (and finished) before the clock starts
         return () if inputs is None else (jax.block_until_ready(inputs[k]()),)
 
@@ -108,7 +116,7 @@ def interleaved_seconds(runs: dict[Any, Callable[..., Any]], repeats: int = REPE
             t0 = time.perf_counter()
             jax.block_until_ready(run(*given))
             times[k].append(time.perf_counter() - t0)
-    return {k: float(np.percentile(v, percentile)) for k, v in times.items()}
+    return times
 
 
 def cached_seconds(keys: Sequence[str], measure: Callable[[list[str]], dict[str, float]]

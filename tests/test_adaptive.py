@@ -117,12 +117,40 @@ def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
                                  cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
     timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
                         adaptive=True, warm_up="measure")
-    assert sorted(timed) == [engine.SKIP, *range(len(widths))]
+    assert sorted(timed) == [engine.PROPOSE, engine.SKIP, *range(len(widths))]
+    del timed[engine.PROPOSE]
     for i, (seconds, verified, drafted) in timed.items():
         assert seconds > 0 and len(verified) == len(widths)
         ran = 0 if i == engine.SKIP else i
         assert verified[ran] == engine.CALIBRATION_STEPS and sum(verified) == verified[ran]
         assert drafted == (0 if i == engine.SKIP else engine.CALIBRATION_STEPS)
+
+
+def test_the_drafter_cost_is_the_median_of_paired_rounds(tiny_model, monkeypatch):
+    """A burst of other work in one round lands on both runs of that round: the drafter's cost is
+    width 1's time less the skipping run's time of the same round (median over rounds), not the
+    difference of two separately taken quartiles (here 0: a drafter that looks free proposes every step)."""
+    from specjax import engine, step_cost, warm_start
+    from specjax.config import SamplingConfig
+    from specjax.plan import bind_proposer
+
+    real = step_cost.interleaved_times
+    rounds = {engine.SKIP: [0.40, 0.80, 0.90], 0: [0.80, 0.84, 0.40]}  # seconds of CALIBRATION_STEPS steps
+
+    def crafted(runs, repeats, inputs=None):
+        times = real(runs, repeats, inputs)  # the real runs fill the loop states the timing reads
+        return {k: rounds.get(k, [1.0] * repeats) for k in times}
+
+    monkeypatch.setattr(step_cost, "interleaved_times", crafted)
+    proposer, weights = bind_proposer(tiny_model, "pld", SamplingConfig(), k=4)
+    widths = engine.loop_widths(proposer)
+    plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=1, prompt_bucket=64,
+                                 cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
+    timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
+                        adaptive=True, warm_up="measure")
+    steps = engine.CALIBRATION_STEPS
+    assert timed[engine.PROPOSE][0] == pytest.approx(0.04 / steps)  # differences 0.40, 0.04, -0.50
+    assert timed[0][0] == pytest.approx(timed[engine.SKIP][0])  # the quartiles alone: no cost at all
 
 
 def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):
