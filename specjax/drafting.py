@@ -49,6 +49,9 @@ class Context:
     # the call's traced `sampling.Sampling`: a drafter whose q must match the target's processing reads
     # temperature / top-k / top-p here (it is bound to the static `SamplingMode` only)
     sampling: Any = None
+    # at update: whether the next step calls `propose` (False while an adaptive loop backs off or a wide
+    # batch is gated; None: always). A proposer whose update only serves `propose` may put it off then
+    proposes_next: Bool[Array, ""] | None = None
 
 
 @struct.dataclass

@@ -359,15 +359,18 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         room_left = jnp.max(jnp.where(s.done, 0, s.lengths)) + k < s.tokens.shape[1]
         return budget_left & jnp.any(~s.done) & room_left
 
+    def will_propose(s: LoopState) -> Bool[Array, ""]:
+        """Not in a wide batch (speculate_max_rows), nor while an adaptive loop backs off: no draft, no
+        drafting cost."""
+        want = jnp.ones((), bool) if not gated else jnp.sum(~s.done) <= speculate_max_rows
+        return want & (s.adapt.wait <= 0) if adaptive else want
+
     def body(s: LoopState) -> LoopState:
         rng, r_prop, r_ver = jax.random.split(s.rng, 3)
         ctx = context(s)
         active = ~s.done
         propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
-        # a wide batch (speculate_max_rows), or an adaptive loop backing off: no draft, no drafting cost
-        want = jnp.ones((), bool) if not gated else jnp.sum(active) <= speculate_max_rows
-        if adaptive:
-            want = want & (s.adapt.wait <= 0)
+        want = will_propose(s)
         if not gated and not adaptive:
             pstate, draft = propose()
         else:
@@ -430,7 +433,8 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth),
                 jnp.sum(num_new).astype(jnp.float32), jnp.sum(active).astype(jnp.float32), best, costs, drafter_s),
         )
-        ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1)
+        ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1,
+                                       proposes_next=will_propose(new) if gated or adaptive else None)
         if proposer.logit_topk:
             ctx_new = ctx_new.replace(verified=inputs, verified_topk=topk, verified_valid=fed)
         return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
