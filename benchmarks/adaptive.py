@@ -6,7 +6,9 @@
 Each cell loads its questions once and runs `ar`, then every method twice (`adaptive=True`, the default,
 and `adaptive=False`, the methods' fixed widths) through `eval.tts.run_method` (warm-up included, as
 eval.tts does), and prints speedups over `ar` of the same run, with the multi-round cell's rounds apart;
-`ar` runs again after the methods, and its drift says how far the machine's speed moved meanwhile.
+`ar` runs again after every method, and each method's speedups are against the mean of the two `ar`
+runs around it (a machine whose speed drifts during the cell moves both alike); the cell's `ar` drift
+says how far the machine's speed moved.
 Cells: single paradigm on `arith` and on SpecTTS-Bench, multi_round (2 rounds) on SpecTTS-Bench,
 best_of_n (N=8, T=0.7) on `arith`. The header names the machine; figures hold for that machine only.
 """
@@ -63,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                              "--n", str(spec.get("n", 8)), "--rounds", "2", "--limit", str(limit)])
         questions = load_dataset(spec["dataset"], limit=limit)
         base, _, _ = run_method(model, questions, "ar", run_args)
+        first = base
         print(f"\n{cell} ({len(questions)} questions): ar {base['tokens_per_s']:.1f} tok/s "
               "(rounds: " + " / ".join(f"{r['tokens_per_s']:.1f}" for r in base["per_round"]) + ")", flush=True)
-        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'MAT ad/fx':>12}   per round (adaptive / fixed)")
+        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'MAT ad/fx':>12}   ar before/after   "
+              "per round (adaptive / fixed)")
         for method in methods:
             got = {}
             for mode in ("adaptive", "fixed"):
@@ -73,28 +77,28 @@ def main(argv: list[str] | None = None) -> int:
                 got[mode], _, _ = run_method(model, questions, method, run_args)
             run_args.no_adaptive = False
             programs.free_all()  # one process compiling every method twice ran out of code mappings
-            ratio = {m: got[m]["tokens_per_s"] / base["tokens_per_s"] for m in got}
-            rounds = [f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}/{f['tokens_per_s'] / b['tokens_per_s']:.2f}"
-                      for a, f, b in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], base["per_round"])]
+            # `ar` again after every method, and each method against the mean of the two `ar` runs around
+            # it: a machine whose speed drifts during the cell (a busy neighbour) moves both alike
+            after, _, _ = run_method(model, questions, "ar", run_args)
+            ref = (base["tokens_per_s"] + after["tokens_per_s"]) / 2
+            ref_rounds = [(x["tokens_per_s"] + y["tokens_per_s"]) / 2
+                          for x, y in zip(base["per_round"], after["per_round"])]
+            ratio = {m: got[m]["tokens_per_s"] / ref for m in got}
+            rounds = [f"{a['tokens_per_s'] / r:.2f}/{f['tokens_per_s'] / r:.2f}"
+                      for a, f, r in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], ref_rounds)]
             print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
                   f"{got['adaptive']['mean_accepted_tokens']:>6.2f}/{got['fixed']['mean_accepted_tokens']:.2f}"
-                  f"   {'  '.join(rounds)}", flush=True)
-            rows.append({"cell": cell, "method": method, "ar_tokens_per_s": base["tokens_per_s"],
+                  f"   {base['tokens_per_s']:>6.1f}/{after['tokens_per_s']:<6.1f}    {'  '.join(rounds)}", flush=True)
+            rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ref,
+                         "ar_before_tokens_per_s": base["tokens_per_s"], "ar_after_tokens_per_s": after["tokens_per_s"],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
                          **{f"{m}_summary": got[m] for m in got}})
             if args.out:  # after every method: a run killed later keeps what it measured
                 _write(args.out, rows)
-        # `ar` again after the methods: a machine whose speed drifted during the cell (a busy neighbour)
-        # shows here, and its ratios above are off by about that much
-        end, _, _ = run_method(model, questions, "ar", run_args)
-        drift = end["tokens_per_s"] / base["tokens_per_s"] - 1
-        print(f"ar again after the methods: {end['tokens_per_s']:.1f} tok/s ({drift:+.1%} against the first run)",
+            base = after
+        drift = base["tokens_per_s"] / first["tokens_per_s"] - 1
+        print(f"ar drift over the cell: {first['tokens_per_s']:.1f} -> {base['tokens_per_s']:.1f} tok/s ({drift:+.1%})",
               flush=True)
-        for row in rows:
-            if row["cell"] == cell:
-                row["ar_end_tokens_per_s"] = end["tokens_per_s"]
-        if args.out:
-            _write(args.out, rows)
     return 0
 
 
