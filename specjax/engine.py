@@ -639,8 +639,8 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> di
     with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
     steps proposed: what the timing really measured. `PROPOSE`: the median over rounds of width 1's
     seconds less SKIP's of the same round. The difference of two separately taken quartiles was noise
-    for a drafter that costs a fifth of a step (EAGLE at batch 8: 2 ms, where a round's own difference
-    said 21), and a drafter that looks free proposes every step."""
+    for a drafter that costs a fifth of a step (EAGLE at batch 8: 2 ms in one calibration, 21 in the
+    next, where paired rounds gave 37), and a drafter that looks free proposes every step."""
     from specjax import step_cost
 
     n = len(widths)
