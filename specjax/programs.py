@@ -135,7 +135,10 @@ def _read(key: str) -> Any | None:
 
     try:
         blob, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
-        return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+        # onto the one device it was compiled for: the default, all local devices, would make a host
+        # with several (GPUs, forced host devices) reject the call ("expected args to have N shards")
+        return serialize_executable.deserialize_and_load(blob, in_tree, out_tree,
+                                                         execution_devices=jax.devices()[:1])
     except Exception:  # another jaxlib, a torn write: compile again and replace it
         path.unlink(missing_ok=True)
         return None

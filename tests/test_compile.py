@@ -186,3 +186,27 @@ def test_a_damaged_stored_program_is_compiled_again(tmp_path, monkeypatch):
     # compiled again (XLA's own cache may answer; then the store does not keep it): never the damaged file
     assert programs.counts()["compiled"] == before + 1
     assert not stored.is_file() or stored.read_bytes() != b"not a program"
+
+
+_SEVERAL_DEVICES = textwrap.dedent("""
+    import jax
+    from specjax import programs
+    assert len(jax.devices()) == 2
+    fn = jax.jit(lambda x, *, k: x * k, static_argnames=("k",))
+    args = (jax.numpy.arange(3.0),)
+    first = programs.call(fn, args, {"k": 2}).tolist()
+    programs.clear()
+    again = programs.call(fn, args, {"k": 2}).tolist()
+    print("STORE", programs.counts()["from_disk"], first == again == [0.0, 2.0, 4.0])
+""")
+
+
+def test_a_stored_program_runs_on_a_host_with_several_devices(tmp_path):
+    """A program read back from the store runs on the one device it was compiled for, not on every
+    local device (a machine with several GPUs, or forced host devices, would reject the call)."""
+    env = {**os.environ, "SPECJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
+    run = subprocess.run([sys.executable, "-c", _SEVERAL_DEVICES], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("STORE")[-1].split() == ["1", "True"]
