@@ -57,23 +57,28 @@ class Adapt:
     tried: Float[Array, "S C D"]  # C = 2 * NUM_BUCKETS: the confidence bucket, after a streak or not
     hit: Float[Array, "S C D"]
     streak: Int[Array, "B"]  # 1 where the row's last drafted step accepted its whole draft
-    backoff: Int[Array, ""]  # steps to wait after the next step that does not pay (doubles up to MAX_BACKOFF)
+    backoff: Int[Array, ""]  # steps to wait after the next step that does not pay (doubles up to `backoff_cap`)
     wait: Int[Array, ""]  # steps left before proposing again (0: propose this step)
+    saving: Float[Array, ""]  # moving average of the seconds a proposing step saved (`_settle`; inf: none yet)
     width_hist: Int[Array, "W"]  # steps run at each static verify width (`loop_widths`)
     predicted_tokens: Float[Array, ""]  # sum over steps of the expected tokens of the chosen width
     predicted_s: Float[Array, ""]  # sum over steps of the calibrated seconds of the chosen width (+ drafter)
     drafted_steps: Int[Array, ""]  # steps that ran `propose`
-    probing: Bool[Array, ""] = False  # this step probes after a backoff: `_settle_probe` sets the backoff
+    probing: Bool[Array, ""] = False  # this step probes after a backoff: `_settle` sets the backoff by its yield
+    proposing: Bool[Array, ""] = False  # this step ran `propose`: `_settle` weighs what it saved
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
 PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of the first position's acceptance (deeper: the one before)
 DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 steps)
-MAX_BACKOFF = 16  # most steps a drafter that does not pay is skipped before it is probed again
-PROBE_EVERY = 16  # every this many steps a drafted step verifies at its best drafting width, to keep learning
-# a drafter whose propose costs at most this share of a 1-token step proposes every step: skipping it would
-# save less than one missed match costs (n-gram lookups); only costlier ones (models, heads) back off
-CHEAP_PROPOSE = 0.02
+# share of decode time that probing may cost where drafts do not pay: a probe (proposing, then verifying at
+# the widest width) is priced from the calibrated costs, and probes are spaced so they cost about this much.
+# Fixed intervals ignored the price: a 16-wide tree probed every 16 steps took 9% of a best-of-8 run
+PROBE_SHARE = 0.02
+MAX_INTERVAL = 256  # most steps between probes, however dear a probe is
+# memory of the realised saving per proposing step (~10 proposals): a drafter keeps proposing through a few
+# fruitless steps of text that repeats now and then, and stops where its drafts have stopped paying
+SAVING_DECAY = 0.9
 TIE_BREAK = 1e-3  # weight of the rows' mean progress beside the slowest row's in the width decision
 
 
@@ -91,10 +96,19 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
     shape = (len(proposer.sources), 2 * NUM_BUCKETS, max(proposer.depth, 1))
     tried, hit = (jnp.zeros(shape, jnp.float32),) * 2 if counts is None else counts
     return Adapt(tried=tried, hit=hit, streak=jnp.zeros((batch,), jnp.int32), backoff=jnp.ones((), jnp.int32),
-                 wait=jnp.zeros((), jnp.int32),
+                 wait=jnp.zeros((), jnp.int32), saving=jnp.full((), jnp.inf, jnp.float32),
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
-                 drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool))
+                 drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
+
+
+def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
+    """Steps between probes so that probing costs about `PROBE_SHARE` of the time: a probe's price is
+    the drafter's cost plus the widest verify's cost over a 1-token step's (an upper bound: nothing of
+    the draft is assumed accepted). Near-free verification (accelerators at small batch) probes every
+    other step, a dear one (a wide tree on a CPU) seldom."""
+    price = drafter_s + costs[-1] - costs[0]
+    return jnp.clip(jnp.ceil(price / (PROBE_SHARE * costs[0])), 2, MAX_INTERVAL).astype(jnp.int32)
 
 
 @struct.dataclass
@@ -337,9 +351,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     `adaptive`: each step picks the static verify width (`loop_widths`, 1 = no draft) that maximises
     expected tokens per second over the active rows, from `costs` (the calibrated seconds of each width,
     `step_cost`) and the online acceptance estimate (`Adapt`); drafts are truncated to it, which is
-    lossless (any prefix of a draft verifies exactly). A step whose best width cannot pay for the
-    drafter's own `drafter_s` backs off: `propose` is skipped for 1, 2, 4, ... `MAX_BACKOFF` steps, then
-    probed again. The decision reads only what is known before the verify forward.
+    lossless (any prefix of a draft verifies exactly). A drafter whose proposals stop saving more than
+    its own `drafter_s` (a moving average of what each proposing step saved) backs off: `propose` is
+    skipped for 2, 4, 8, ... steps up to `probe_interval`, then probed again. The width decision reads
+    only what is known before the verify forward; the backoff, what the verify yielded.
 
     `verify_floor` (0 in a real run; traced): the verify forward covers at least this many draft
     positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the warm-up
@@ -429,7 +444,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             source_counts=s.source_counts.at[
                 jnp.zeros_like(num_new) if draft.source is None else draft.source
             ].add(active.astype(jnp.int32)),
-            adapt=adapt if not adaptive else _settle_probe(
+            adapt=adapt if not adaptive else _settle(
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth),
                 jnp.sum(num_new).astype(jnp.float32), jnp.sum(active).astype(jnp.float32), best, costs, drafter_s),
         )
@@ -466,8 +481,9 @@ def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]
 
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
                   step, remaining: Int[Array, "B"] | None = None):
-    """The adaptive decision of one step (see `decode`): the width, the truncated draft, the backoff.
-    `remaining`: each row's tokens left in its budget (None: the same for every row)."""
+    """The adaptive decision of one step (see `decode`): the width and the truncated draft; whether to
+    keep proposing is `_settle`'s, from what the step yields. `remaining`: each row's tokens left in its
+    budget (None: the same for every row)."""
     batch = draft.num.shape[0]
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
@@ -488,26 +504,20 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     rate = worth / costs
     best = jnp.argmax(rate)
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
-        # every PROBE_EVERY steps, and on the first proposal after a backoff: a drafter that backs off
+        # every `probe_interval` steps, and on the first proposal after a backoff: a drafter that backs off
         # proposes only after waiting, and an estimate that says "no draft" then would never be tested
         # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
         # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
         best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
         gain = jnp.max(best_case[1:]) > _batch_worth(expect[:, :1], active, remaining, tie_break=0.0)[0]
         after_backoff = (adapt.backoff > 1) & gain
-        probe = (step % PROBE_EVERY == PROBE_EVERY - 1) & gain | after_backoff
+        every = probe_interval(costs, drafter_s)
+        probe = (step % every == every - 1) & gain | after_backoff
         best = jnp.where(probe, 1 + jnp.argmax(rate[1:]), best)
     else:
         after_backoff = jnp.zeros((), bool)
     best = jnp.where(want, best, 0).astype(jnp.int32)
     rows = jnp.sum(active).astype(jnp.float32)
-    # a step pays when its best width, with the drafter's own cost, beats not drafting at all
-    pays = (best > 0) & (worth[best] / (costs[best] + drafter_s) > worth[0] / costs[0])
-    pays = pays | (drafter_s <= CHEAP_PROPOSE * costs[0])
-    probing = want & after_backoff  # its backoff is settled by what the probe yields (`_settle_probe`)
-    backoff = jnp.where(want & ~probing, jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF)),
-                        adapt.backoff)
-    wait = jnp.where(want, jnp.where(pays | probing, 0, backoff), adapt.wait - 1)
     if node_depth is None:
         draft = draft.replace(num=jnp.minimum(draft.num, widths[best] - 1))
     else:
@@ -515,26 +525,37 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0), valid=draft.valid & drafting[:, None])
     any_rows = rows > 0
     adapt = adapt.replace(
-        backoff=backoff, wait=wait, width_hist=adapt.width_hist.at[best].add(any_rows.astype(jnp.int32)),
+        wait=jnp.where(want, adapt.wait, adapt.wait - 1),
+        width_hist=adapt.width_hist.at[best].add(any_rows.astype(jnp.int32)),
         predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
-        drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=probing)
+        drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff, proposing=want)
     return draft, drafting, adapt, best, bucket
 
 
-def _settle_probe(adapt: Adapt, tokens: Float[Array, ""], rows: Float[Array, ""], best: Int[Array, ""], costs,
-                  drafter_s) -> Adapt:
-    """After a probe that followed a backoff: proposing resumes at once if the probe's realised tokens per
-    second (drafting cost included) beat 1-token steps, else the backoff doubles. The estimate before
-    the probe cannot decide this: it is the estimate the probe is there to test. Tokens summed over the
-    rows, not the slowest row's (as the width decision scores expected tokens): one step's realised
-    minimum over 8 sampled rows is almost always a single token, so that rule ended nearly every probe
-    of a best-of-8 batch (EAGLE's tokens per forward there fell from 1.48 to 1.12)."""
-    paid = tokens / (costs[best] + drafter_s) > rows / costs[0]
-    backoff = jnp.where(paid, 1, jnp.minimum(2 * adapt.backoff, MAX_BACKOFF))
-    return adapt.replace(backoff=jnp.where(adapt.probing, backoff, adapt.backoff),
-                         wait=jnp.where(adapt.probing & ~paid, backoff, adapt.wait),
-                         probing=jnp.zeros((), bool))
+def _settle(adapt: Adapt, tokens: Float[Array, ""], rows: Float[Array, ""], best: Int[Array, ""], costs,
+            drafter_s) -> Adapt:
+    """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
+    `tokens` one-token steps' worth of time (tokens summed over the rows) less the verify it ran; proposing
+    goes on while the moving average of that saving (`SAVING_DECAY`) covers the drafter's own cost, else
+    it backs off for 2, 4, 8, ... steps up to `probe_interval`. Realised, not expected, savings: a cheap
+    drafter whose drafts the width rule never verifies (n-gram lookups in a best-of-8 batch of fresh
+    text) saves nothing and stops, where a rule exempting cheap drafters kept them at 0.93-0.97x `ar`.
+    A probe after a backoff decides alone: proposing resumes at once if it paid, since the average
+    before it is what the probe is there to test. Tokens summed over the rows, not the slowest row's (as
+    the width decision scores expected tokens): one step's realised minimum over 8 sampled rows is
+    almost always a single token, so that rule ended nearly every probe of a best-of-8 batch."""
+    saved = tokens * costs[0] / jnp.maximum(rows, 1.0) - costs[best]
+    prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
+    saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
+    paid = saved > drafter_s
+    saving = jnp.where(adapt.probing & paid, jnp.maximum(saving, saved), saving)
+    pays = jnp.where(adapt.probing, paid, saving >= drafter_s)
+    backoff = jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s)))
+    on = adapt.proposing
+    return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
+                         wait=jnp.where(on, jnp.where(pays, 0, backoff), adapt.wait),
+                         probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
 
 
 def _batch_worth(tokens: Float[Array, "B W"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
