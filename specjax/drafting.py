@@ -167,6 +167,25 @@ class TreeTemplate:
             mask[i] |= mask[self.parents[i]]
         return mask
 
+    def subtree(self, nodes: tuple[int, ...]) -> "TreeTemplate":
+        """The tree of `nodes` (ascending, the root and every listed node's parent included), renumbered
+        0..len-1 in that order: its node i is this tree's node nodes[i]."""
+        index = {n: i for i, n in enumerate(nodes)}
+        if nodes[:1] != (0,) or any(self.parents[n] not in index for n in nodes[1:]) or list(nodes) != sorted(nodes):
+            raise ValueError(f"nodes {nodes} are not a sub-tree: ascending, from the root, each with its parent")
+        return TreeTemplate((-1,) + tuple(index[self.parents[n]] for n in nodes[1:]))
+
+    @functools.cached_property
+    def subtrees(self) -> tuple[tuple[int, ...], ...]:
+        """The static sub-trees an adaptive loop chooses among, narrowest first: the root alone, the chain
+        of first-ranked children (each node's most likely child) down to the deepest level, and the whole
+        tree. A dear verify at batch 8 may pay for a chain of 4 nodes and not for 14."""
+        chain = [0]
+        while self.children[chain[-1]]:
+            chain.append(self.children[chain[-1]][0])
+        found = {(0,), tuple(chain), tuple(range(self.size))}
+        return tuple(sorted(found, key=len))
+
     @functools.cached_property
     def paths(self) -> np.ndarray:
         """[T, max_depth] int32 retrieve paths: row i lists i's ancestors below the root then i, 0-padded."""

@@ -81,6 +81,33 @@ def test_a_costly_drafter_backs_off_on_text_it_cannot_draft(tiny_model, cpu_like
     assert out.stats["drafted_share"] < 1.0  # propose was skipped on some steps (then probed again)
 
 
+def test_a_tree_verifies_its_first_ranked_chain_where_the_whole_tree_is_dear(cpu_like_costs):
+    """Recycling's tree (14 nodes) offers three sub-trees: the root, the chain of first-ranked successors
+    (4 nodes) and the whole tree. Under CPU-like costs (width 15 at 2.75x a 1-token step, width 5 at
+    1.5x), on a random model whose greedy output falls into a cycle, the chain does the work, losslessly."""
+    import jax
+
+    from specjax.config import ModelConfig
+    from specjax.drafting import branching_tree
+    from specjax.model import Model
+    from specjax.models.transformer import init_params
+
+    tree = branching_tree((2, 2), 4)
+    assert tree.subtrees == ((0,), (0, 1, 3, 7, 11), tuple(range(15)))
+    assert tree.subtree((0, 1, 3, 7, 11)).parents == (-1, 0, 1, 2, 3)
+    with pytest.raises(ValueError, match="not a sub-tree"):
+        tree.subtree((0, 3))  # node 3's parent (1) is missing
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=(2,))
+    cyclic = Model(config=cfg, params=init_params(cfg, jax.random.PRNGKey(0)), tokenizer=None, name="cyclic")
+    ar = specjax.generate(cyclic, REPEATING, "ar", max_new_tokens=64, eos_token_ids=())
+    out = specjax.generate(cyclic, REPEATING, "recycling", max_new_tokens=64, eos_token_ids=(), adaptive=True)
+    assert out.tokens == ar.tokens and out.stats["widths"] == [1, 5, 15]
+    hist = out.stats["width_hist"]
+    assert hist[1] > hist[2] and out.stats["decode_steps"] < 0.6 * ar.stats["decode_steps"]
+    assert out.stats["verified_hist"] == hist  # a tree's verify runs the sub-tree chosen
+
+
 def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(step_cost, "_MEMORY", {})
@@ -302,7 +329,7 @@ def _settle_steps(savings: list[float], drafter_s: float, costs=(1.0, 1.5, 1.8, 
     adapt, waits = init_adapt(make_proposer("pld", k=8)), []
     for saved in savings:
         adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0 + saved),
-                        jnp.float32(1), jnp.int32(0), jnp.asarray(costs), jnp.float32(drafter_s))
+                        jnp.float32(1.0 + saved), jnp.int32(0), jnp.asarray(costs), jnp.float32(drafter_s))
         waits.append(int(adapt.wait))
     return waits
 
@@ -332,13 +359,34 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, 
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True),
                                                           proposing=jnp.asarray(True))
-    out = _settle(adapt, jnp.float32(tokens), jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]),
-                        jnp.float32(0.1))
+    costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
+    # the batch progressed by one token (its slowest row's), the rows by `tokens` on average: the mean judges
+    out = _settle(adapt, jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
     idle = _settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
-                   jnp.float32(tokens),
-                         jnp.float32(1), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.1))
+                   jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
+
+
+def test_a_batch_progresses_by_what_its_slowest_row_gains():
+    """Rows with 10 and 6 tokens left: the batch ends with the first, so a step giving it 1 token and
+    the other 4 moved the batch by 1; one giving the first 3 moved it by 3. A row ending at EOS counts
+    at most the step's largest yield."""
+    from specjax.engine import LoopState, _batch_progress
+
+    def progress(num_new, done_after=(False, False)):
+        lengths = jnp.asarray([5, 9])
+        mk = lambda lengths, done: LoopState(
+            tokens=None, lengths=lengths, prompt_lengths=jnp.asarray([5, 5]), done=jnp.asarray(done), cache=None,
+            hidden=None, features=None, proposer_state=None, rng=None, steps=None, accept_hist=None,
+            verify_hist=None, source_counts=None, adapt=None)
+        before = mk(lengths, (False, False))
+        after = mk(lengths + jnp.asarray(num_new), done_after)
+        return float(_batch_progress(before, after, jnp.asarray(num_new), 10))
+
+    assert progress([1, 4]) == 1.0
+    assert progress([3, 1]) == 3.0
+    assert progress([2, 1], done_after=(True, False)) == 2.0  # 10 left to 5 left: counted as 2
 
 
 def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
@@ -390,11 +438,13 @@ def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_mod
 
 
 def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, new: int = 4,
-                       temperature: float = 1.0, **opts) -> list[float]:
+                       temperature: float = 1.0, costs: tuple[float, ...] | None = None,
+                       **opts) -> tuple[list[float], list[int]]:
     """`rows` sampled branches of one prompt with adaptive widths against plain sampling: the p-value of a
     two-sample chi-square test at every verified position. Verification is made as cheap as a 1-token
-    step (an accelerator's regime), so drafts are verified whenever their estimate expects anything:
-    the decision then varies per step with the acceptance counts."""
+    step (an accelerator's regime) unless `costs` says otherwise, so drafts are verified whenever their
+    estimate expects anything: the decision then varies per step with the acceptance counts. Returns the
+    p-values and the steps run at each width."""
     from scipy.stats import chi2_contingency
 
     from specjax import engine
@@ -402,8 +452,8 @@ def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, n
     prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
     kw = dict(num_samples=rows, max_new_tokens=new, eos_token_ids=(), temperature=temperature)
     ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
-    free = lambda model, plan, proposer, *rest: (np.ones(len(engine.loop_widths(proposer)), np.float32),
-                                                 np.float32(0), 0.0)
+    free = lambda model, plan, proposer, *rest: (
+        np.asarray(costs or [1.0] * len(engine.loop_widths(proposer)), np.float32), np.float32(0), 0.0)
     monkeypatch.setattr(engine, "step_costs", free)
     out = specjax.generate(tiny_model, [prompt], method, seed=2, adaptive=True, **opts, **kw)
     assert out.stats["adaptive"] and sum(out.stats["width_hist"][1:]) > 0  # some steps verified drafts
@@ -414,20 +464,27 @@ def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, n
         table = np.stack([np.bincount([t[pos] for t in ref], minlength=vocab),
                           np.bincount([t[pos] for t in out.tokens], minlength=vocab)])
         p_values.append(chi2_contingency(table[:, table.sum(axis=0) > 0])[1])
-    return p_values
+    return p_values, out.stats["width_hist"]
 
 
 TREE = {"k": 3, "branching": (2,)}
+# the whole tree (7 nodes) dearer than its first-ranked chain (4 nodes): with nothing to show that the
+# whole tree accepts more, the chain sub-tree is verified
+SUBTREE = {**TREE, "costs": (1.0, 1.0, 1.01)}
 # a layer-skip draft model: a real q close to p, so drafts are often accepted and the test has power
 CHAIN = {"draft": "self:1", "k": 2, "rows": 6000, "new": 6, "temperature": 0.6}
 
 
-@pytest.mark.parametrize("opts", [TREE, CHAIN], ids=["recycling-tree", "draft-chain"])
+@pytest.mark.parametrize("opts", [TREE, SUBTREE, CHAIN], ids=["recycling-tree", "recycling-subtree", "draft-chain"])
 def test_adaptive_sampling_keeps_the_distribution(tiny_model, monkeypatch, opts):
-    """A recycling tree (the root alone or the whole tree, chosen per step) and a draft model's chain (cut
-    to each step's width): the same distribution as plain sampling at every verified position."""
-    method = "recycling" if opts is TREE else "draft"
-    assert min(_sampling_p_values(tiny_model, monkeypatch, method, **opts)) > 1e-3
+    """A recycling tree (the root alone, its first-ranked chain or the whole tree, chosen per step) and a
+    draft model's chain (cut to each step's width): the same distribution as plain sampling at every
+    verified position."""
+    method = "draft" if opts is CHAIN else "recycling"
+    p_values, hist = _sampling_p_values(tiny_model, monkeypatch, method, **opts)
+    assert min(p_values) > 1e-3
+    if opts is not CHAIN:  # widths 1, 4 (the chain sub-tree), 7 (the whole tree): free, the whole tree
+        assert hist[2 if opts is TREE else 1] > 0, hist
 
 
 def test_the_distribution_test_catches_a_decision_that_peeks(tiny_model, monkeypatch):
@@ -450,7 +507,7 @@ def test_the_distribution_test_catches_a_decision_that_peeks(tiny_model, monkeyp
     monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")  # the program store would serve the honest decode loop
     jax.clear_caches()  # the decode loop compiled by other tests holds the honest verifier
     try:
-        assert min(_sampling_p_values(tiny_model, monkeypatch, "draft", **CHAIN)) < 1e-5
+        assert min(_sampling_p_values(tiny_model, monkeypatch, "draft", **CHAIN)[0]) < 1e-5
     finally:
         monkeypatch.undo()
         jax.clear_caches()
