@@ -404,9 +404,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     skipped for 2, 4, 8, ... steps up to `probe_interval`, then probed again. The width decision reads
     only what is known before the verify forward; the backoff, what the verify yielded.
 
-    `verify_floor` (0 in a real run; traced): the verify forward covers at least this many draft
-    positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the warm-up
-    (`specjax.warm_start`) run the width they name. Positions past a row's draft are never accepted.
+    `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
+    draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
+    warm-up (`specjax.warm_start`) run the width they name; such a run (a floor of 0 or more) neither
+    probes nor backs off. Positions past a row's draft are never accepted.
     """
     layers = proposer.feature_layers
     k, depth, template = proposer.width, proposer.depth, proposer.template
@@ -428,6 +429,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         want = jnp.ones((), bool) if not gated else jnp.sum(~s.done) <= speculate_max_rows
         return want & (s.adapt.wait <= 0) if adaptive else want
 
+    # a calibration or warm-up run (`verify_floor` >= 0): the forced costs name the width; no probe, no backoff
+    forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
+
     def body(s: LoopState) -> LoopState:
         rng, r_prop, r_ver = jax.random.split(s.rng, 3)
         ctx = context(s)
@@ -445,7 +449,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if adaptive:
             draft, drafting, adapt, best, bucket = _choose_width(
                 draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
-                max_new - (s.lengths - s.prompt_lengths), True if verify_floor is None else verify_floor == 0)
+                max_new - (s.lengths - s.prompt_lengths), ~forced)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
@@ -499,7 +503,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
                          jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer)),
                 _batch_progress(s, new, num_new, max_new), jnp.sum(num_new) / jnp.maximum(jnp.sum(active), 1),
-                best, costs, drafter_s))
+                best, costs, drafter_s, ~forced))
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1,
                                        proposes_next=will_propose(new) if gated or adaptive else None)
         if proposer.logit_topk:
@@ -610,7 +614,7 @@ def _batch_progress(before: LoopState, after: LoopState, num_new: Int[Array, "B"
 
 
 def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, ""], best: Int[Array, ""], costs,
-            drafter_s) -> Adapt:
+            drafter_s, judge: Bool[Array, ""] | bool = True) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`_batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
     on while the moving average of that saving (`SAVING_DECAY`) covers the drafter's own cost, else it
@@ -622,16 +626,19 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     `ar` with a mean-based rule. A probe after a backoff decides alone, on the rows' `mean_tokens`:
     proposing resumes at once if that paid, since the average before it is what the probe is there to
     test; one step's progress is too noisy for that (8 sampled rows level with each other progress by
-    their minimum, almost always one token), the average that follows then judges."""
+    their minimum, almost always one token), the average that follows then judges. `judge` False: the
+    step only clears its flags (a calibration run proposes every step)."""
     saved = progress * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
     probe_saved = mean_tokens * costs[0] - costs[best]
     paid = probe_saved > drafter_s
     saving = jnp.where(adapt.probing & paid, jnp.maximum(saving, probe_saved), saving)
-    pays = jnp.where(adapt.probing, paid, saving >= drafter_s)
+    # strictly more: a cheap drafter whose calibrated cost rounds to 0 (the paired difference of two
+    # nearly equal steps) and that saves nothing proposed every step of a best-of-8 batch
+    pays = jnp.where(adapt.probing, paid, saving > drafter_s)
     backoff = jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s)))
-    on = adapt.proposing
+    on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
                          wait=jnp.where(on, jnp.where(pays, 0, backoff), adapt.wait),
                          probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
@@ -832,14 +839,14 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
         jax.block_until_ready(state.tokens)
         return None
     if stop_rows is None:
-        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(0))
+        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(-1))
     else:  # pause every `check_every` steps: one host sync per pause, never per token
         limit = 0
         row_starts = plan.row_prompt_lengths
         while True:
             limit += check_every
             state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s,
-                        np.int32(0))
+                        np.int32(-1))
             toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
             if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
                 break

@@ -342,6 +342,7 @@ def test_a_drafter_keeps_proposing_while_its_savings_cover_its_cost():
     from specjax.engine import probe_interval
 
     assert _settle_steps([0.0] * 4, drafter_s=0.01) == [2, 4, 8, 16]
+    assert _settle_steps([0.0] * 2, drafter_s=0.0) == [2, 4]  # measured as free, it still stops
     assert _settle_steps([3.0, 0.0, 0.0, 0.0, 0.0], drafter_s=0.01) == [0] * 5
     assert _settle_steps([0.6, 0.2, 0.2, 0.2], drafter_s=0.5) == [0, 2, 4, 8]
     # the waits stop doubling where a probe (drafter + widest verify over a 1-token step) costs 2% of the time
