@@ -581,9 +581,13 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         after_backoff = (adapt.backoff > 1) & gain
         every = probe_interval(costs, drafter_s)
         probe = ((step % every == every - 1) & gain | after_backoff) & probes
-        # a tree probes its whole tree: the nested estimates never let a wider sub-tree beat the narrower
-        # one it holds without evidence of its own
-        best = jnp.where(probe, 1 + jnp.argmax(rate[1:]) if node_depth is None else len(widths) - 1, best)
+        # a tree's probes alternate between its best-rated sub-tree and the whole tree: the nested
+        # estimates never let a wider sub-tree beat the narrower one it holds without evidence of its
+        # own, and a narrow one seldom chosen needs some too
+        probed = 1 + jnp.argmax(rate[1:])
+        if node_depth is not None:
+            probed = jnp.where(step % 2 == 0, len(widths) - 1, probed)
+        best = jnp.where(probe, probed, best)
     else:
         after_backoff = jnp.zeros((), bool)
     best = jnp.where(want, best, 0).astype(jnp.int32)
@@ -626,18 +630,24 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     `ar` with a mean-based rule. A probe after a backoff decides alone, on the rows' `mean_tokens`:
     proposing resumes at once if that paid, since the average before it is what the probe is there to
     test; one step's progress is too noisy for that (8 sampled rows level with each other progress by
-    their minimum, almost always one token), the average that follows then judges. `judge` False: the
+    their minimum, almost always one token). The average then restarts level with the drafter's cost,
+    so the next proposal's progress decides whether proposing goes on. `judge` False: the
     step only clears its flags (a calibration run proposes every step)."""
     saved = progress * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
     probe_saved = mean_tokens * costs[0] - costs[best]
     paid = probe_saved > drafter_s
-    saving = jnp.where(adapt.probing & paid, jnp.maximum(saving, probe_saved), saving)
+    # a paid probe restarts the average level with the drafter's cost: the next proposals' progress decides
+    saving = jnp.where(adapt.probing & paid, drafter_s, saving)
     # strictly more: a cheap drafter whose calibrated cost rounds to 0 (the paired difference of two
     # nearly equal steps) and that saves nothing proposed every step of a best-of-8 batch
     pays = jnp.where(adapt.probing, paid, saving > drafter_s)
-    backoff = jnp.where(pays, 1, jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s)))
+    # a paid probe resumes proposing but keeps its wait: only the average restores short waits. Resetting
+    # them there let a drafter that pays on the rows' mean and not on the batch's progress (EAGLE at
+    # batch 8) cycle probe, a few proposals, a wait of 2, and propose on 64% of steps at 0.81x `ar`
+    longer = jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s))
+    backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), longer)
     on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
                          wait=jnp.where(on, jnp.where(pays, 0, backoff), adapt.wait),

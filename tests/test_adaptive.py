@@ -81,12 +81,14 @@ def test_a_costly_drafter_backs_off_on_text_it_cannot_draft(tiny_model, cpu_like
     assert out.stats["drafted_share"] < 1.0  # propose was skipped on some steps (then probed again)
 
 
-def test_a_tree_verifies_its_first_ranked_chain_where_the_whole_tree_is_dear(cpu_like_costs):
+def test_a_tree_verifies_its_first_ranked_chain_where_the_whole_tree_is_dear(monkeypatch):
     """Recycling's tree (14 nodes) offers three sub-trees: the root, the chain of first-ranked successors
-    (4 nodes) and the whole tree. Under CPU-like costs (width 15 at 2.75x a 1-token step, width 5 at
-    1.5x), on a random model whose greedy output falls into a cycle, the chain does the work, losslessly."""
+    (4 nodes) and the whole tree. Where the whole tree costs 10x a 1-token step and the chain 1.5x, on a
+    random model whose greedy output falls into a cycle, the chain is verified (a probe alternates
+    between the two), losslessly, and each step's verify runs the sub-tree chosen."""
     import jax
 
+    from specjax import engine
     from specjax.config import ModelConfig
     from specjax.drafting import branching_tree
     from specjax.model import Model
@@ -100,11 +102,13 @@ def test_a_tree_verifies_its_first_ranked_chain_where_the_whole_tree_is_dear(cpu
     cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=(2,))
     cyclic = Model(config=cfg, params=init_params(cfg, jax.random.PRNGKey(0)), tokenizer=None, name="cyclic")
+    monkeypatch.setattr(engine, "step_costs", lambda *a: (np.asarray([1.0, 1.5, 10.0], np.float32) * 1e-3,
+                                                          np.float32(2e-4), 0.0))
     ar = specjax.generate(cyclic, REPEATING, "ar", max_new_tokens=64, eos_token_ids=())
     out = specjax.generate(cyclic, REPEATING, "recycling", max_new_tokens=64, eos_token_ids=(), adaptive=True)
     assert out.tokens == ar.tokens and out.stats["widths"] == [1, 5, 15]
     hist = out.stats["width_hist"]
-    assert hist[1] > hist[2] and out.stats["decode_steps"] < 0.6 * ar.stats["decode_steps"]
+    assert hist[1] > 0 and out.stats["decode_steps"] < ar.stats["decode_steps"]
     assert out.stats["verified_hist"] == hist  # a tree's verify runs the sub-tree chosen
 
 
@@ -351,11 +355,11 @@ def test_a_drafter_keeps_proposing_while_its_savings_cover_its_cost():
     assert int(probe_interval(jnp.asarray([1.0, 1.01]))) == 2  # near-free verification probes often
 
 
-@pytest.mark.parametrize("tokens, backoff, wait", [(3.0, 1, 0), (1.2, 8, 8)], ids=["paid", "did-not-pay"])
+@pytest.mark.parametrize("tokens, backoff, wait", [(3.0, 4, 0), (1.2, 8, 8)], ids=["paid", "did-not-pay"])
 def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, wait):
     """A probe at width 3 (1.5x a 1-token step, drafting 0.1x): 3 tokens pay (3 / 1.6 > 1), so proposing
-    resumes; 1.2 do not, so the backoff doubles from 4 and the drafter waits that long. Only a step that
-    proposed is settled."""
+    resumes, with the wait it had (4) kept for the next time the average fails; 1.2 do not, so the
+    backoff doubles from 4 and the drafter waits that long. Only a step that proposed is settled."""
     from specjax.engine import _settle, init_adapt
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True),
