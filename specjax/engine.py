@@ -66,6 +66,8 @@ class Adapt:
     drafted_steps: Int[Array, ""]  # steps that ran `propose`
     probing: Bool[Array, ""] = False  # this step probes after a backoff: `_settle` sets the backoff by its yield
     proposing: Bool[Array, ""] = False  # this step ran `propose`: `_settle` weighs what it saved
+    # verified drafts fell short, or drafts that could gain were turned down: the next such draft probes
+    probe_due: Bool[Array, ""] = False
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
@@ -99,7 +101,8 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  wait=jnp.zeros((), jnp.int32), saving=jnp.full((), jnp.inf, jnp.float32),
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
-                 drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
+                 drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool),
+                 probe_due=jnp.zeros((), bool))
 
 
 def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
@@ -109,6 +112,17 @@ def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float
     other step, a dear one (a wide tree on a CPU) seldom."""
     price = drafter_s + costs[-1] - costs[0]
     return jnp.clip(jnp.ceil(price / (PROBE_SHARE * costs[0])), 2, MAX_INTERVAL).astype(jnp.int32)
+
+
+def idle_wait(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
+    """Steps to skip after a proposal that found nothing worth verifying (the step ran at width 1) and left
+    the average saving short: such a proposal cost the drafter alone, so proposing once every this many
+    steps plus one costs at most `PROBE_SHARE` of the time. An n-gram lookup at batch 1 (a few tenths of a
+    millisecond) then proposes every step, and catches text that repeats after a stretch of fresh text,
+    where doubling waits had left it proposing on 7% of steps (MAT 1.06 against 1.70 at fixed widths);
+    a model drafter waits in proportion to its cost."""
+    steps = jnp.floor(drafter_s / (PROBE_SHARE * costs[0]))
+    return jnp.clip(steps, 0, probe_interval(costs, drafter_s)).astype(jnp.int32)
 
 
 @struct.dataclass
@@ -401,8 +415,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     `step_cost`) and the online acceptance estimate (`Adapt`); drafts are truncated to it, which is
     lossless (any prefix of a draft verifies exactly). A drafter whose proposals stop saving more than
     its own `drafter_s` (a moving average of what each proposing step saved) backs off: `propose` is
-    skipped for 2, 4, 8, ... steps up to `probe_interval`, then probed again. The width decision reads
-    only what is known before the verify forward; the backoff, what the verify yielded.
+    skipped for 2, 4, 8, ... steps up to `probe_interval` after verified drafts that fell short (then
+    probed again), for `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. The width
+    decision reads only what is known before the verify forward; the backoff, what the verify yielded.
 
     `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
     draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
@@ -572,13 +587,15 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     # sub-tree (it runs what is chosen, and holds every narrower one)
     best = jnp.argmax(rate) if node_depth is None else len(widths) - 1 - jnp.argmax(rate[::-1])
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
-        # every `probe_interval` steps, and on the first proposal after a backoff: a drafter that backs off
+        # every `probe_interval` steps, and on the first draft after a backoff (`probe_due`: verified drafts
+        # fell short, or the estimate turned down drafts that could gain; a proposal with no such draft neither
+        # sets nor spends it): a drafter that backs off
         # proposes only after waiting, and an estimate that says "no draft" then would never be tested
         # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
         # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
         best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
         gain = jnp.max(best_case[1:]) > _batch_worth(expect[:, :1], active, remaining, tie_break=0.0)[0]
-        after_backoff = (adapt.backoff > 1) & gain
+        after_backoff = adapt.probe_due & gain
         every = probe_interval(costs, drafter_s)
         probe = ((step % every == every - 1) & gain | after_backoff) & probes
         # a tree's probes alternate between its best-rated sub-tree and the whole tree: the nested
@@ -589,8 +606,11 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
             probed = jnp.where(step % 2 == 0, len(widths) - 1, probed)
         best = jnp.where(probe, probed, best)
     else:
-        after_backoff = jnp.zeros((), bool)
+        after_backoff = gain = jnp.zeros((), bool)
     best = jnp.where(want, best, 0).astype(jnp.int32)
+    # drafts that could gain, turned down by the estimate: the estimate itself is what a probe must test (a
+    # pessimistic prior would otherwise turn down drafts accepted at 0.95 until a periodic probe)
+    rejected = want & gain & (best == 0) & probes
     rows = jnp.sum(active).astype(jnp.float32)
     if node_depth is None:
         draft = draft.replace(num=jnp.minimum(draft.num, widths[best] - 1))
@@ -605,7 +625,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
         drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff & probes,
-        proposing=want)
+        proposing=want, probe_due=adapt.probe_due | rejected)
     return draft, drafting, adapt, best, bucket
 
 
@@ -621,10 +641,12 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
             drafter_s, judge: Bool[Array, ""] | bool = True) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`_batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
-    on while the moving average of that saving (`SAVING_DECAY`) covers the drafter's own cost, else it
-    backs off for 2, 4, 8, ... steps up to `probe_interval`. Realised, not expected, savings: a cheap
-    drafter whose drafts the width rule never verifies (n-gram lookups in a best-of-8 batch of fresh
-    text) saves nothing and stops, where a rule exempting cheap drafters kept them at 0.93-0.97x `ar`.
+    on while the moving average of that saving (`SAVING_DECAY`) stays above the drafter's own cost, else it
+    backs off: for 2, 4, 8, ... steps up to `probe_interval` after verified drafts that fell short, for
+    `idle_wait` steps after a proposal with nothing worth verifying (it cost the drafter alone; doubling
+    waits there left n-gram lookups at batch 1 proposing on 7% of steps, 0.94x `ar` where fixed widths
+    ran 1.14x). Realised, not expected, savings: a drafter whose verified drafts do not shorten the
+    batch (EAGLE in a best-of-8 batch) stops verifying them, whatever the acceptance estimate says.
     The batch's progress, not the rows' mean tokens: extra tokens in rows ahead of the slowest one do
     not end the batch sooner, and EAGLE averaging 1.62 tokens a forward over a best-of-8 batch ran 0.93x
     `ar` with a mean-based rule. A probe after a backoff decides alone, on the rows' `mean_tokens`:
@@ -647,10 +669,16 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # them there let a drafter that pays on the rows' mean and not on the batch's progress (EAGLE at
     # batch 8) cycle probe, a few proposals, a wait of 2, and propose on 64% of steps at 0.81x `ar`
     longer = jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s))
-    backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), longer)
+    # a proposal whose drafts were not worth verifying lost the drafter's cost only, and says nothing of
+    # whether verified drafts pay: it keeps the backoff and waits as long as the drafter's cost allows
+    idle = (best == 0) & ~adapt.probing
+    backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
+    wait = jnp.where(pays, 0, jnp.where(idle, idle_wait(costs, drafter_s), backoff))
+    # the next draft after a wait that verified drafts earned is a probe; an idle proposal leaves that as it was
+    due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
     on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
-                         wait=jnp.where(on, jnp.where(pays, 0, backoff), adapt.wait),
+                         wait=jnp.where(on, wait, adapt.wait), probe_due=jnp.where(on, due, adapt.probe_due),
                          probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
 
 

@@ -217,7 +217,7 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop)
     adapt = adapt.replace(tried=adapt.tried + observed, hit=adapt.hit + observed * hit_rate,
-                          backoff=jnp.int32(backoff))
+                          backoff=jnp.int32(backoff), probe_due=jnp.asarray(backoff > 1))
     draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([num], jnp.int32),
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
@@ -325,16 +325,19 @@ def test_decision_rule_on_crafted_costs_and_acceptance():
     assert _decide([1.0, 1.3, 1.5, 2.0], hit_rate=0.0, drafter_s=0.1, backoff=4) == (3, 2, True)
 
 
-def _settle_steps(savings: list[float], drafter_s: float, costs=(1.0, 1.5, 1.8, 2.0)) -> list[int]:
+def _settle_steps(savings: list[float | None], drafter_s: float, costs=(1.0, 1.5, 1.8, 2.0), field: str = "wait"
+                  ) -> list:
     """The wait after each of a row's proposing steps that yielded `savings` (in 1-token steps' worth,
-    at width 1), starting fresh: 0 = propose again at once."""
+    verified at width 3; None: nothing was worth verifying, a 1-token step), starting fresh: 0 = propose
+    again at once; or another field of the state after each step."""
     from specjax.engine import _settle, init_adapt
 
     adapt, waits = init_adapt(make_proposer("pld", k=8)), []
     for saved in savings:
-        adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0 + saved),
-                        jnp.float32(1.0 + saved), jnp.int32(0), jnp.asarray(costs), jnp.float32(drafter_s))
-        waits.append(int(adapt.wait))
+        best, progress = (0, 1.0) if saved is None else (1, costs[1] + saved)
+        adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(progress),
+                        jnp.float32(progress), jnp.int32(best), jnp.asarray(costs), jnp.float32(drafter_s))
+        waits.append(getattr(adapt, field).item())
     return waits
 
 
@@ -355,6 +358,29 @@ def test_a_drafter_keeps_proposing_while_its_savings_cover_its_cost():
     assert int(probe_interval(jnp.asarray([1.0, 1.01]))) == 2  # near-free verification probes often
 
 
+def test_a_proposal_with_nothing_worth_verifying_costs_the_drafter_alone():
+    """Fresh text: the drafts are not worth verifying (1-token steps), so each proposal lost the
+    drafter's cost and nothing else. A drafter under 2% of a step proposes on every such step (an n-gram
+    lookup at batch 1 then catches text that repeats again); a dearer one waits so that its proposals
+    cost 2% of the time (0.1 of a step: 5 steps skipped, not doubling). Verified drafts that fall short
+    still double the wait, and fruitless proposals in between keep that backoff for the next loss."""
+    from specjax.engine import idle_wait, probe_interval
+
+    assert _settle_steps([None] * 6, drafter_s=0.01) == [0] * 6
+    assert _settle_steps([None] * 6, drafter_s=0.0) == [0] * 6
+    assert _settle_steps([None] * 4, drafter_s=0.1) == [5] * 4
+    assert int(idle_wait(jnp.asarray([1.0, 1.5, 1.8, 2.0]), 0.1)) == 5
+    assert _settle_steps([0.0, None, 0.0, None, 0.0], drafter_s=0.01) == [2, 0, 4, 0, 8]
+    # after verified drafts fell short, the next draft probes; fruitless proposals before it do not spend that
+    assert _settle_steps([0.0, None, None], drafter_s=0.01, field="probe_due") == [True, True, True]
+    assert _settle_steps([3.0, None], drafter_s=0.01, field="probe_due") == [False, False]
+    # a match after fresh text that saves 3 steps' worth keeps the drafter proposing
+    assert _settle_steps([None] * 10 + [3.0, None, None], drafter_s=0.01)[-3:] == [0, 0, 0]
+    # however dear, the wait never exceeds the probe interval
+    costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
+    assert int(idle_wait(costs, 50.0)) == int(probe_interval(costs, 50.0)) == 256
+
+
 @pytest.mark.parametrize("tokens, backoff, wait", [(3.0, 4, 0), (1.2, 8, 8)], ids=["paid", "did-not-pay"])
 def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, wait):
     """A probe at width 3 (1.5x a 1-token step, drafting 0.1x): 3 tokens pay (3 / 1.6 > 1), so proposing
@@ -368,6 +394,7 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, 
     # the batch progressed by one token (its slowest row's), the rows by `tokens` on average: the mean judges
     out = _settle(adapt, jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
+    assert bool(out.probe_due) == (wait > 0)  # a failed probe: the first draft after the wait probes again
     idle = _settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
                    jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
@@ -423,9 +450,11 @@ def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
 
 def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_model, monkeypatch):
     """Verifies cost 1.9x (width 3), 2.2x (width 5) and 3x (width 9) a 1-token step and proposing 0.2x: under the 0.5
-    prior no draft pays, so the first step backs off. The drafts are in fact accepted at 0.95 a position;
-    the probe after the backoff finds that out and the loop then drafts most steps (without the probe it
-    proposed only when a backoff happened to end on a periodic probe step, and ran at 1 token a step)."""
+    prior no draft pays, so the first draft is turned down and the drafter waits (10 steps: its cost over
+    2% of a step). The drafts are in fact accepted at 0.95 a position; the probe of the next draft finds
+    that out and the loop then drafts on most of its steps, in under 40% of plain decoding's (without the
+    probe it proposed only when a wait happened to end on a periodic probe step, and ran at 1 token a
+    step)."""
     from specjax import engine
     from specjax.analysis.oracle import Oracle
 
@@ -439,7 +468,7 @@ def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_mod
     out = specjax.generate(tiny_model, prompt, oracle, max_new_tokens=64, eos_token_ids=(), adaptive=True)
     assert out.tokens == ar.tokens
     hist, steps = out.stats["width_hist"], out.stats["decode_steps"]
-    assert sum(hist[1:]) > hist[0] and steps < 0.6 * ar.stats["decode_steps"]
+    assert sum(hist[1:]) > 0.4 * steps and steps < 0.4 * ar.stats["decode_steps"]
 
 
 def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, new: int = 4,
