@@ -416,8 +416,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     lossless (any prefix of a draft verifies exactly). A drafter whose proposals stop saving more than
     its own `drafter_s` (a moving average of what each proposing step saved) backs off: `propose` is
     skipped for 2, 4, 8, ... steps up to `probe_interval` after verified drafts that fell short (then
-    probed again), for `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. The width
-    decision reads only what is known before the verify forward; the backoff, what the verify yielded.
+    probed again), and for `idle_wait` steps (its cost over 2% of a step) after drafts not worth
+    verifying. The width decision reads only what is known before the verify forward; the backoff,
+    what the verify yielded.
 
     `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
     draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
@@ -589,8 +590,8 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
         # every `probe_interval` steps, and on the first draft after a backoff (`probe_due`: verified drafts
         # fell short, or the estimate turned down drafts that could gain; a proposal with no such draft neither
-        # sets nor spends it): a drafter that backs off
-        # proposes only after waiting, and an estimate that says "no draft" then would never be tested
+        # sets nor spends it): a drafter that backs off proposes only after waiting, and an estimate that says
+        # "no draft" then would never be tested
         # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
         # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
         best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
@@ -674,7 +675,8 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     idle = (best == 0) & ~adapt.probing
     backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
     wait = jnp.where(pays, 0, jnp.where(idle, idle_wait(costs, drafter_s), backoff))
-    # the next draft after a wait that verified drafts earned is a probe; an idle proposal leaves that as it was
+    # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
+    # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
     on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
