@@ -452,9 +452,9 @@ def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_mod
     """Verifies cost 1.9x (width 3), 2.2x (width 5) and 3x (width 9) a 1-token step and proposing 0.2x: under the 0.5
     prior no draft pays, so the first draft is turned down and the drafter waits (10 steps: its cost over
     2% of a step). The drafts are in fact accepted at 0.95 a position; the probe of the next draft finds
-    that out and the loop then drafts on most of its steps, in under 40% of plain decoding's (without the
-    probe it proposed only when a wait happened to end on a periodic probe step, and ran at 1 token a
-    step)."""
+    that out and the loop then verifies drafts on over 40% of its steps, in under 40% of plain
+    decoding's (without the probe it proposed only when a wait happened to end on a periodic probe
+    step, and ran at 1 token a step)."""
     from specjax import engine
     from specjax.analysis.oracle import Oracle
 
