@@ -38,10 +38,14 @@ def test_mesh_rules_and_tokens_on_8_devices(tmp_path):
         model.lm_head.weight.mul_(5.0)
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
     save_tiny_moe("qwen3_moe", tmp_path / "moe")
-    # 8 forced devices share 2 cores with the suite's other workers: a collective whose peer thread is starved
-    # for XLA's default 40 s aborts the process (seen once on a busy 2-core machine), so allow it 10 minutes
-    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}", "JAX_PLATFORMS": "cpu"}
+    # XLA:CPU sizes its thread pools max(cores, devices): 8 on a 2-core machine. Its collectives block a pool
+    # thread each while they wait for their peers, and a device's thunks run concurrently, so 8 devices can
+    # fill the pool with waiting collectives and leave a peer's queued: seen on a 2-core CI machine, 4 of 8
+    # devices in one collective, the rest in others, stuck until the 600 s termination timeout. NPROC sets
+    # the pools' size (XLA's `DefaultThreadPoolSize`); idle threads cost nothing
+    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=300"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}", "JAX_PLATFORMS": "cpu",
+           "NPROC": "64"}
     script = Path(__file__).parent / "helpers" / "sharded_generate.py"
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / "head"),
                            str(tmp_path / "moe")], env=env,
