@@ -68,6 +68,9 @@ class Adapt:
     proposing: Bool[Array, ""] = False  # this step ran `propose`: `_settle` weighs what it saved
     # verified drafts fell short, or drafts that could gain were turned down: the next such draft probes
     probe_due: Bool[Array, ""] = False
+    # seconds of probing the budget allows now (`probe_credit`): each step adds PROBE_SHARE of a 1-token step,
+    # each probe spends its price, so probes of every kind cost at most that share of the time
+    credit: Float[Array, ""] = float("inf")
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
@@ -102,7 +105,7 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
                  drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool),
-                 probe_due=jnp.zeros((), bool))
+                 probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32))
 
 
 def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
@@ -112,6 +115,19 @@ def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float
     other step, a dear one (a wide tree on a CPU) seldom."""
     price = drafter_s + costs[-1] - costs[0]
     return jnp.clip(jnp.ceil(price / (PROBE_SHARE * costs[0])), 2, MAX_INTERVAL).astype(jnp.int32)
+
+
+def probe_credit(credit: Float[Array, ""], costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0
+                 ) -> tuple[Float[Array, ""], Bool[Array, ""]]:
+    """The probing budget at the start of a step, and whether it is full: `PROBE_SHARE` of a 1-token step
+    more than the last step left, at most one probe of the widest width (a long quiet stretch does not buy
+    a burst of probes). A fresh loop starts full: a drafter whose estimate turns down its first drafts has
+    them tested at once. Probes after a backoff were not budgeted before: `recycling`, whose every
+    proposal holds a draft that could gain, probed its 15-node tree about six times in a best-of-8
+    batch's first 128 steps, each nearly two extra steps (0.89x `ar`)."""
+    cap = drafter_s + costs[-1] - costs[0]
+    credit = jnp.minimum(credit + PROBE_SHARE * costs[0], cap)
+    return credit, credit >= cap
 
 
 def idle_wait(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
@@ -416,9 +432,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     lossless (any prefix of a draft verifies exactly). A drafter whose proposals stop saving more than
     its own `drafter_s` (a moving average of what each proposing step saved) backs off: `propose` is
     skipped for 2, 4, 8, ... steps up to `probe_interval` after verified drafts that fell short (then
-    probed again), and for `idle_wait` steps (its cost over 2% of a step) after drafts not worth
-    verifying. The width decision reads only what is known before the verify forward; the backoff,
-    what the verify yielded.
+    probed again, when the probe credit covers it: probes cost at most 2% of the time), and for
+    `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. The width
+    decision reads only what is known before the verify forward; the backoff, what the verify yielded.
 
     `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
     draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
@@ -560,6 +576,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     batch = draft.num.shape[0]
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
+    credit, full = probe_credit(adapt.credit, costs, drafter_s)
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
     # a bucket starts from its source's rate over all its buckets, not from PRIOR_MEAN: a confidence level
     # seldom seen (a long match, a high head probability) would otherwise start at 0.5, which on a dear
@@ -588,24 +605,26 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     # sub-tree (it runs what is chosen, and holds every narrower one)
     best = jnp.argmax(rate) if node_depth is None else len(widths) - 1 - jnp.argmax(rate[::-1])
     if len(widths) > 1:  # a probe: estimates of widths never chosen would otherwise never be updated
-        # every `probe_interval` steps, and on the first draft after a backoff (`probe_due`: verified drafts
-        # fell short, or the estimate turned down drafts that could gain; a proposal with no such draft neither
-        # sets nor spends it): a drafter that backs off proposes only after waiting, and an estimate that says
-        # "no draft" then would never be tested
+        # when the probe credit is full (every `probe_interval` steps), and on the first draft after a backoff
+        # that the credit covers (`probe_due`: verified drafts fell short, or the estimate turned down drafts
+        # that could gain; a proposal with no such draft neither sets nor spends it): a drafter that backs off
+        # proposes only after waiting, and an estimate that says "no draft" then would never be tested
         # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
         # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
         best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
         gain = jnp.max(best_case[1:]) > _batch_worth(expect[:, :1], active, remaining, tie_break=0.0)[0]
-        after_backoff = adapt.probe_due & gain
-        every = probe_interval(costs, drafter_s)
-        probe = ((step % every == every - 1) & gain | after_backoff) & probes
         # a tree's probes alternate between its best-rated sub-tree and the whole tree: the nested
         # estimates never let a wider sub-tree beat the narrower one it holds without evidence of its
         # own, and a narrow one seldom chosen needs some too
         probed = 1 + jnp.argmax(rate[1:])
         if node_depth is not None:
             probed = jnp.where(step % 2 == 0, len(widths) - 1, probed)
+        # every probe is paid from the credit (`probe_credit`), so that probes cost at most PROBE_SHARE
+        price = drafter_s + costs[probed] - costs[0]
+        after_backoff = adapt.probe_due & gain & (credit >= price)
+        probe = (full & gain | after_backoff) & probes
         best = jnp.where(probe, probed, best)
+        credit = credit - jnp.where(probe & want, price, 0.0)
     else:
         after_backoff = gain = jnp.zeros((), bool)
     best = jnp.where(want, best, 0).astype(jnp.int32)
@@ -626,7 +645,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
         drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff & probes,
-        proposing=want, probe_due=adapt.probe_due | rejected)
+        proposing=want, probe_due=adapt.probe_due | rejected, credit=credit)
     return draft, drafting, adapt, best, bucket
 
 

@@ -210,14 +210,16 @@ def test_confidence_buckets():
 def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     """One decision of the loop on crafted inputs: a chain proposer of k=8, one row drafting `num` tokens,
     whose positions were each tried `observed` times and accepted at `hit_rate`; `backoff` > 1: the
-    drafter proposes again after backing off."""
+    drafter proposes again after backing off, with the credit for a probe (else the loop is mid-run, its
+    probe credit spent)."""
     from specjax.drafting import Draft
     from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop)
     adapt = adapt.replace(tried=adapt.tried + observed, hit=adapt.hit + observed * hit_rate,
-                          backoff=jnp.int32(backoff), probe_due=jnp.asarray(backoff > 1))
+                          backoff=jnp.int32(backoff), probe_due=jnp.asarray(backoff > 1),
+                          credit=jnp.float32(10.0 if backoff > 1 else 0.0))
     draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([num], jnp.int32),
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
@@ -266,7 +268,7 @@ def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
     prop = make_proposer("pld", k=4)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
     assert widths.tolist() == [1, 3, 5]
-    adapt = init_adapt(prop)
+    adapt = init_adapt(prop).replace(credit=jnp.zeros((), jnp.float32))  # mid-run: no probe credit left
     seen = adapt.replace(tried=adapt.tried.at[0, 1].set(200.0), hit=adapt.hit.at[0, 1].set(180.0))
     draft = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.asarray([4], jnp.int32),
                   confidence=jnp.full((1,), 7.0))  # log2(7 + 1) = 3: bucket 3, never observed
@@ -398,6 +400,37 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, 
     idle = _settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
                    jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
+
+
+def test_every_probe_is_paid_from_a_budget_of_two_percent_of_the_time():
+    """Drafts that could gain, all turned down by the estimate, with a probe due at every step (as after
+    each refusal): every probe is paid from the credit, so over 400 steps probes cost at most 2% of the
+    time plus the one probe a fresh loop starts with, and the budget is spent. Unbudgeted, the draft after
+    each refusal probed: here every step."""
+    import jax
+
+    from specjax.drafting import Draft
+    from specjax.engine import PROBE_SHARE, _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    costs, drafter_s, steps = np.asarray([1.0, 1.3, 1.5, 2.0], np.float32), 0.1, 400
+    adapt = init_adapt(prop)
+    adapt = adapt.replace(tried=adapt.tried + 1000.0)  # every position tried, none accepted
+    draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([8], jnp.int32),
+                  confidence=jnp.zeros((1,), jnp.float32))
+    on = jnp.ones((1,), bool)
+    decide = jax.jit(lambda a, step: _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray(costs),
+                                                   jnp.float32(drafter_s), widths, None, prop, step)[2:4])
+    spent, probes = 0.0, 0
+    for step in range(steps):
+        adapt, best = decide(adapt.replace(probe_due=jnp.asarray(True)), jnp.int32(step))
+        if int(best) > 0:
+            probes += 1
+            spent += drafter_s + costs[int(best)] - costs[0]
+    one_probe = drafter_s + costs[-1] - costs[0]
+    assert spent <= PROBE_SHARE * steps * costs[0] + one_probe + 1e-4
+    assert spent >= PROBE_SHARE * steps * costs[0] - one_probe and probes > 10
 
 
 def test_a_batch_progresses_by_what_its_slowest_row_gains():
