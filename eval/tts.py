@@ -164,8 +164,8 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
     kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
               speculate_max_rows=args.speculate_max_rows, adaptive=False if args.no_adaptive else None, **options)
-    # warm-up, untimed: the longest question compiles round 1's prompt bucket (prompts are padded to the
-    # longest of a round); a later round whose prompts land in a new bucket still compiles once, timed
+    # warm-up, untimed: the longest question, sized like the whole run (`size_like`), compiles every program
+    # the run uses; a later round whose prompts land in a new bucket still compiles once, timed
     step = 1 if args.paradigm == "best_of_n" else args.batch_size
     batches = -(-len(questions) // step)
     finished = {}
@@ -175,7 +175,8 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
         kw.update(on_result=lambda i, b: records.add(f"{method}/{i}", b.to_dict()))
     if len(finished) < batches:
         longest = max(questions, key=lambda q: len(q.question))
-        paradigms.run(model, [longest], method, args.paradigm, **{k: v for k, v in kw.items() if k != "on_result"})
+        paradigms.run(model, [longest], method, args.paradigm, size_like=questions,
+                      **{k: v for k, v in kw.items() if k != "on_result"})
     result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, finished=finished, **kw)
     samples, _ = _grade(questions, result)
     r = result.rounds

@@ -463,11 +463,11 @@ def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
 
     prop = make_proposer("pld", k=8)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
-    adapt = init_adapt(prop, batch=2)
+    adapt = init_adapt(prop, batch=2).replace(credit=jnp.float32(10.0))  # full: a periodic probe is due
     on = jnp.ones((2,), bool)
 
     costs = jnp.asarray([1.0, 2.0, 2.5, 3.0])
-    step = probe_interval(costs) - 1  # a periodic probe step
+    step = probe_interval(costs) - 1
 
     def width(num, remaining):
         draft = Draft(tokens=jnp.zeros((2, 8), jnp.int32), num=jnp.asarray(num, jnp.int32),

@@ -27,6 +27,42 @@ def test_buckets_are_fixed_and_capped():
     assert {plan_mod.bucket(n, 256) for n in range(1, 2049)} == {256, 384, 512, 768, 1024, 1536, 2048}
 
 
+def test_prompts_padded_alike_share_the_cache_bucket(tiny_model):
+    """A run pads its prompts to its longest (`pad_prompts_to`, as `tts.paradigms` does): the cache bucket
+    follows the padded length, so a 100-token and a 130-token prompt with 128 new tokens share one
+    (sized for the real length they straddle 256 and compile each program twice)."""
+    from specjax.proposers import make_proposer
+
+    prop = make_proposer("pld", k=4)
+    short, long = [[5] * 100], [[6] * 130]
+    alone = [plan_mod.make_plan(tiny_model, p, prop, max_new_tokens=128) for p in (short, long)]
+    assert [p.cache_len for p in alone] == [256, 384]
+    padded = [plan_mod.make_plan(tiny_model, p, prop, max_new_tokens=128, pad_prompts_to=130) for p in (short, long)]
+    assert [(p.cache_len, p.prompt_bucket) for p in padded] == [(384, 192)] * 2
+
+
+@pytest.mark.parametrize("paradigm", ["single", "multi_round"])
+def test_a_warm_up_sized_like_the_run_compiles_what_the_run_uses(tiny_chat_model, paradigm):
+    """`eval.tts` warms a method up on one question sized like the whole run (`size_like`): the run over
+    questions of other lengths then needs no program the warm-up did not load (none compiled, none read
+    from the store's disk)."""
+    from specjax import programs
+    from specjax.tts import paradigms
+    from specjax.tts.datasets import Question
+
+    questions = [Question("a", "What is 2 + 3?", "5"),
+                 Question("b", "A train leaves at noon and travels " + "very " * 40 + "far. When?", "1")]
+    kw = dict(max_new_tokens=8, rounds=2)
+    programs.free_all()  # nothing held from earlier tests: the warm-up alone loads what the run may use
+    paradigms.run(tiny_chat_model, questions[:1], "pld", paradigm, size_like=questions, **kw)
+    _COMPILES.clear()
+    before = programs.counts()
+    paradigms.run(tiny_chat_model, questions, "pld", paradigm, **kw)
+    after = programs.counts()
+    loaded = sum(after[k] - before[k] for k in ("compiled", "from_disk"))
+    assert (_COMPILES, loaded) == ([], 0), f"{len(_COMPILES)} backend compiles, {loaded} programs loaded"
+
+
 @pytest.mark.parametrize("method, adaptive", [("ar", False), ("pld", False), ("suffix", True)])
 def test_no_compile_across_prompt_lengths_budgets_and_temperatures(tiny_model, method, adaptive):
     """After one warm-up per sampling switch, 3 prompt lengths x 3 budgets x 2 temperatures compile nothing."""

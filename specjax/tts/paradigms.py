@@ -139,8 +139,13 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
         batch_size: int = 1, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, on_batch: Callable[[int], None] | None = None,
         early_stop: bool = False, check_every: int = 32, finished: Mapping[int, BatchResult] | None = None,
-        on_result: Callable[[int, BatchResult], None] | None = None, **method_options) -> ParadigmResult:
+        on_result: Callable[[int, BatchResult], None] | None = None, size_like: Sequence[Question] | None = None,
+        **method_options) -> ParadigmResult:
     """Runs `paradigm` with `method` over `questions`; `on_batch(k)` reports k questions done.
+
+    `size_like` (default `questions`): the questions whose longest prompts set every shape of the run
+    (prompt pads, cache size), so that a warm-up on one question compiles exactly the programs a run over
+    all of them uses; sized by itself, a warm-up question left the timed run to compile (2.3-2.8 s).
 
     Resuming: batch i of `finished` is taken as it is instead of run (its seed and shapes are those
     of batch i, so the other batches run as they would have); `on_result(i, batch)` gets each batch
@@ -164,11 +169,11 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **method_options)
     if paradigm == "multi_round":
         return _multi_round(model, questions, method, rounds, batch_size, seed, on_batch, kw, finished or {},
-                            on_result)
+                            on_result, size_like or questions)
     samples = n if paradigm == "best_of_n" else 1
     step = 1 if paradigm == "best_of_n" else batch_size  # best_of_n's batch is the N branches
     prompts = [first_round_prompt(q.question) for q in questions]
-    pad = chat_prompt_length(model, prompts)
+    pad = chat_prompt_length(model, [first_round_prompt(q.question) for q in size_like or questions])
     batches = []
     for i, chunk in enumerate(_batches(prompts, step)):
         if (done := (finished or {}).get(i)) is None:
@@ -190,7 +195,8 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
 
 def _multi_round(model, questions: Sequence[Question], method: str, rounds: int, batch_size: int, seed: int,
                  on_batch: Callable[[int], None] | None, kw: dict[str, Any], finished: Mapping[int, BatchResult],
-                 on_result: Callable[[int, BatchResult], None] | None) -> ParadigmResult:
+                 on_result: Callable[[int, BatchResult], None] | None,
+                 size_like: Sequence[Question]) -> ParadigmResult:
     """Each batch of questions goes through all its rounds before the next batch starts, so the
     rounds chain through one `Session`: round r+1 reuses the cache of the prefix it shares with round
     r's history (chat header, question, instruction) and drafts from a store holding every round.
@@ -200,10 +206,9 @@ def _multi_round(model, questions: Sequence[Question], method: str, rounds: int,
     max_new = kw["max_new_tokens"]
     proposer = make_proposer(method, **{o: v for o, v in kw.items() if o not in GENERATE_KW})
     kw = {o: v for o, v in kw.items() if o in GENERATE_KW}
-    first = [first_round_prompt(q.question) for q in questions]
-    pad1 = chat_prompt_length(model, first)
+    pad1 = chat_prompt_length(model, [first_round_prompt(q.question) for q in size_like])
     # a re-answer prompt: its template around an answer of at most max_new tokens (+ slack for re-tokenising)
-    template_pad = chat_prompt_length(model, [next_round_prompt(q.question, "") for q in questions])
+    template_pad = chat_prompt_length(model, [next_round_prompt(q.question, "") for q in size_like])
     pad_next = template_pad + max_new + REANSWER_SLACK
     new_part = pad_next - pad1 + REANSWER_SLACK  # what a later round prefills beyond the shared prefix
     max_len = cache_length(pad_next + max_new + proposer.width + 1, model.config)
