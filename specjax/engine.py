@@ -108,12 +108,20 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32))
 
 
+def probe_price(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
+                width: Int[Array, ""] | int = -1) -> Float[Array, ""]:
+    """What a probe at `width` (an index into the loop's widths; the widest by default) adds to a 1-token
+    step: the drafter's cost plus that verify's cost over a 1-token step's (an upper bound: nothing of the
+    draft is assumed accepted)."""
+    return drafter_s + costs[width] - costs[0]
+
+
 def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
     """Steps between probes so that probing costs about `PROBE_SHARE` of the time: a probe's price is
     the drafter's cost plus the widest verify's cost over a 1-token step's (an upper bound: nothing of
     the draft is assumed accepted). Near-free verification (accelerators at small batch) probes every
     other step, a dear one (a wide tree on a CPU) seldom."""
-    price = drafter_s + costs[-1] - costs[0]
+    price = probe_price(costs, drafter_s)
     return jnp.clip(jnp.ceil(price / (PROBE_SHARE * costs[0])), 2, MAX_INTERVAL).astype(jnp.int32)
 
 
@@ -127,8 +135,8 @@ def probe_credit(credit: Float[Array, ""], costs: Float[Array, "W"], drafter_s: 
     best-of-8 run). Probes after a backoff were not budgeted before: `recycling`, whose every proposal
     holds a draft that could gain, probed its 15-node tree about six times in a best-of-8 batch's first
     128 steps, each nearly two extra steps (0.89x `ar`)."""
-    cap = drafter_s + costs[-1] - costs[0]
-    start = drafter_s + costs[min(1, costs.shape[0] - 1)] - costs[0]
+    cap = probe_price(costs, drafter_s)
+    start = probe_price(costs, drafter_s, min(1, costs.shape[0] - 1))
     credit = jnp.where(jnp.isinf(credit), jnp.minimum(start, cap), jnp.minimum(credit + PROBE_SHARE * costs[0], cap))
     return credit, credit >= cap
 
@@ -623,7 +631,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         if node_depth is not None:
             probed = jnp.where(step % 2 == 0, len(widths) - 1, probed)
         # every probe is paid from the credit (`probe_credit`), so that probes cost at most PROBE_SHARE
-        price = drafter_s + costs[probed] - costs[0]
+        price = probe_price(costs, drafter_s, probed)
         after_backoff = adapt.probe_due & gain & (credit >= price)
         probe = (full & gain | after_backoff) & probes
         best = jnp.where(probe, probed, best)

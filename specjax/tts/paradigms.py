@@ -167,13 +167,14 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
         warnings.warn("best_of_n with temperature 0 gives N identical branches; use --temperature > 0",
                       stacklevel=2)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, **method_options)
+    size_like = questions if size_like is None else size_like
     if paradigm == "multi_round":
         return _multi_round(model, questions, method, rounds, batch_size, seed, on_batch, kw, finished or {},
-                            on_result, size_like or questions)
+                            on_result, size_like)
     samples = n if paradigm == "best_of_n" else 1
     step = 1 if paradigm == "best_of_n" else batch_size  # best_of_n's batch is the N branches
     prompts = [first_round_prompt(q.question) for q in questions]
-    pad = chat_prompt_length(model, [first_round_prompt(q.question) for q in size_like or questions])
+    pad = chat_prompt_length(model, [first_round_prompt(q.question) for q in size_like])
     batches = []
     for i, chunk in enumerate(_batches(prompts, step)):
         if (done := (finished or {}).get(i)) is None:
