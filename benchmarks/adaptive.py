@@ -9,6 +9,11 @@ eval.tts does), and prints speedups over `ar` of the same run, with the multi-ro
 `ar` runs again after every method, and each method's speedups are against the mean of the two `ar`
 runs around it (a machine whose speed drifts during the cell moves both alike); the cell's `ar` drift
 says how far the machine's speed moved.
+Speedups are ratios of tokens per second, and (`time ad/fx`) of wall time over the same questions. They
+agree where outputs equal `ar`'s (greedy); in a sampled cell a lossless method's answers are other draws
+from the same distribution, and a batch whose samples stop early by chance emits fewer tokens in about
+the same time (a static batch runs until its longest sample is done), which moves the token ratio by a
+few percent either way and the time ratio far less.
 Cells: single paradigm on `arith` and on SpecTTS-Bench, multi_round (2 rounds) on SpecTTS-Bench,
 best_of_n (N=8, T=0.7) on `arith`. The header names the machine; figures hold for that machine only.
 """
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         first = base
         print(f"\n{cell} ({len(questions)} questions): ar {base['tokens_per_s']:.1f} tok/s "
               "(rounds: " + " / ".join(f"{r['tokens_per_s']:.1f}" for r in base["per_round"]) + ")", flush=True)
-        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'MAT ad/fx':>12}   ar before/after   "
+        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'time ad/fx':>13}{'MAT ad/fx':>12}   ar before/after   "
               "per round (adaptive / fixed)")
         for method in methods:
             got = {}
@@ -84,14 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             ref_rounds = [(x["tokens_per_s"] + y["tokens_per_s"]) / 2
                           for x, y in zip(base["per_round"], after["per_round"])]
             ratio = {m: got[m]["tokens_per_s"] / ref for m in got}
+            timed = {m: (base["wall_s"] + after["wall_s"]) / 2 / got[m]["wall_s"] for m in got}
             rounds = [f"{a['tokens_per_s'] / r:.2f}/{f['tokens_per_s'] / r:.2f}"
                       for a, f, r in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], ref_rounds)]
             print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
+                  f"{timed['adaptive']:>8.2f}/{timed['fixed']:.2f}"
                   f"{got['adaptive']['mean_accepted_tokens']:>6.2f}/{got['fixed']['mean_accepted_tokens']:.2f}"
                   f"   {base['tokens_per_s']:>6.1f}/{after['tokens_per_s']:<6.1f}    {'  '.join(rounds)}", flush=True)
             rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ref,
                          "ar_before_tokens_per_s": base["tokens_per_s"], "ar_after_tokens_per_s": after["tokens_per_s"],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
+                         **{f"{m}_time_speedup": timed[m] for m in timed},
                          **{f"{m}_summary": got[m] for m in got}})
             if args.out:  # after every method: a run killed later keeps what it measured
                 _write(args.out, rows)

@@ -41,7 +41,7 @@ def test_flags_merge_with_the_users():
 
 
 def test_cache_write_drops_slots_past_the_end():
-    """New entries land at slots[b, 0] + t; those past the buffer are dropped, never clamped onto
+    """New entry t of row b lands at slots[b, t]; those past the buffer are dropped, never clamped onto
     earlier slots."""
     import jax.numpy as jnp
 
@@ -51,3 +51,6 @@ def test_cache_write_drops_slots_past_the_end():
     new = jnp.arange(1, 7, dtype=jnp.float32).reshape(2, 3, 1, 1)  # [B, T, KV, hd]
     out = np.asarray(kv.write(buf, new, jnp.array([[1, 2, 3], [4, 5, 6]])))[:, 0, :, 0]
     np.testing.assert_array_equal(out, [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 4, 5]])
+    # a step that computed fewer entries than the padded width skips the rest with slot S
+    out = np.asarray(kv.write(buf, new, jnp.array([[2, 6, 6], [0, 1, 6]])))[:, 0, :, 0]
+    np.testing.assert_array_equal(out, [[0, 0, 1, 0, 0, 0], [4, 5, 0, 0, 0, 0]])

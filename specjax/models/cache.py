@@ -66,12 +66,13 @@ def compact(cache: KVCache, start: Int[Array, "B"], path: Int[Array, "B D"]) -> 
 
 
 def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> jax.Array:
-    """Writes new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd] at slots slots[b, 0] + t.
+    """Writes new [B, T, KV, hd] entries into a layer buffer [B, KV, S, hd]: entry t of row b at slot
+    slots[b, t].
 
     A scatter of just the B*T new rows, in place in the decode loop's donated buffers (XLA:CPU needs
     the region-analysis copy insertion `specjax.xla_flags` sets to see that, or it copies every buffer
-    each step: `tests/test_decode_buffers.py`). Slots outside the buffer are dropped, not clamped."""
+    each step: `tests/test_decode_buffers.py`). Slots outside the buffer are dropped, not clamped: a
+    caller skips an entry by giving it slot S."""
     b, t = slots.shape
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    cols = slots[:, :1] + jnp.arange(t)[None, :]
-    return layer_cache.at[rows, :, cols].set(new.astype(layer_cache.dtype), mode="drop")
+    return layer_cache.at[rows, :, slots].set(new.astype(layer_cache.dtype), mode="drop")
