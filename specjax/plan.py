@@ -127,12 +127,12 @@ def make_plan(model, prompts: Sequence[Any], proposer: Proposer, *, max_new_toke
     longest = max(len(x) for x in ids)
     limit = cfg.max_position_embeddings
     p_bucket = bucket(max(longest, pad_prompts_to), PROMPT_FLOOR, limit)
-    need = longest + max_new_tokens + proposer.width + 1
+    tail = max_new_tokens + proposer.width + 1
+    need = longest + tail
     # the cache bucket is sized for the padded prompt: calls padded alike share every program. Sized for the
     # real prompt, a run over SpecTTS-Bench questions crossed a cache bucket every few questions and
-    # compiled there, timed (2.2-2.5 s each, 11% of `ar`'s time over 10 questions)
-    sized = max(longest, pad_prompts_to) + max_new_tokens + proposer.width + 1
-    cache_len = cache_length(max(sized, p_bucket), cfg) if max_len is None else max_len
+    # compiled there, timed (2.2-2.8 s each, 11% of `ar`'s time over 10 questions)
+    cache_len = cache_length(max(max(longest, pad_prompts_to) + tail, p_bucket), cfg) if max_len is None else max_len
     if session is not None:
         if num_samples != 1 or batch != session.batch:
             raise ValueError(f"a session continues row by row: pass {session.batch} prompts (one per row of the "

@@ -54,3 +54,33 @@ def test_cache_write_drops_slots_past_the_end():
     # a step that computed fewer entries than the padded width skips the rest with slot S
     out = np.asarray(kv.write(buf, new, jnp.array([[2, 6, 6], [0, 1, 6]])))[:, 0, :, 0]
     np.testing.assert_array_equal(out, [[0, 0, 1, 0, 0, 0], [4, 5, 0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("drafted, written", [(0, 1), (2, 3), (4, 5)])
+def test_a_step_writes_only_the_rows_its_verify_ran(tiny_model, drafted, written):
+    """The verify switch pads each width's new keys/values to K+1 rows; the cache write keeps the rows
+    the chosen width computed and drops the padding (a 1-token step writes one row, not K+1)."""
+    import jax
+    import jax.numpy as jnp
+
+    from specjax import engine, sampling
+    from specjax.config import SamplingConfig
+    from specjax.drafting import Draft
+    from specjax.models.cache import KVCache
+
+    cfg, k1 = tiny_model.config, 5
+    sentinel = 7.0  # never a key or value of the random model
+    cache = KVCache.init(cfg, 2, 32)
+    cache = cache.replace(k=tuple(jnp.full_like(c, sentinel) for c in cache.k),
+                          v=tuple(jnp.full_like(c, sentinel) for c in cache.v),
+                          lengths=jnp.asarray([3, 10], jnp.int32))
+    draft = Draft(tokens=jnp.full((2, k1 - 1), 5, jnp.int32), num=jnp.full((2,), drafted, jnp.int32))
+    inputs = jnp.concatenate([jnp.full((2, 1), 6, jnp.int32), draft.tokens], axis=1)
+    out = engine._verify(tiny_model.params, cfg, inputs, draft, None, cache, jnp.int32(drafted),
+                         sampling.traced(SamplingConfig()), jax.random.PRNGKey(0), (1, 3, 5))[3]
+    for buf in out.k + out.v:
+        for row, start in enumerate((3, 10)):
+            slots = np.asarray(buf[row, 0, :, 0])
+            assert (slots[start:start + written] != sentinel).all()  # the rows the verify computed
+            assert (slots[start + written:] == sentinel).all()  # nothing past them
+            assert (slots[:start] == sentinel).all()

@@ -145,7 +145,7 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
 
     `size_like` (default `questions`): the questions whose longest prompts set every shape of the run
     (prompt pads, cache size), so that a warm-up on one question compiles exactly the programs a run over
-    all of them uses; sized by itself, a warm-up question left the timed run to compile (2.3-2.8 s).
+    all of them uses; sized by itself, a warm-up question left the timed run to compile (2.2-2.8 s).
 
     Resuming: batch i of `finished` is taken as it is instead of run (its seed and shapes are those
     of batch i, so the other batches run as they would have); `on_result(i, batch)` gets each batch
