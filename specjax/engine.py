@@ -295,14 +295,17 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     """The target forward and the verification of a step, on just enough inputs for the longest draft.
 
     A verify forward of T tokens costs far more than one token on CPUs (3-4x for T=9 here): when no
-    row has a draft, or only short ones, a narrower static width is chosen with `lax.switch`, and each
-    width's branch also verifies at its own width, returning only the small results: verifying the
+    row has a draft, or only short ones, a narrower static width runs: one `lax.while_loop` per width,
+    run once for the chosen one and skipped for the others. Each width's branch writes its new keys
+    and values into the cache in place and verifies at its own width, returning only the small
+    results: verifying the
     K+1 positions' logits after every forward (an argmax or a softmax over the vocabulary per position)
     cost a 1-token step at batch 8 as much as its LM head. A chain is cut to the branch's width (every
     row's draft fits: the width covers `longest`); a tree runs the root alone, one of its sub-trees
     (`index`, the adaptive loop's choice: the draft is already cut to it) or all its nodes, with the
-    (sub-)tree's attention mask and depths as positions. Outputs are padded back to K+1 positions (a
-    sub-tree's at its nodes' places); the rest lies outside every row's draft and is unused. Returns
+    (sub-)tree's attention mask and depths as positions, its nodes' keys/values at their whole-tree slots.
+    Outputs are padded back to K+1 positions (a sub-tree's at its nodes' places); the rest lies outside
+    every row's draft and is unused. Returns
     (verification, hidden [B, K+1, D], the `hidden_layers` outputs, the cache with the new keys/values,
     the top-`topk` token ids of each position's logits or None, the index of the width that ran).
     """
@@ -310,6 +313,11 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
     pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+    def write_new(cache: KVCache, new_kv, slots: Int[Array, "B T"]) -> KVCache:
+        # after the forward, whose attention read the cache and the new keys/values apart: in place
+        return cache.replace(k=tuple(kv.write(c, k, slots) for c, (k, _) in zip(cache.k, new_kv)),
+                             v=tuple(kv.write(c, v, slots) for c, (_, v) in zip(cache.v, new_kv)))
 
     def branch(width: int):
         nodes = None if template is None or width in (1, k1) else np.asarray(_subtree_of_width(template, width))
@@ -330,10 +338,9 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                        path=as_full[jnp.pad(res.path, ((0, 0), (0, deep)))],
                                        last_node=as_full[res.last_node])
                 top = place(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
-                new_kv = jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv])  # [2L, B, n, ...]
-                new_kv = jnp.zeros(new_kv.shape[:2] + (k1,) + new_kv.shape[3:], new_kv.dtype).at[:, :, nodes].set(
-                    new_kv)
-                return res, place(out.hidden), tuple(map(place, out.layer_hidden)), new_kv, top
+                # the sub-tree's nodes go to their places in the whole tree (what compact reads)
+                cache = write_new(cache, out.new_kv, cache.lengths[:, None] + jnp.asarray(nodes, jnp.int32)[None])
+                return res, place(out.hidden), tuple(map(place, out.layer_hidden)), cache, top
             return run
 
         def run(inputs, cache, draft, valid, rng):
@@ -359,29 +366,30 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                            last_node=jnp.zeros_like(res.num_accepted))
             # (the barrier on top-k's output: lookahead's window update ran 200 instead of 80 ms a step)
             top = pad(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
-            # every layer's new keys and values in one array, padded once: [2 * layers, B, K+1, KV, hd], each
-            # layer's block contiguous for its write (stacked on axis 2 the writes began with a layout copy)
-            new_kv = jnp.stack([k for k, _ in out.new_kv] + [v for _, v in out.new_kv])
-            new_kv = jnp.pad(new_kv, ((0, 0), (0, 0), (0, k1 - width), (0, 0), (0, 0)))
-            return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), new_kv, top
+            cache = write_new(cache, out.new_kv, cache.lengths[:, None] + jnp.arange(width)[None])
+            return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), cache, top
         return run
 
     fits = jnp.searchsorted(jnp.asarray(widths), longest + 1)
     index = fits if index is None else jnp.maximum(index, fits)
-    # the branches only read the cache; the new keys/values are written once here, outside the switch
-    # (a conditional that carried the cache copied it in its wide branches, every drafted step)
-    res, hidden, layer_hidden, new_kv, top = jax.lax.switch(index, [branch(w) for w in widths], inputs, cache,
-                                                            draft, valid, rng)
-    # entries past what the branch computed are skipped (slot S is dropped): a 1-token step writes its
-    # one row, not K+1 (the padded rows' scatters took 1.5 ms of a never-drafting batch-8 step, 0.75
-    # after); a sub-tree's nodes sit at their places in the whole tree, so a tree's wider branches write
-    # all K+1
-    written = jnp.asarray(widths)[index] if template is None else jnp.where(index == 0, 1, k1)
-    t = jnp.arange(k1)[None]
-    slots = jnp.where(t < written, cache.lengths[:, None] + t, cache.max_len)
-    n = len(cache.k)
-    cache = cache.replace(k=tuple(kv.write(c, new_kv[i], slots) for i, c in enumerate(cache.k)),
-                          v=tuple(kv.write(c, new_kv[n + i], slots) for i, c in enumerate(cache.v)))
+    # One while loop per width, run once or not at all, instead of a `lax.switch`: each branch writes its
+    # new keys/values into the cache it carries, in place. A conditional that carried the cache made
+    # XLA:CPU copy every cache buffer in its wide branches; a switch that only read it had to hand the
+    # new keys/values out padded to K+1 and write them after it (a pad and a layout copy per layer: a
+    # drafting method's batch-8 1-token step cost 1.5-3% more than `ar`'s; now 0-1.3%).
+    runs = [branch(w) for w in widths]
+    if len(runs) == 1:
+        res, hidden, layer_hidden, cache, top = runs[0](inputs, cache, draft, valid, rng)
+        return res, hidden, layer_hidden, cache, top, index
+    results = lambda out: out[:3] + out[4:]  # all but the cache: (verification, hidden, layer_hidden, top)
+    shapes = jax.eval_shape(lambda *a: results(runs[-1](*a)), inputs, cache, draft, valid, rng)
+    outs = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    for i, run in enumerate(runs):
+        def once(carry, run=run):
+            out = run(inputs, carry[0], draft, valid, rng)
+            return out[3], results(out), jnp.bool_(False)
+        cache, outs, _ = jax.lax.while_loop(lambda carry: carry[2], once, (cache, outs, index == i))
+    res, hidden, layer_hidden, top = outs
     return res, hidden, layer_hidden, cache, top, index
 
 

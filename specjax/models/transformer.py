@@ -225,8 +225,9 @@ def forward(
     `logit_positions` selects which positions get logits (saves the LM head on prefill);
     `num_layers` runs only the first layers (layer-skip self-drafting); `cache_is_empty` (prefill of a
     fresh cache) skips attending to the cache's stale slots. `write_cache=False` leaves the cache as it
-    is and returns the new keys/values (`new_kv`): a caller branching over widths under `lax.switch`
-    writes them once outside it, so the conditional never carries (and copies) the whole cache.
+    is and returns the new keys/values (`new_kv`) for the caller to write where it chooses: the verify
+    step writes a sub-tree's nodes at their whole-tree slots, and writing after the attention has read
+    the cache lets XLA:CPU update it in place inside the step's nested loops.
     """
     b, t = tokens.shape
     chex.assert_rank(tokens, 2)
