@@ -22,9 +22,13 @@ def _decode_hlo(model, method: str, batch: int, **opts) -> tuple[str, tuple[int,
 
 
 @pytest.mark.parametrize("method, batch, opts", [("ar", 1, {}), ("ar", 4, {}), ("pld", 4, {"k": 4}),
-                                                 ("suffix", 2, {"branches": 2, "k": 4})],
-                         ids=["ar-b1", "ar-b4", "pld-b4", "suffix-tree"])
+                                                 ("suffix", 2, {"branches": 2, "k": 4}),
+                                                 ("pld", 4, {"k": 8, "adaptive": True}),
+                                                 ("suffix", 2, {"branches": 2, "k": 4, "adaptive": True})],
+                         ids=["ar-b1", "ar-b4", "pld-b4", "suffix-tree", "pld-adaptive", "suffix-tree-adaptive"])
 def test_decode_copies_no_cache_buffer(tiny_model, method, batch, opts):
+    """Fixed widths (1 or 2 verify widths) and the adaptive loop (each width's branch a while loop that
+    writes the cache it carries, a tree's sub-trees among them)."""
     assert xla_flags.in_force, "import specjax ran after a JAX backend started: the flags did not apply"
     hlo, cache = _decode_hlo(tiny_model, method, batch, **opts)
     shape = "f32[" + ",".join(map(str, cache)) + "]"
