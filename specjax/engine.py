@@ -298,9 +298,8 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     row has a draft, or only short ones, a narrower static width runs: one `lax.while_loop` per width,
     run once for the chosen one and skipped for the others. Each width's branch writes its new keys
     and values into the cache in place and verifies at its own width, returning only the small
-    results: verifying the
-    K+1 positions' logits after every forward (an argmax or a softmax over the vocabulary per position)
-    cost a 1-token step at batch 8 as much as its LM head. A chain is cut to the branch's width (every
+    results: verifying the K+1 positions' logits after every forward (an argmax or a softmax over the
+    vocabulary per position) cost a 1-token step at batch 8 as much as its LM head. A chain is cut to the branch's width (every
     row's draft fits: the width covers `longest`); a tree runs the root alone, one of its sub-trees
     (`index`, the adaptive loop's choice: the draft is already cut to it) or all its nodes, with the
     (sub-)tree's attention mask and depths as positions, its nodes' keys/values at their whole-tree slots.

@@ -62,8 +62,8 @@ def test_cache_write_drops_slots_past_the_end():
 
 @pytest.mark.parametrize("drafted, written", [(0, 1), (2, 3), (4, 5)])
 def test_a_step_writes_only_the_rows_its_verify_ran(tiny_model, drafted, written):
-    """The verify switch pads each width's new keys/values to K+1 rows; the cache write keeps the rows
-    the chosen width computed and drops the padding (a 1-token step writes one row, not K+1)."""
+    """A verify writes the rows its chosen width computed and no other (a 1-token step writes one row,
+    not K+1): each width's branch writes its own rows, with nothing padded."""
     import jax
     import jax.numpy as jnp
 
