@@ -313,11 +313,6 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                         "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
     pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
-    def write_new(cache: KVCache, new_kv, slots: Int[Array, "B T"]) -> KVCache:
-        # after the forward, whose attention read the cache and the new keys/values apart: in place
-        return cache.replace(k=tuple(kv.write(c, k, slots) for c, (k, _) in zip(cache.k, new_kv)),
-                             v=tuple(kv.write(c, v, slots) for c, (_, v) in zip(cache.v, new_kv)))
-
     def branch(width: int):
         nodes = None if template is None or width in (1, k1) else np.asarray(_subtree_of_width(template, width))
         if nodes is not None:
@@ -338,8 +333,8 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                        last_node=as_full[res.last_node])
                 top = place(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
                 # the sub-tree's nodes go to their places in the whole tree (what compact reads)
-                cache = write_new(cache, out.new_kv, cache.lengths[:, None] + jnp.asarray(nodes, jnp.int32)[None])
-                return res, place(out.hidden), tuple(map(place, out.layer_hidden)), cache, top
+                cache = kv.write_layers(cache, out.new_kv, cache.lengths[:, None] + jnp.asarray(nodes, jnp.int32)[None])
+                return cache, (res, place(out.hidden), tuple(map(place, out.layer_hidden)), top)
             return run
 
         def run(inputs, cache, draft, valid, rng):
@@ -365,8 +360,8 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
                                            last_node=jnp.zeros_like(res.num_accepted))
             # (the barrier on top-k's output: lookahead's window update ran 200 instead of 80 ms a step)
             top = pad(jax.lax.optimization_barrier(jax.lax.top_k(logits, topk)[1])) if topk else None
-            cache = write_new(cache, out.new_kv, cache.lengths[:, None] + jnp.arange(width)[None])
-            return res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), cache, top
+            cache = kv.write_layers(cache, out.new_kv, cache.lengths[:, None] + jnp.arange(width)[None])
+            return cache, (res, pad(out.hidden), tuple(map(pad, out.layer_hidden)), top)
         return run
 
     fits = jnp.searchsorted(jnp.asarray(widths), longest + 1)
@@ -378,16 +373,14 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     # drafting method's batch-8 1-token step cost 1.5-3% more than `ar`'s; now 0-1.3%).
     runs = [branch(w) for w in widths]
     if len(runs) == 1:
-        res, hidden, layer_hidden, cache, top = runs[0](inputs, cache, draft, valid, rng)
-        return res, hidden, layer_hidden, cache, top, index
-    results = lambda out: out[:3] + out[4:]  # all but the cache: (verification, hidden, layer_hidden, top)
-    shapes = jax.eval_shape(lambda *a: results(runs[-1](*a)), inputs, cache, draft, valid, rng)
-    outs = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    for i, run in enumerate(runs):
-        def once(carry, run=run):
-            out = run(inputs, carry[0], draft, valid, rng)
-            return out[3], results(out), jnp.bool_(False)
-        cache, outs, _ = jax.lax.while_loop(lambda carry: carry[2], once, (cache, outs, index == i))
+        cache, outs = runs[0](inputs, cache, draft, valid, rng)
+    else:
+        shapes = jax.eval_shape(runs[-1], inputs, cache, draft, valid, rng)[1]
+        outs = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        for i, run in enumerate(runs):
+            def once(carry, run=run):
+                return run(inputs, carry[0], draft, valid, rng) + (jnp.bool_(False),)
+            cache, outs, _ = jax.lax.while_loop(lambda carry: carry[2], once, (cache, outs, index == i))
     res, hidden, layer_hidden, top = outs
     return res, hidden, layer_hidden, cache, top, index
 

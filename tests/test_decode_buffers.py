@@ -55,7 +55,7 @@ def test_cache_write_drops_slots_past_the_end():
     new = jnp.arange(1, 7, dtype=jnp.float32).reshape(2, 3, 1, 1)  # [B, T, KV, hd]
     out = np.asarray(kv.write(buf, new, jnp.array([[1, 2, 3], [4, 5, 6]])))[:, 0, :, 0]
     np.testing.assert_array_equal(out, [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 4, 5]])
-    # a step that computed fewer entries than the padded width skips the rest with slot S
+    # entries past the buffer (here slot S = 6) are dropped, the others written
     out = np.asarray(kv.write(buf, new, jnp.array([[2, 6, 6], [0, 1, 6]])))[:, 0, :, 0]
     np.testing.assert_array_equal(out, [[0, 0, 1, 0, 0, 0], [4, 5, 0, 0, 0, 0]])
 

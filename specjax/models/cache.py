@@ -71,8 +71,16 @@ def write(layer_cache: jax.Array, new: jax.Array, slots: Int[Array, "B T"]) -> j
 
     A scatter of just the B*T new rows, in place in the decode loop's donated buffers (XLA:CPU needs
     the region-analysis copy insertion `specjax.xla_flags` sets to see that, or it copies every buffer
-    each step: `tests/test_decode_buffers.py`). Slots outside the buffer are dropped, not clamped: a
-    caller skips an entry by giving it slot S."""
+    each step: `tests/test_decode_buffers.py`). Slots outside the buffer are dropped, never clamped
+    onto earlier slots."""
     b, t = slots.shape
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     return layer_cache.at[rows, :, slots].set(new.astype(layer_cache.dtype), mode="drop")
+
+
+def write_layers(cache: KVCache, new_kv: tuple[tuple[jax.Array, jax.Array], ...], slots: Int[Array, "B T"]) -> KVCache:
+    """Every layer's new (k, v) [B, T, KV, hd] (a `forward(write_cache=False)`'s `new_kv`) written at
+    `slots`: after the forward, whose attention read the cache and the new entries apart, so that the
+    write is in place even inside the verify step's loops."""
+    return cache.replace(k=tuple(write(c, k, slots) for c, (k, _) in zip(cache.k, new_kv)),
+                         v=tuple(write(c, v, slots) for c, (_, v) in zip(cache.v, new_kv)))
