@@ -26,10 +26,10 @@ def _questions(n):
     return load_dataset("arith", limit=n)
 
 
-def _build(model, folder, after_shard=None, **changes):
+def _build(model, folder, after_shard=None, sampler=None, **changes):
     spec = distill_data.DataSpec(**{**SPEC, **changes})
     return distill_data.build_shards(model, spec, _questions(spec.num_prompts), folder, log=lambda *a: None,
-                                     after_shard=after_shard)
+                                     after_shard=after_shard, sampler=sampler)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,25 @@ def test_labels_are_the_targets_greedy_next_tokens(full, tiny_chat_model):
         ar = specjax.generate(tiny_chat_model, [prefix], "ar", max_new_tokens=1, eos_token_ids=(), chat=False)
         assert data.labels[1, end - 1] == ar.tokens[0][0]
     assert data.mask.sum() == full.num_tokens
+
+
+def test_answers_sampled_at_lower_precision_keep_full_precision_labels(full, tiny_chat_model, tmp_path):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from specjax import sharding
+
+    low = dataclasses.replace(tiny_chat_model, programs_key="",
+                              params=sharding.lower_matmul_weights(tiny_chat_model.params, jnp.bfloat16))
+    data = _build(tiny_chat_model, tmp_path, sampler=low, num_prompts=2, sample_matmul_dtype="bfloat16").in_memory()
+    feats, labels = distill_data.target_outputs(tiny_chat_model, data.tokens, SPEC["feature_layers"])
+    np.testing.assert_array_equal(data.labels, labels)  # the float32 model's greedy choices, not the sampler's
+    np.testing.assert_array_equal(data.features, feats)
+    # the precision is part of what the data are a function of; a folder written without it keeps its key
+    assert "sample_matmul_dtype" not in distill_data.DataSpec(**SPEC).key()
+    with pytest.raises(ValueError, match="sample_matmul_dtype 'bfloat16' -> None"):
+        _build(tiny_chat_model, tmp_path, num_prompts=2)
 
 
 def test_more_prompts_extend_the_data_and_fewer_read_a_prefix(full, tiny_chat_model, tmp_path):

@@ -45,12 +45,18 @@ class DataSpec:
     seed: int
     feature_layers: tuple[int, ...]  # target layers fused (EAGLE); () = the final hidden state (Medusa)
     store_features: bool  # False: training recomputes them from the tokens
+    # the answers are sampled with this matmul precision (None: the model's own); labels and features
+    # always come from the full-precision forward, so only which answers are drawn depends on it
+    sample_matmul_dtype: str | None = None
 
     def key(self) -> dict[str, Any]:
         """Every field but num_prompts: shard i holds prompts [i * shard_size, (i + 1) * shard_size) of a
-        fixed question order, so a run with more prompts extends the data and one with fewer reads a prefix."""
+        fixed question order, so a run with more prompts extends the data and one with fewer reads a prefix.
+        sample_matmul_dtype only when set, so folders written before it existed keep their key."""
         key = {**dataclasses.asdict(self), "feature_layers": list(self.feature_layers)}
         del key["num_prompts"]
+        if key["sample_matmul_dtype"] is None:
+            del key["sample_matmul_dtype"]
         return key
 
     @property
@@ -141,9 +147,11 @@ def read_manifest(folder: Path, spec: DataSpec | None = None) -> dict[str, Any]:
 
 
 def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, log=print,
-                 after_shard: Callable[[int], None] | None = None) -> "ShardedData":
+                 after_shard: Callable[[int], None] | None = None, sampler=None) -> "ShardedData":
     """Generates the shards of `spec` not yet in `folder` (`after_shard(i)` runs after shard i is
-    committed: progress, tests that kill the run) and returns the whole data set, memory-mapped."""
+    committed: progress, tests that kill the run) and returns the whole data set, memory-mapped.
+    `sampler`: the model the answers are generated with (the same weights at
+    `spec.sample_matmul_dtype`; default `model`), while labels and features come from `model`."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder, spec)
     manifest["key"] = spec.key()
@@ -161,7 +169,7 @@ def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, 
         t0 = time.perf_counter()
         for shard in range(done, spec.num_shards):
             chunk = prompts[shard * spec.shard_size : (shard + 1) * spec.shard_size]
-            tokens, mask = generate_rows(model, chunk, spec, shard)
+            tokens, mask = generate_rows(model if sampler is None else sampler, chunk, spec, shard)
             feats, labels = target_outputs(model, tokens, spec.feature_layers, run=run)
             name = f"shard-{shard:05d}"
             tmp = folder / f"{name}.partial"

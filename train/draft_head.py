@@ -61,6 +61,9 @@ def parse_args(argv):
                    help="sampling temperature of the answers (0: greedy, one answer per prompt)")
     p.add_argument("--shard-size", type=int, default=32,
                    help="prompts per data shard (a kill during data generation loses at most one shard)")
+    p.add_argument("--sample-matmul-dtype", default=None, choices=("bfloat16",),
+                   help="sample the answers with bf16 matmuls (about 1.2x faster on CPUs with AMX); labels and "
+                        "features still come from the float32 forward")
     p.add_argument("--features", default="disk", choices=("disk", "recompute"),
                    help="target features: stored with the data (float16, memory-mapped) or recomputed per batch")
     p.add_argument("--steps", type=int, default=300)
@@ -136,16 +139,30 @@ def data_spec(args, layers: tuple[int, ...]) -> distill_data.DataSpec:
     return distill_data.DataSpec(
         model=args.model, dataset=args.dataset, skip=args.skip, num_prompts=args.num_prompts,
         samples_per_prompt=args.samples_per_prompt, temperature=args.temperature, seq_len=args.seq_len,
-        shard_size=args.shard_size, seed=args.seed, feature_layers=layers, store_features=args.features == "disk")
+        shard_size=args.shard_size, seed=args.seed, feature_layers=layers, store_features=args.features == "disk",
+        sample_matmul_dtype=args.sample_matmul_dtype)
 
 
 def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_shard=None,
                questions: list | None = None) -> distill_data.ArrayData:
     """The self-distillation data of `args` in folder/data: the shards not there yet are generated
-    (`questions`: `check_question_count(args)` when the caller has it already)."""
+    (`questions`: `check_question_count(args)` when the caller has it already), the answers by a bf16-matmul
+    copy of the model under --sample-matmul-dtype, loaded only when a shard is missing."""
     questions = check_question_count(args) if questions is None else questions
-    return distill_data.build_shards(model, data_spec(args, layers), questions, folder / "data",
-                                     log=distill_data.progress, after_shard=after_shard)
+    spec = data_spec(args, layers)
+    sampler = None
+    if spec.sample_matmul_dtype is not None and _missing_shards(folder / "data", spec):
+        import specjax
+
+        sampler = specjax.load(args.model, matmul_dtype=spec.sample_matmul_dtype)
+    return distill_data.build_shards(model, spec, questions, folder / "data", log=distill_data.progress,
+                                     after_shard=after_shard, sampler=sampler)
+
+
+def _missing_shards(folder: Path, spec: distill_data.DataSpec) -> bool:
+    shards = distill_data.read_manifest(folder)["shards"]
+    return len(shards) < spec.num_shards or any(s.get("prompts") != spec.shard_prompts(i)
+                                                for i, s in enumerate(shards[: spec.num_shards]))
 
 
 # ---------------------------------------------------------------- training
