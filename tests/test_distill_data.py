@@ -29,7 +29,7 @@ def _questions(n):
 def _build(model, folder, after_shard=None, sampler=None, **changes):
     spec = distill_data.DataSpec(**{**SPEC, **changes})
     return distill_data.build_shards(model, spec, _questions(spec.num_prompts), folder, log=lambda *a: None,
-                                     after_shard=after_shard, sampler=sampler)
+                                     after_shard=after_shard, make_sampler=None if sampler is None else lambda: sampler)
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +70,27 @@ def test_labels_are_the_targets_greedy_next_tokens(full, tiny_chat_model):
     assert data.mask.sum() == full.num_tokens
 
 
-def test_answers_sampled_at_lower_precision_keep_full_precision_labels(full, tiny_chat_model, tmp_path):
+def test_answers_come_from_the_sampler_and_labels_from_the_full_precision_model(tiny_chat_model, tmp_path):
+    """--sample-matmul-dtype: the answers are drawn by the sampler (here the weights scaled, so that its
+    choices differ visibly from the target's), the labels and features are the target's own."""
     import dataclasses
 
-    import jax.numpy as jnp
+    import jax
 
-    from specjax import sharding
-
-    low = dataclasses.replace(tiny_chat_model, programs_key="",
-                              params=sharding.lower_matmul_weights(tiny_chat_model.params, jnp.bfloat16))
-    data = _build(tiny_chat_model, tmp_path, sampler=low, num_prompts=2, sample_matmul_dtype="bfloat16").in_memory()
+    sampler = dataclasses.replace(tiny_chat_model, programs_key="",
+                                  params=jax.tree.map(lambda x: x * 1.5, tiny_chat_model.params))
+    spec = distill_data.DataSpec(**{**SPEC, "num_prompts": 2, "sample_matmul_dtype": "bfloat16"})
+    data = _build(tiny_chat_model, tmp_path, sampler=sampler, num_prompts=2, sample_matmul_dtype="bfloat16").in_memory()
+    prompts = distill_data.encode_prompts(tiny_chat_model, _questions(2), spec.seq_len)
+    drawn, _ = distill_data.generate_rows(sampler, prompts, spec, 0)
+    own, _ = distill_data.generate_rows(tiny_chat_model, prompts, spec, 0)
+    np.testing.assert_array_equal(data.tokens, drawn)
+    assert not np.array_equal(data.tokens, own)
     feats, labels = distill_data.target_outputs(tiny_chat_model, data.tokens, SPEC["feature_layers"])
-    np.testing.assert_array_equal(data.labels, labels)  # the float32 model's greedy choices, not the sampler's
+    _, sampler_labels = distill_data.target_outputs(sampler, data.tokens, SPEC["feature_layers"])
+    np.testing.assert_array_equal(data.labels, labels)
     np.testing.assert_array_equal(data.features, feats)
+    assert not np.array_equal(labels, sampler_labels)
     # the precision is part of what the data are a function of; a folder written without it keeps its key
     assert "sample_matmul_dtype" not in distill_data.DataSpec(**SPEC).key()
     with pytest.raises(ValueError, match="sample_matmul_dtype 'bfloat16' -> None"):

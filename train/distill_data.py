@@ -147,11 +147,13 @@ def read_manifest(folder: Path, spec: DataSpec | None = None) -> dict[str, Any]:
 
 
 def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, log=print,
-                 after_shard: Callable[[int], None] | None = None, sampler=None) -> "ShardedData":
+                 after_shard: Callable[[int], None] | None = None,
+                 make_sampler: Callable[[], Any] | None = None) -> "ShardedData":
     """Generates the shards of `spec` not yet in `folder` (`after_shard(i)` runs after shard i is
     committed: progress, tests that kill the run) and returns the whole data set, memory-mapped.
-    `sampler`: the model the answers are generated with (the same weights at
-    `spec.sample_matmul_dtype`; default `model`), while labels and features come from `model`."""
+    `make_sampler()`: the model the answers are generated with (the same weights at
+    `spec.sample_matmul_dtype`; default `model`), called only when a shard is missing; labels and
+    features always come from `model`."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder, spec)
     manifest["key"] = spec.key()
@@ -165,11 +167,12 @@ def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, 
         shutil.rmtree(stale)
     if done < spec.num_shards:
         prompts = encode_prompts(model, questions, spec.seq_len)
+        sampler = model if make_sampler is None else make_sampler()
         run = feature_fn(model, spec.feature_layers)
         t0 = time.perf_counter()
         for shard in range(done, spec.num_shards):
             chunk = prompts[shard * spec.shard_size : (shard + 1) * spec.shard_size]
-            tokens, mask = generate_rows(model if sampler is None else sampler, chunk, spec, shard)
+            tokens, mask = generate_rows(sampler, chunk, spec, shard)
             feats, labels = target_outputs(model, tokens, spec.feature_layers, run=run)
             name = f"shard-{shard:05d}"
             tmp = folder / f"{name}.partial"

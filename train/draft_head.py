@@ -148,21 +148,14 @@ def build_data(model, args, folder: Path, layers: tuple[int, ...] = (), after_sh
     """The self-distillation data of `args` in folder/data: the shards not there yet are generated
     (`questions`: `check_question_count(args)` when the caller has it already), the answers by a bf16-matmul
     copy of the model under --sample-matmul-dtype, loaded only when a shard is missing."""
+    import specjax
+
     questions = check_question_count(args) if questions is None else questions
     spec = data_spec(args, layers)
-    sampler = None
-    if spec.sample_matmul_dtype is not None and _missing_shards(folder / "data", spec):
-        import specjax
-
-        sampler = specjax.load(args.model, matmul_dtype=spec.sample_matmul_dtype)
+    low = spec.sample_matmul_dtype
+    make_sampler = None if low is None else lambda: specjax.load(args.model, matmul_dtype=low)
     return distill_data.build_shards(model, spec, questions, folder / "data", log=distill_data.progress,
-                                     after_shard=after_shard, sampler=sampler)
-
-
-def _missing_shards(folder: Path, spec: distill_data.DataSpec) -> bool:
-    shards = distill_data.read_manifest(folder)["shards"]
-    return len(shards) < spec.num_shards or any(s.get("prompts") != spec.shard_prompts(i)
-                                                for i, s in enumerate(shards[: spec.num_shards]))
+                                     after_shard=after_shard, make_sampler=make_sampler)
 
 
 # ---------------------------------------------------------------- training
