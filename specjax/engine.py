@@ -71,6 +71,9 @@ class Adapt:
     # seconds of probing the budget allows now (`probe_credit`): each step adds PROBE_SHARE of a 1-token step,
     # each probe spends its price, so probes of every kind cost at most that share of the time
     credit: Float[Array, ""] = float("inf")
+    probed: Bool[Array, ""] = False  # this step verified a probe (of any kind): `_settle` counts it a miss or not
+    # probes in a row that did not pay: each halves the share of time probing may take (`probe_credit`)
+    probe_misses: Int[Array, ""] = 0
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
@@ -81,6 +84,10 @@ DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 st
 # Fixed intervals ignored the price: a 16-wide tree probed every 16 steps took 9% of a best-of-8 run
 PROBE_SHARE = 0.02
 MAX_INTERVAL = 256  # most steps between probes, however dear a probe is
+# probes that did not pay, in a row, after which the share stops halving (2% -> 0.25% of the time): where a
+# drafter never pays (`recycling` in a sampled best-of-8 batch) its probes were most of its 4% over `ar`,
+# while one paid probe (text that starts repeating) restores the full share at once
+MAX_PROBE_MISSES = 3
 # memory of the realised saving per proposing step (~10 proposals): a drafter keeps proposing through a few
 # fruitless steps of text that repeats now and then, and stops where its drafts have stopped paying
 SAVING_DECAY = 0.9
@@ -105,7 +112,8 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
                  drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool),
-                 probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32))
+                 probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32),
+                 probed=jnp.zeros((), bool), probe_misses=jnp.zeros((), jnp.int32))
 
 
 def probe_price(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
@@ -125,19 +133,21 @@ def probe_interval(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float
     return jnp.clip(jnp.ceil(price / (PROBE_SHARE * costs[0])), 2, MAX_INTERVAL).astype(jnp.int32)
 
 
-def probe_credit(credit: Float[Array, ""], costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0
-                 ) -> tuple[Float[Array, ""], Bool[Array, ""]]:
+def probe_credit(credit: Float[Array, ""], costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
+                 misses: Int[Array, ""] | int = 0) -> tuple[Float[Array, ""], Bool[Array, ""]]:
     """The probing budget at the start of a step, and whether it is full: `PROBE_SHARE` of a 1-token step
-    more than the last step left, at most one probe of the widest width (a long quiet stretch does not buy
-    a burst of probes). A fresh loop (credit inf) starts with one probe of its narrowest drafting width: a
-    drafter whose estimate turns down its first drafts has them tested soon, and a short generation is
-    not charged a probe of the widest width up front (a 15-node tree at batch 8: 2% of a 128-token
+    (halved for each of the last `misses` probes in a row that did not pay) more than the last step left,
+    at most one probe of the widest width (a long quiet stretch does not buy a burst of probes). A fresh
+    loop (credit inf) starts with one probe of its narrowest drafting width: a drafter whose estimate
+    turns down its first drafts has them tested soon, and a short generation is not charged a probe of
+    the widest width up front (a 15-node tree at batch 8: 2% of a 128-token
     best-of-8 run). Probes after a backoff were not budgeted before: `recycling`, whose every proposal
     holds a draft that could gain, probed its 15-node tree about six times in a best-of-8 batch's first
     128 steps, each nearly two extra steps (0.89x `ar`)."""
     cap = probe_price(costs, drafter_s)
     start = probe_price(costs, drafter_s, min(1, costs.shape[0] - 1))
-    credit = jnp.where(jnp.isinf(credit), jnp.minimum(start, cap), jnp.minimum(credit + PROBE_SHARE * costs[0], cap))
+    share = PROBE_SHARE * 0.5 ** jnp.clip(misses, 0, MAX_PROBE_MISSES).astype(jnp.float32)
+    credit = jnp.where(jnp.isinf(credit), jnp.minimum(start, cap), jnp.minimum(credit + share * costs[0], cap))
     return credit, credit >= cap
 
 
@@ -584,6 +594,19 @@ def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]
     return jnp.stack(out, axis=-1)
 
 
+def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
+    """Each confidence bucket's prior for its first draft position: the best estimate among it and the
+    buckets below it (`first`, one per bucket), and for a bucket after an accepted streak, at least the
+    same bucket's without one. A longer match (a likelier head token) is accepted at least as often as a
+    shorter one, so a long match seldom seen (the copied text of a second round) starts from the rate
+    of the shorter ones instead of the pooled rate that the many short matches of fresh text hold down;
+    its own verifications still outweigh the prior (PRIOR_COUNT)."""
+    low, after_streak = jnp.split(first, 2, axis=-1)
+    low = jax.lax.cummax(low, axis=low.ndim - 1)
+    after_streak = jax.lax.cummax(jnp.maximum(after_streak, low), axis=low.ndim - 1)
+    return jnp.concatenate([low, after_streak], axis=-1)
+
+
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
                   step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True):
     """The adaptive decision of one step (see `decode`): the width and the truncated draft; whether to
@@ -593,20 +616,23 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     batch = draft.num.shape[0]
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
-    credit, full = probe_credit(adapt.credit, costs, drafter_s)
+    credit, full = probe_credit(adapt.credit, costs, drafter_s, adapt.probe_misses)
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
-    # a bucket starts from its source's rate over all its buckets, not from PRIOR_MEAN: a confidence level
-    # seldom seen (a long match, a high head probability) would otherwise start at 0.5, which on a dear
-    # verify says "do not draft", and then be tried only on probe steps
+    # a bucket starts from its source's rate over all its buckets (or a lower bucket's, if better:
+    # `confidence_prior`), not from PRIOR_MEAN: a confidence level seldom seen (a long match, a high head
+    # probability) would otherwise start at 0.5, which on a dear verify says "do not draft", and then be
+    # tried only on probe steps
     # a tree's sub-trees are counted apart (`_groups`): rows source * G + g, g the drafting sub-tree
     groups = _groups(proposer)
     rows_g = source[:, None] * groups + jnp.arange(groups)[None]  # [B, G]
     pooled = acceptance_estimate(adapt.tried[rows_g].sum((1, 2)), adapt.hit[rows_g].sum((1, 2)))[:, 0]  # [B]
+    first = acceptance_estimate(adapt.tried[rows_g, :, :1], adapt.hit[rows_g, :, :1], pooled[:, None, None])
+    prior = jnp.take_along_axis(confidence_prior(first[..., 0]), bucket[:, None, None], axis=2)  # [B, G, 1]
     p = acceptance_estimate(adapt.tried[rows_g, bucket[:, None]], adapt.hit[rows_g, bucket[:, None]],
-                            pooled[:, None])  # [B, G, D]
+                            prior[..., 0])  # [B, G, D]
     # sub-trees are nested (root, chain, whole): a wider one accepts at least what a narrower one does
     p = jax.lax.cummax(p, axis=1)
-    survive = jnp.concatenate([jnp.zeros(p.shape[:2] + (1,)), jnp.cumsum(jnp.cumprod(p, axis=2), axis=2)], axis=2)
+    reach = jnp.concatenate([jnp.ones(p.shape[:2] + (1,)), jnp.cumprod(p, axis=2)], axis=2)  # [B, G, D+1]
     if node_depth is None:  # a chain cut to width w keeps w - 1 tokens
         length = jnp.minimum(_drafted_depth(draft, None)[:, None], widths[None] - 1)  # [B, W]
         group_of = jnp.zeros(widths.shape, jnp.int32)
@@ -614,9 +640,11 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         members = jnp.asarray(_tree_members(proposer))  # [W, K]
         length = jnp.max(jnp.where(draft.valid[:, None] & members[None], node_depth[None, None], 0), axis=2)
         group_of = jnp.maximum(jnp.arange(len(widths)) - 1, 0)
-    at_length = jnp.take_along_axis(survive[:, group_of], length[:, :, None], axis=2)[:, :, 0]  # [B, W]
-    expect = jnp.where(active[:, None], 1.0 + at_length, 0.0)  # [B, W]
-    worth = _batch_worth(expect, active, remaining)  # [W]: the progress of the row the batch waits for
+    # P(a row accepts at least i draft tokens) at each width: 0 past what the width keeps of its draft
+    upto = jnp.arange(reach.shape[-1])[None, None] <= length[:, :, None]  # [B, W, D+1]
+    survive = jnp.where(upto, reach[:, group_of], 0.0)
+    expect = jnp.where(active[:, None], survive.sum(-1), 0.0)  # [B, W]: expected tokens (index 0: the sure one)
+    worth = _batch_worth(survive, active, remaining)  # [W]: the batch's expected progress
     rate = worth / costs
     # ties: the narrowest chain width (the verify runs what the drafts fill anyway), a tree's widest
     # sub-tree (it runs what is chosen, and holds every narrower one)
@@ -628,8 +656,8 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         # proposes only after waiting, and an estimate that says "no draft" then would never be tested
         # (EAGLE: 1.00 tokens a step where its fixed chain of 4 accepted 2.62). Only when the drafts could
         # gain if every token were accepted: in a batch whose slowest row has no draft a probe only costs
-        best_case = _batch_worth(jnp.where(active[:, None], 1.0 + length, 0.0), active, remaining, tie_break=0.0)
-        gain = jnp.max(best_case[1:]) > _batch_worth(expect[:, :1], active, remaining, tie_break=0.0)[0]
+        best_case = _batch_worth(upto.astype(jnp.float32), active, remaining, tie_break=0.0)
+        gain = jnp.max(best_case[1:]) > _batch_worth(survive[:, :1], active, remaining, tie_break=0.0)[0]
         # a tree's probes alternate between its best-rated sub-tree and the whole tree: the nested
         # estimates never let a wider sub-tree beat the narrower one it holds without evidence of its
         # own, and a narrow one seldom chosen needs some too
@@ -641,9 +669,10 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         after_backoff = adapt.probe_due & gain & (credit >= price)
         probe = (full & gain | after_backoff) & probes
         best = jnp.where(probe, probed, best)
-        credit = credit - jnp.where(probe & want, price, 0.0)
+        probe = probe & want
+        credit = credit - jnp.where(probe, price, 0.0)
     else:
-        after_backoff = gain = jnp.zeros((), bool)
+        after_backoff = gain = probe = jnp.zeros((), bool)
     best = jnp.where(want, best, 0).astype(jnp.int32)
     # drafts that could gain, turned down by the estimate: the estimate itself is what a probe must test (a
     # pessimistic prior would otherwise turn down drafts accepted at 0.95 until a periodic probe)
@@ -662,7 +691,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
         drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff & probes,
-        proposing=want, probe_due=adapt.probe_due | rejected, credit=credit)
+        proposing=want, probe_due=adapt.probe_due | rejected, credit=credit, probed=probe)
     return draft, drafting, adapt, best, bucket
 
 
@@ -714,24 +743,41 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
+    # a probe that did not pay halves the probing share (`probe_credit`); a paid one, or proposals whose
+    # average pays, restore it
+    misses = jnp.where(adapt.probed & ~paid, jnp.minimum(adapt.probe_misses + 1, MAX_PROBE_MISSES),
+                       jnp.where(adapt.probed | pays & ~idle, 0, adapt.probe_misses))
     on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
                          wait=jnp.where(on, wait, adapt.wait), probe_due=jnp.where(on, due, adapt.probe_due),
-                         probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool))
+                         probe_misses=jnp.where(on, misses, adapt.probe_misses),
+                         probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool), probed=jnp.zeros((), bool))
 
 
-def _batch_worth(tokens: Float[Array, "B W"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
+def _batch_worth(survive: Float[Array, "B W J"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
                  tie_break: float = TIE_BREAK) -> Float[Array, "W"]:
-    """What a step of each width is worth to a batch, from each row's (expected) tokens: a static batch
-    runs until its slowest row is done, so the progress (tokens over tokens left) of the row that gains
-    least, not the sum over rows: drafting for some rows of a best-of-8 batch while another had no draft
-    made the batch no shorter and every step dearer (0.89x `ar`). Ties (that row gains nothing at any
-    width) go to the most progress on average: with free verification the other rows' drafts still ride
-    along. One row: its expected tokens, up to a constant."""
-    progress = tokens / jnp.maximum(remaining, 1).astype(jnp.float32)[:, None]
-    worst = jnp.min(jnp.where(active[:, None], progress, jnp.inf), axis=0)
-    mean = jnp.sum(jnp.where(active[:, None], progress, 0.0), axis=0) / jnp.maximum(jnp.sum(active), 1)
-    return jnp.where(jnp.any(active), worst, 0.0) + tie_break * mean
+    """What a step of each width is worth to a batch: the expected drop in the most tokens any active row
+    has left (a static batch runs until that row is done, `_batch_progress`), from each row's
+    `survive[b, w, j]`, the chance it gets at least j + 1 tokens (j = 0: the one every step gives).
+
+    Rows are taken as independent: the batch drops by at least j when every row r does by at least
+    j - (L_max - L_r), L its tokens left, so E[drop] = sum_j prod_r P(...). The expectation of the
+    minimum, not the minimum of the rows' expectations: 8 sampled rows each accepting half their drafts
+    expect 1.9 tokens apiece, yet almost every step one of them accepts nothing, and a width-5 verify at
+    1.9x a step that the older rule admitted there moved the batch by one token (`recycling`, best-of-8,
+    0.94x `ar`). Ties (no width moves the batch) go to the rows' mean expected tokens: with free
+    verification the other rows' drafts still ride along. One row: its expected tokens."""
+    chex.assert_rank(survive, 3)
+    depth = survive.shape[-1]
+    left = jnp.where(active, remaining, 0)
+    shift = jnp.max(left) - left  # [B]: how far each row is from the one the batch waits for
+    need = jnp.arange(depth)[None] - shift[:, None]  # [B, J]: tokens row b must gain for a drop of j + 1
+    at_need = jnp.take_along_axis(survive, jnp.broadcast_to(jnp.clip(need, 0, depth - 1)[:, None], survive.shape),
+                                  axis=2)
+    at_need = jnp.where((need < 0)[:, None] | ~active[:, None, None], 1.0, at_need)
+    drop = jnp.prod(at_need, axis=0).sum(-1)  # [W]
+    mean = jnp.sum(jnp.where(active[:, None], survive.sum(-1), 0.0), axis=0) / jnp.maximum(jnp.sum(active), 1)
+    return jnp.where(jnp.any(active), drop, 0.0) + tie_break * mean
 
 
 def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group: Int[Array, ""] | int = 0,

@@ -286,6 +286,68 @@ def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
     assert width(rejected) == 1
 
 
+def test_a_long_match_seldom_seen_starts_from_the_best_shorter_matchs_rate():
+    """Fresh text: 1-token matches (bucket 1) tried 400 times, accepted 10% of the time; 3-token matches
+    (bucket 2) 40 times, accepted 90%. A 7-token match (bucket 3), never seen, starts from the 3-token
+    rate, not the pooled 0.2 the short matches hold down: a width-5 verify at 2x a step pays. A bucket
+    below the good one gains nothing from it, and a long match's own rejections outweigh the prior."""
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, confidence_prior, init_adapt
+
+    first = jnp.asarray([0.5, 0.1, 0.9, 0.4, 0.3, 0.2, 0.1, 0.2, 0.3, 0.2, 0.1, 0.9])  # 6 buckets, then after a streak
+    np.testing.assert_allclose(confidence_prior(first),
+                               [0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9], rtol=1e-6)
+    prop = make_proposer("pld", k=4)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    adapt = init_adapt(prop).replace(credit=jnp.zeros((), jnp.float32))  # mid-run: no probe credit left
+    adapt = adapt.replace(tried=adapt.tried.at[0, 1].set(400.0).at[0, 2].set(40.0),
+                          hit=adapt.hit.at[0, 1].set(40.0).at[0, 2].set(36.0))
+    on = jnp.ones((1,), bool)
+
+    def width(a, match):
+        draft = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.asarray([4], jnp.int32),
+                      confidence=jnp.full((1,), float(match)))
+        best = _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]), jnp.float32(0),
+                             widths, None, prop, jnp.int32(0))[3]
+        return int(widths[best])
+
+    assert width(adapt, 7) == 5 and width(adapt, 3) == 5
+    assert width(adapt, 1) == 1
+    assert width(adapt.replace(tried=adapt.tried.at[0, 3].set(50.0)), 7) == 1  # 7-token matches: 50 tries, no hit
+
+
+def test_a_sampled_batch_drafts_by_the_expected_progress_of_its_slowest_row():
+    """Eight rows with the same tokens left, each drafting 4 tokens accepted at 0.5: each expects 1.94
+    tokens from a width-5 verify at 1.8x a step, but the batch moves by the least any row gains, and with
+    eight rows that is almost always one token (expected 1.01). So the batch verifies no draft, where
+    the minimum of the rows' expectations (1.94 / 1.8 > 1) verified every one; one row alone drafts. Rows
+    far behind the row the batch waits for do not hold it back."""
+    from specjax.drafting import Draft
+    from specjax.engine import _batch_worth, _choose_width, init_adapt
+
+    prop = make_proposer("pld", k=4)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+
+    def width(batch, remaining=None):
+        adapt = init_adapt(prop, batch=batch).replace(credit=jnp.zeros((), jnp.float32))
+        adapt = adapt.replace(tried=adapt.tried + 1000.0, hit=adapt.hit + 500.0)
+        draft = Draft(tokens=jnp.zeros((batch, 4), jnp.int32), num=jnp.full((batch,), 4, jnp.int32),
+                      confidence=jnp.zeros((batch,), jnp.float32))
+        on = jnp.ones((batch,), bool)
+        rem = None if remaining is None else jnp.asarray(remaining, jnp.int32)
+        best = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.7, 1.8]), jnp.float32(0),
+                             widths, None, prop, jnp.int32(0), rem)[3]
+        return int(widths[best])
+
+    assert width(1) == 5
+    assert width(8) == 1
+    assert width(8, [100] + [50] * 7) == 5  # the other seven end long before the first: it alone counts
+    half = jnp.asarray([1.0, 0.5, 0.25, 0.125, 0.0625])[None, None]  # P(at least j + 1 tokens), 4 drafted
+    on = jnp.ones((8,), bool)
+    worth = _batch_worth(jnp.broadcast_to(half, (8, 1, 5)), on, jnp.full((8,), 100), tie_break=0.0)
+    np.testing.assert_allclose(worth, [1 + 0.5**8 + 0.25**8 + 0.125**8 + 0.0625**8], rtol=1e-6)
+
+
 def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
     """Copied text: the first positions were tried often and almost always accepted, the deep ones seldom
     reached. Their estimate follows the positions before them, not the 0.5 prior, so the full width wins
@@ -431,6 +493,46 @@ def test_every_probe_is_paid_from_a_budget_of_two_percent_of_the_time():
     one_probe = drafter_s + costs[-1] - costs[0]
     assert spent <= PROBE_SHARE * steps * costs[0] + one_probe + 1e-4
     assert spent >= PROBE_SHARE * steps * costs[0] - one_probe and probes > 10
+
+
+@pytest.mark.parametrize("tokens", [1.0, 8.0], ids=["probes-miss", "probes-pay"])
+def test_probes_that_do_not_pay_halve_the_probing_share(tokens):
+    """Drafts that could gain, all turned down by the estimate, over 600 steps of the decision and the
+    settling together. Probes that yield one token (not the verify's price) halve the share each time,
+    down to 2% / 2**MAX_PROBE_MISSES: probing then costs under half of the 2% budget. Probes that pay
+    keep the full share, and the budget is spent."""
+    import jax
+
+    from specjax.drafting import Draft
+    from specjax.engine import MAX_PROBE_MISSES, PROBE_SHARE, _choose_width, _settle, init_adapt
+
+    prop = make_proposer("pld", k=8)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    costs, drafter_s, steps = jnp.asarray([1.0, 1.3, 1.5, 2.0]), jnp.float32(0.1), 600
+    adapt = init_adapt(prop)
+    adapt = adapt.replace(tried=adapt.tried + 1000.0)  # every position tried, none accepted
+    draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([8], jnp.int32),
+                  confidence=jnp.zeros((1,), jnp.float32))
+    on = jnp.ones((1,), bool)
+
+    @jax.jit
+    def step(a, i):
+        want = a.wait <= 0
+        a, best = _choose_width(draft, on & want, on, want, a, costs, drafter_s, widths, None, prop, i)[2:4]
+        return _settle(a, jnp.float32(1), jnp.float32(tokens), best, costs, drafter_s), best
+
+    spent, misses = 0.0, []
+    for i in range(steps):
+        adapt, best = step(adapt, jnp.int32(i))
+        spent += float(drafter_s + costs[int(best)] - costs[0]) if int(best) > 0 else 0.0
+        misses.append(int(adapt.probe_misses))
+    one_probe = float(drafter_s + costs[-1] - costs[0])
+    if tokens == 1.0:
+        assert max(misses) == misses[-1] == MAX_PROBE_MISSES
+        assert 0 < spent < 0.5 * PROBE_SHARE * steps * float(costs[0])
+    else:
+        assert max(misses) == 0
+        assert spent >= PROBE_SHARE * steps * float(costs[0]) - one_probe
 
 
 def test_a_batch_progresses_by_what_its_slowest_row_gains():
