@@ -91,7 +91,7 @@ MAX_PROBE_MISSES = 3
 # memory of the realised saving per proposing step (~10 proposals): a drafter keeps proposing through a few
 # fruitless steps of text that repeats now and then, and stops where its drafts have stopped paying
 SAVING_DECAY = 0.9
-TIE_BREAK = 1e-3  # weight of the rows' mean progress beside the slowest row's in the width decision
+TIE_BREAK = 1e-3  # weight of the rows' mean expected tokens beside the batch's expected progress (`_batch_worth`)
 
 
 def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: int) -> Int[Array, "B"]:
@@ -595,12 +595,13 @@ def acceptance_estimate(tried: Float[Array, "... D"], hit: Float[Array, "... D"]
 
 
 def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
-    """Each confidence bucket's prior for its first draft position: the best estimate among it and the
-    buckets below it (`first`, one per bucket), and for a bucket after an accepted streak, at least the
-    same bucket's without one. A longer match (a likelier head token) is accepted at least as often as a
-    shorter one, so a long match seldom seen (the copied text of a second round) starts from the rate
-    of the shorter ones instead of the pooled rate that the many short matches of fresh text hold down;
-    its own verifications still outweigh the prior (PRIOR_COUNT)."""
+    """Each confidence bucket's prior for its first draft position where that beats the source's pooled
+    rate: the best estimate among it and the buckets below it (`first`, one per bucket), and for a
+    bucket after an accepted streak, at least the same bucket's without one. A longer match (a likelier
+    head token) is accepted at least as often as a shorter one, so a long match seldom seen (the copied
+    text of a second round) starts from the rate of the shorter ones instead of the pooled rate that the
+    many short matches of fresh text hold down; its own verifications still outweigh the prior
+    (PRIOR_COUNT)."""
     low, after_streak = jnp.split(first, 2, axis=-1)
     low = jax.lax.cummax(low, axis=low.ndim - 1)
     after_streak = jax.lax.cummax(jnp.maximum(after_streak, low), axis=low.ndim - 1)
@@ -627,7 +628,8 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     rows_g = source[:, None] * groups + jnp.arange(groups)[None]  # [B, G]
     pooled = acceptance_estimate(adapt.tried[rows_g].sum((1, 2)), adapt.hit[rows_g].sum((1, 2)))[:, 0]  # [B]
     first = acceptance_estimate(adapt.tried[rows_g, :, :1], adapt.hit[rows_g, :, :1], pooled[:, None, None])
-    prior = jnp.take_along_axis(confidence_prior(first[..., 0]), bucket[:, None, None], axis=2)  # [B, G, 1]
+    prior = jnp.maximum(pooled[:, None, None], confidence_prior(first[..., 0]))  # never below the pool
+    prior = jnp.take_along_axis(prior, bucket[:, None, None], axis=2)  # [B, G, 1]
     p = acceptance_estimate(adapt.tried[rows_g, bucket[:, None]], adapt.hit[rows_g, bucket[:, None]],
                             prior[..., 0])  # [B, G, D]
     # sub-trees are nested (root, chain, whole): a wider one accepts at least what a narrower one does
