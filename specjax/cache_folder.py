@@ -1,5 +1,6 @@
 """The one specjax cache folder: compiled programs (JAX's persistent compilation cache), converted GGUF
-weights and tokenizers (`models/loading.py`), measured step costs (`step_cost.py`).
+weights and tokenizers (`models/loading.py`), measured step costs and one-row product timings
+(`step_cost.py`, `models/gemv_blocks.py`).
 
 Default `~/.cache/specjax`; `SPECJAX_CACHE_DIR` moves it, and its value `none` turns every disk cache
 off. `import specjax` switches JAX's persistent compilation cache on under `<folder>/xla`, so a

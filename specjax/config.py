@@ -54,12 +54,18 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights (Mixtral: always)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert
     moe_layers: tuple[int, ...] = ()  # which layers are sparse
+    # not the architecture but how this machine runs it: a one-row float32 matmul of a layer is split
+    # into this many blocks of its inner dimension (models/linear.py), chosen by timing at load
+    # (models/gemv_blocks.py); 1 = a plain dot
+    gemv_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.gemv_blocks < 1:
+            raise ValueError(f"gemv_blocks must be at least 1, got {self.gemv_blocks}")
         if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"a sparse model needs 0 < num_experts_per_tok <= num_experts, got "
                              f"{self.num_experts_per_tok} of {self.num_experts}")

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from specjax import programs, sharding, validation, warm_start
 from specjax.config import ModelConfig
-from specjax.models import loading, transformer
+from specjax.models import gemv_blocks, loading, transformer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,6 +84,7 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
     reader = threading.Thread(target=load_tokenizer, name="specjax-tokenizer", daemon=True) if tokenizer else None
     if reader is not None:
         reader.start()
+    cfg = gemv_blocks.configure(cfg, params, mesh)  # timed once per machine and model, then cached
     # last time's calls replayed on a dummy prompt (their programs' first runs) while the tokenizer loads
     warm_start.replay_last(Model(config=cfg, params=params, tokenizer=None, name=str(name), programs_key=owner))
     if reader is not None:

@@ -165,7 +165,7 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = matmul(h, lp["wqkv"])
+    qkv = matmul(h, lp["wqkv"], blocks=cfg.gemv_blocks)
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     nq, nk = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -185,14 +185,14 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     else:
         new_kv = (kv.write(cache_kv[0], k, slots), kv.write(cache_kv[1], v, slots))
         ctx = None if ctx_mask is None else (new_kv[0], new_kv[1], ctx_mask)
-    x = x + matmul(_attend(q, k, v, new_mask, ctx, cfg), lp["wo"])
+    x = x + matmul(_attend(q, k, v, new_mask, ctx, cfg), lp["wo"], blocks=cfg.gemv_blocks)
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "router" in lp:
         y, activated = moe.moe_mlp(lp, cfg, h)
         return x + y, new_kv, activated
-    gate_up = matmul(h, lp["w_gate_up"])
+    gate_up = matmul(h, lp["w_gate_up"], blocks=cfg.gemv_blocks)
     f = gate_up.shape[-1] // 2
-    x = x + matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], lp["w_down"])
+    x = x + matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], lp["w_down"], blocks=cfg.gemv_blocks)
     return x, new_kv, None
 
 
