@@ -69,17 +69,20 @@ def main(argv: list[str] | None = None) -> int:
                              str(args.max_new_tokens), "--temperature", str(spec["temperature"]),
                              "--n", str(spec.get("n", 8)), "--rounds", "2", "--limit", str(limit)])
         questions = load_dataset(spec["dataset"], limit=limit)
-        base, _, _ = run_method(model, questions, "ar", run_args)
+        base, ar_samples, _ = run_method(model, questions, "ar", run_args)
         first = base
         print(f"\n{cell} ({len(questions)} questions): ar {base['tokens_per_s']:.1f} tok/s "
               "(rounds: " + " / ".join(f"{r['tokens_per_s']:.1f}" for r in base["per_round"]) + ")", flush=True)
         print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'time ad/fx':>13}{'MAT ad/fx':>12}   ar before/after   "
-              "per round (adaptive / fixed)")
+              "per round (adaptive / fixed)   outputs as ar's (adaptive / fixed)")
         for method in methods:
-            got = {}
+            got, same = {}, {}
             for mode in ("adaptive", "fixed"):
                 run_args.no_adaptive = mode == "fixed"
-                got[mode], _, _ = run_method(model, questions, method, run_args)
+                got[mode], samples, _ = run_method(model, questions, method, run_args)
+                # share of questions whose outputs are ar's: 1 for greedy runs and, with the same seed,
+                # for sampled runs of deterministic drafters (tokens/s then compares the same tokens)
+                same[mode] = sum(x["outputs"] == y["outputs"] for x, y in zip(samples, ar_samples)) / len(samples)
             run_args.no_adaptive = False
             programs.free_all()  # one process compiling every method twice ran out of code mappings
             # `ar` again after every method, and each method against the mean of the two `ar` runs around
@@ -95,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
                   f"{timed['adaptive']:>8.2f}/{timed['fixed']:.2f}"
                   f"{got['adaptive']['mean_accepted_tokens']:>6.2f}/{got['fixed']['mean_accepted_tokens']:.2f}"
-                  f"   {base['tokens_per_s']:>6.1f}/{after['tokens_per_s']:<6.1f}    {'  '.join(rounds)}", flush=True)
+                  f"   {base['tokens_per_s']:>6.1f}/{after['tokens_per_s']:<6.1f}    {'  '.join(rounds)}"
+                  f"   same as ar {same['adaptive']:.0%}/{same['fixed']:.0%}", flush=True)
             rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ref,
                          "ar_before_tokens_per_s": base["tokens_per_s"], "ar_after_tokens_per_s": after["tokens_per_s"],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
                          **{f"{m}_time_speedup": timed[m] for m in timed},
+                         **{f"{m}_outputs_equal_ar": same[m] for m in same},
                          **{f"{m}_summary": got[m] for m in got}})
             if args.out:  # after every method: a run killed later keeps what it measured
                 _write(args.out, rows)

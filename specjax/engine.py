@@ -37,7 +37,7 @@ from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
 from specjax.stats import GenerationStats
-from specjax.verify import TreeVerifyResult, verify_chain, verify_tree
+from specjax.verify import TreeVerifyResult, position_keys, verify_chain, verify_tree
 
 
 @struct.dataclass
@@ -172,7 +172,7 @@ class LoopState:
     hidden: Float[Array, "B D"]  # target hidden state that produced the pending token
     features: Float[Array, "B D1 F"] | None  # proposer.feature_layers outputs along the last accepted path
     proposer_state: Any
-    rng: jax.Array
+    rng: jax.Array  # the run's key, fixed: drafts fold in the step, verification each row and position
     steps: Int[Array, ""]  # verify forwards run
     accept_hist: Int[Array, "K2"]  # accept_hist[n]: active row-steps that produced n tokens
     verify_hist: Int[Array, "W"]  # steps whose verify forward ran each static width (`loop_widths`)
@@ -492,7 +492,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
 
     def body(s: LoopState) -> LoopState:
-        rng, r_prop, r_ver = jax.random.split(s.rng, 3)
+        # drafts draw from the step's key; verification from each row's position keys (`position_keys`)
+        r_prop = jax.random.fold_in(jax.random.fold_in(s.rng, 0), s.steps)
+        r_ver = position_keys(jax.random.fold_in(s.rng, 1), s.lengths, depth + 1)
         ctx = context(s)
         active = ~s.done
         propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
@@ -548,7 +550,6 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             cache=sharding.constrain_cache(cache.with_lengths(jnp.where(active, lengths - 1, s.cache.lengths)), mesh),
             hidden=jnp.where(active[:, None], hidden, s.hidden),
             features=features,
-            rng=rng,
             steps=s.steps + 1,
             accept_hist=s.accept_hist.at[num_new].add(active.astype(jnp.int32)),
             verify_hist=s.verify_hist.at[ran].add(1),

@@ -1,7 +1,11 @@
 """Verification of drafts against one target forward: greedy, and lossless speculative sampling.
 
-Chains: Leviathan et al. / Chen et al. rejection sampling. Trees (deterministic drafts): recursive
-rejection over siblings (SpecInfer; "multi-round speculative sampling"). Everything has static shapes:
+Deterministic drafts (every drafter but a sampling draft model; chains and trees): a draft token is
+accepted when it equals the target's own draw for its position, keyed by row and position
+(`position_keys`), so a sampled run emits plain sampling's tokens whatever was drafted; the acceptance
+probabilities are those of rejection sampling with a one-hot q and, for trees, of recursive rejection
+over siblings (SpecInfer). A draft model's real q: Leviathan et al. / Chen et al. rejection sampling.
+Everything has static shapes:
 a row's acceptance is a count, never a shape, so these run inside the jitted decode loop with no host
 sync. Pure functions; jit them with `cfg` (and `template`) static.
 
@@ -23,7 +27,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax.config import SamplingConfig
 from specjax.drafting import Draft, TreeTemplate, at
-from specjax.sampling import argmax, categorical, process_logits
+from specjax.sampling import argmax, process_logits
 
 
 @struct.dataclass
@@ -45,10 +49,77 @@ def _residual(p: Float[Array, "B V"], q: Float[Array, "B V"]) -> Float[Array, "B
     return jnp.maximum(p - q, 0.0)
 
 
-def _draw(rng: jax.Array, weights: Float[Array, "B V"], fallback: Float[Array, "B V"]) -> Int[Array, "B"]:
-    """A draw proportional to `weights`, or to `fallback` where rounding left all weights at zero."""
+def position_keys(rng: jax.Array, starts: Int[Array, "B"], width: int) -> jax.Array:
+    """One key per row and position: keys[b, j] holds the draws that decide row b's token at absolute
+    position starts[b] + j, whichever step reaches that position and however wide its verify is.
+
+    A row's randomness then depends on where its tokens land, not on how the loop got there: a step that
+    verifies no draft draws exactly what plain decoding (`ar`) draws at that position with the same
+    seed, so a method that drafts nothing samples `ar`'s tokens, and sampled runs of different methods
+    (Best-of-N) are paired comparisons. Still lossless: a position's draws decide its token once, and no
+    draft or width decision reads them (a later step reusing the draws of a position that an earlier
+    step computed but did not reach is no exception: nothing observed depended on them)."""
+    per_row = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(starts.shape[0]))
+    return jax.vmap(lambda key, s: jax.vmap(jax.random.fold_in, (None, 0))(key, s + jnp.arange(width)))(
+        per_row, starts.astype(jnp.int32))
+
+
+def _keys(rng: jax.Array, b: int, width: int) -> jax.Array:
+    """`rng` as [B, width] position keys; a single key stands for positions 0, 1, ... of every row."""
+    if rng.ndim <= 1:
+        return position_keys(rng, jnp.zeros((b,), jnp.int32), width)
+    chex.assert_shape(rng, (b, None) + rng.shape[2:])
+    if rng.shape[1] < width:
+        raise ValueError(f"{rng.shape[1]} position keys per row for a verify of {width} positions")
+    return rng[:, :width]
+
+
+def _uniforms(keys: jax.Array, count: int | None = None) -> Float[Array, "B W ..."]:
+    """A uniform (or `count` of them) per position key: the acceptance tests' draws."""
+    shape = () if count is None else (count,)
+    return jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), shape)))(keys)
+
+
+BLOCK = 256  # the inverse CDF sums the vocabulary in blocks: two short prefix sums instead of one long one
+
+
+def inverse_cdf(weights: Float[Array, "... V"], u: Float[Array, "..."]) -> Int[Array, "..."]:
+    """The token whose cumulative weight first exceeds u * total (weights >= 0, unnormalised; u in [0, 1)):
+    a draw from `weights` with one uniform. Never a zero-weight token, whatever the rounding."""
+    v = weights.shape[-1]
+    nb = -(-v // BLOCK)
+    w = jnp.pad(weights, [(0, 0)] * (weights.ndim - 1) + [(0, nb * BLOCK - v)]).reshape(*weights.shape[:-1], nb, BLOCK)
+    sums = jnp.sum(w, axis=-1)  # [..., nb]
+    csum = jnp.cumsum(sums, axis=-1)
+    target = u * csum[..., -1]
+    last_block = jnp.max(jnp.where(sums > 0, jnp.arange(nb), 0), axis=-1)
+    blk = jnp.minimum(jnp.sum(csum <= target[..., None], axis=-1), last_block)
+    before = jnp.take_along_axis(csum - sums, blk[..., None], axis=-1)[..., 0]
+    inner = jnp.take_along_axis(w, blk[..., None, None], axis=-2)[..., 0, :]  # [..., BLOCK]
+    last_in = jnp.max(jnp.where(inner > 0, jnp.arange(BLOCK), 0), axis=-1)
+    j = jnp.minimum(jnp.sum(before[..., None] + jnp.cumsum(inner, axis=-1) <= target[..., None], axis=-1), last_in)
+    return (blk * BLOCK + j).astype(jnp.int32)
+
+
+def _draw(keys: jax.Array, weights: Float[Array, "B V"], fallback: Float[Array, "B V"]) -> Int[Array, "B"]:
+    """A draw proportional to `weights` with each row's key (`keys[b]`, its new token's position; the
+    uniform its acceptance test did not use), or to `fallback` where rounding left all weights at zero."""
     empty = jnp.sum(weights, axis=-1, keepdims=True) <= 0
-    return categorical(rng, jnp.log(jnp.where(empty, fallback, weights))).astype(jnp.int32)
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 1)))(keys)
+    return inverse_cdf(jnp.where(empty, fallback, weights), u)
+
+
+def _target_draws(target_logits: Float[Array, "B T V"], cfg: SamplingConfig, keys: jax.Array,
+                  depth: Int[Array, "T"]) -> Int[Array, "B T"]:
+    """At every node, the token the target samples there: an inverse-CDF draw from the processed target
+    with the uniform of the node's position (`keys[:, depth]`). A deterministic draft's token is accepted
+    when it equals this draw, which accepts x with probability p(x), as rejection sampling with a
+    one-hot q does, and a tree's first matching child with the probability recursive rejection over
+    siblings gives it; and every emitted token is the target's own draw for its position, so with the
+    same seed the output is plain sampling's token for token, whatever was drafted."""
+    p = jnp.exp(process_logits(target_logits, cfg))
+    u = _uniforms(keys)  # [B, D + 1]
+    return inverse_cdf(p, jnp.take(u, depth, axis=1))
 
 
 def _emit(accepted: Int[Array, "B K"], n: Int[Array, "B"], new: Int[Array, "B"]) -> Int[Array, "B K+1"]:
@@ -65,10 +136,12 @@ def verify_chain(
 
     `target_logits[:, i]` is the target's prediction after draft token i-1 (i = 0: after the pending
     token), so index i judges draft token i and index `num` gives the bonus. Greedy accepts while the
-    draft equals the argmax. Sampling accepts x_i with probability min(1, p_i(x_i) / q_i(x_i)), then draws
-    from max(0, p - q) normalised at the first rejection, or from p after full acceptance: the emitted
-    tokens are distributed exactly as sampling the target with `cfg`. `draft.probs` must be the
-    drafter's processed probabilities (`sampling.probs` with the same cfg); None means one-hot q.
+    draft equals the argmax. Sampling a deterministic draft (`draft.probs` None) accepts while it equals
+    the target's draw for each position (`_target_draws`): plain sampling's tokens, whatever was drafted.
+    With a drafter's real q (`draft.probs`: `sampling.probs` with the same cfg), it accepts x_i with
+    probability min(1, p_i(x_i) / q_i(x_i)), then draws from max(0, p - q) normalised at the first
+    rejection, or from p after full acceptance: the emitted tokens are distributed exactly as sampling
+    the target with `cfg`. `rng`: one key, or [B, >= K+1] position keys (`position_keys`).
     """
     b, k = draft.tokens.shape
     chex.assert_shape(target_logits, (b, k + 1, None))
@@ -77,34 +150,30 @@ def verify_chain(
         chex.assert_shape(draft.probs, (b, k, target_logits.shape[-1]))
     live = jnp.arange(k)[None] < draft.num[:, None]  # real draft positions
 
-    if cfg.greedy:
-        best = argmax(target_logits).astype(jnp.int32)
+    keys = None if cfg.greedy else _keys(rng, b, k + 1)
+    if cfg.greedy or draft.probs is None:  # the target's pick at each position: its argmax, or its draw
+        if cfg.greedy:
+            best = argmax(target_logits).astype(jnp.int32)
+        else:
+            best = _target_draws(target_logits, cfg, keys, jnp.arange(k + 1))
         ok = (draft.tokens == best[:, :k]) & live
         n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
         return VerifyResult(_emit(draft.tokens, n, at(best, n)), n.astype(jnp.int32))
 
-    u_key, s_key = jax.random.split(rng)
+    # a drafter's real q (a sampling draft model): rejection sampling
     p = jnp.exp(process_logits(target_logits, cfg))
     p_x = jnp.take_along_axis(p[:, :k], draft.tokens[..., None], axis=-1)[..., 0]
-    if draft.probs is None:
-        q_x = 1.0
-    else:
-        q_x = jnp.take_along_axis(draft.probs.astype(jnp.float32), draft.tokens[..., None], axis=-1)[..., 0]
-    ok = (jax.random.uniform(u_key, (b, k)) * q_x < p_x) & live  # u < p/q without a division; p_x = 0 rejects
+    q_x = jnp.take_along_axis(draft.probs.astype(jnp.float32), draft.tokens[..., None], axis=-1)[..., 0]
+    ok = (_uniforms(keys[:, :k]) * q_x < p_x) & live  # u < p/q without a division; p_x = 0 rejects
     n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
     # The new token is drawn at position n: from the residual after a rejection, from p after a full accept.
     p_n = at(p, n)
     rejected = (n < draft.num)[:, None]
     j = jnp.minimum(n, k - 1)  # in range; where nothing was rejected q_n is masked out anyway
-    if k == 0:
-        q_n = jnp.zeros_like(p_n)
-    elif draft.probs is None:
-        q_n = jax.nn.one_hot(at(draft.tokens, j), p.shape[-1])
-    else:
-        q_n = at(draft.probs.astype(jnp.float32), j)
+    q_n = jnp.zeros_like(p_n) if k == 0 else at(draft.probs.astype(jnp.float32), j)
     q_n = jnp.where(rejected, q_n, 0.0)
-    new = _draw(s_key, _residual(p_n, q_n), p_n)
+    new = _draw(at(keys, n), _residual(p_n, q_n), p_n)
     return VerifyResult(_emit(draft.tokens, n, new), n.astype(jnp.int32))
 
 
@@ -119,11 +188,12 @@ def verify_tree(
     """Accepts one root-to-node path of a deterministic draft tree and appends one target token.
 
     `tree_tokens[:, 0]` is the pending token; invalid nodes (and their subtrees) are never accepted.
-    Greedy: a node is accepted when its parent is and its token is the argmax at its parent; the
-    deepest accepted node wins (ties: the lowest index), and the bonus is the argmax there. Sampling:
-    from the root down, try the valid children in order, accepting child token x with probability
-    r(x) / sum(r), where r starts as the processed target p at the node and loses x's mass after each
-    rejection; move into the first accepted child, and when all are rejected draw from r. Lossless.
+    A node is accepted when its parent is and its token is the target's pick at its parent: the argmax
+    (greedy) or the target's draw for that position (`_target_draws`; lossless: a child is entered with
+    the probability SpecInfer's recursive rejection over siblings gives it, and where no child matches,
+    the draw is p conditioned on matching none of them, which is what that rejection leaves). The
+    deepest accepted node wins (ties: the lowest index; duplicate siblings emit the same tokens), and
+    the bonus is the target's pick there.
     """
     b, t = tree_tokens.shape
     chex.assert_shape(target_logits, (b, t, None))
@@ -135,40 +205,15 @@ def verify_tree(
 
     if cfg.greedy:
         best = argmax(target_logits).astype(jnp.int32)
-        parent = np.maximum(np.asarray(template.parents), 0)
-        match = (valid & (tree_tokens == best[:, parent])).at[:, 0].set(True)
-        accepted = match
-        for _ in range(d):  # acceptance flows one level down per pass
-            accepted = match & accepted[:, parent]
-        last = jnp.argmax(jnp.where(accepted, depth_of, -1), axis=1).astype(jnp.int32)  # first maximum
-        new = at(best, last)
-    else:
-        p_all = jnp.exp(process_logits(target_logits, cfg))
-        vocab = p_all.shape[-1]
-        width = max(1, max(len(c) for c in template.children))
-        kids = np.full((t, width), -1, np.int32)
-        for i, c in enumerate(template.children):
-            kids[i, : len(c)] = c
-        kids = jnp.asarray(kids)
-        u_key, s_key = jax.random.split(rng)
-        u = jax.random.uniform(u_key, (d, b, width))
-        last = jnp.zeros((b,), jnp.int32)
-        r = p_all[:, 0]
-        done = jnp.zeros((b,), bool)
-        for level in range(d):  # rows sit at depth `level` or have stopped
-            nxt, moved = last, jnp.zeros((b,), bool)
-            for w in range(width):
-                child = kids[last, w]
-                c = jnp.maximum(child, 0)
-                tried = (child >= 0) & at(valid, c) & ~done & ~moved
-                x = at(tree_tokens, c)
-                take = tried & (u[level, :, w] * jnp.sum(r, -1) < at(r, x))  # u < r(x) / sum(r)
-                nxt, moved = jnp.where(take, child, nxt), moved | take
-                r = jnp.where((tried & ~take)[:, None], _residual(r, jax.nn.one_hot(x, vocab)), r)
-            done = done | ~moved
-            last = nxt
-            r = jnp.where(moved[:, None], at(p_all, last), r)
-        new = _draw(s_key, r, at(p_all, last))  # r: what is left at the stopping node
+    else:  # node i's draw is for position depth(i) after the pending token
+        best = _target_draws(target_logits, cfg, _keys(rng, b, d + 1), depth_of)
+    parent = np.maximum(np.asarray(template.parents), 0)
+    match = (valid & (tree_tokens == best[:, parent])).at[:, 0].set(True)
+    accepted = match
+    for _ in range(d):  # acceptance flows one level down per pass
+        accepted = match & accepted[:, parent]
+    last = jnp.argmax(jnp.where(accepted, depth_of, -1), axis=1).astype(jnp.int32)  # first maximum
+    new = at(best, last)
 
     n = depth_of[last]
     path = jnp.asarray(template.paths)[last]

@@ -670,7 +670,7 @@ def test_the_distribution_test_catches_a_decision_that_peeks(tiny_model, monkeyp
     def peeking(logits, draft, sampling_cfg, rng):
         seen = honest(logits, draft, sampling_cfg, rng)
         cut = draft.replace(num=jnp.minimum(draft.num, seen.num_accepted))
-        return honest(logits, cut, sampling_cfg, jax.random.fold_in(rng, 1))
+        return honest(logits, cut, sampling_cfg, rng)
 
     monkeypatch.setattr(engine, "verify_chain", peeking)
     monkeypatch.setenv("SPECJAX_CACHE_DIR", "none")  # the program store would serve the honest decode loop

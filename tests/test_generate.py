@@ -68,6 +68,22 @@ def test_sampling_is_seeded_and_runs_with_drafts(tiny_model):
     assert all(len(t) == 24 for t in d.tokens)
 
 
+@pytest.mark.parametrize("method", ["pld", "recycling", "suffix", "lookahead"])
+def test_sampled_drafting_methods_emit_ars_samples_token_for_token(tiny_model, method):
+    """A deterministic draft is accepted when it equals the target's draw for its position (keyed by row
+    and position, not by step), so with the same seed every such method samples `ar`'s tokens exactly,
+    in a batch of Best-of-N groups, at fixed and adaptive widths, whether drafts are accepted or not."""
+    kw = dict(max_new_tokens=32, temperature=0.3, top_k=20, eos_token_ids=(), seed=3, num_samples=3)
+    prompts = _prompts()[:2]
+    ar = specjax.generate(tiny_model, prompts, "ar", **kw)
+    fixed = specjax.generate(tiny_model, prompts, method, adaptive=False, **kw)
+    assert fixed.tokens == ar.tokens
+    assert fixed.stats["mean_accepted_tokens"] > 1.0  # drafts were accepted (1.01-1.17 per forward)
+    assert specjax.generate(tiny_model, prompts, method, adaptive=True, **kw).tokens == ar.tokens
+    other = specjax.generate(tiny_model, prompts, method, adaptive=False, **{**kw, "seed": 4})
+    assert other.tokens != ar.tokens  # the seed still decides the samples
+
+
 def test_decode_compiles_once_per_bucket(tiny_model):
     kw = dict(max_new_tokens=16, eos_token_ids=(), k=3)
     specjax.generate(tiny_model, [[5, 6, 7, 5, 6]], "pld", **kw)

@@ -41,6 +41,12 @@ def _pvalue(samples: np.ndarray, expected: np.ndarray) -> float:
     return chisquare(counts[support], exp).pvalue
 
 
+def _skew_target_draws(monkeypatch) -> None:
+    """A wrong verifier for the tests' power: the target's draws favour low token ids (u squared)."""
+    honest = verify.inverse_cdf
+    monkeypatch.setattr(verify, "inverse_cdf", lambda w, u: honest(w, u * u))
+
+
 def _check(first, second, cfg, wrong: bool) -> None:
     p = np.asarray(PROBS(TARGET, cfg), np.float64)
     p_first = _pvalue(first, p[0])
@@ -134,6 +140,40 @@ def test_argmax_and_categorical_match_jax():
         np.testing.assert_array_equal(categorical(key, x[2]), jax.random.categorical(key, x[2]))
 
 
+@pytest.mark.parametrize("vocab", [5, 300, 1000])  # one block, a ragged last block, several
+def test_inverse_cdf_draws_from_the_weights_and_never_a_zero_one(vocab):
+    rng = np.random.default_rng(vocab)
+    w = rng.random(vocab) * (rng.random(vocab) < 0.5)  # half the tokens weightless
+    w[-1] = 0.0  # the last one too: rounding at u ~ 1 must not land on it
+    u = jnp.asarray(np.concatenate([rng.random(20_000), [0.0, 1.0 - 2 ** -24]]), jnp.float32)
+    draws = np.asarray(verify.inverse_cdf(jnp.broadcast_to(jnp.asarray(w, jnp.float32), (u.size, vocab)), u))
+    assert (w[draws] > 0).all()
+    assert _pvalue(draws[:-2], w / w.sum()) > 1e-3
+    np.testing.assert_array_equal(draws[-2], np.flatnonzero(w)[0])  # u = 0: the first token with weight
+
+
+def test_a_positions_draws_do_not_depend_on_the_step_that_reaches_it():
+    """With position keys, the token drawn at position s + 2 after two accepted drafts is the token a
+    1-token step starting at s + 2 draws from the same logits (and a chain's and a tree's agree)."""
+    b = 5
+    logits = jax.random.normal(jax.random.PRNGKey(1), (b, 3, 6))
+    drafts = jnp.tile(jnp.asarray([[1, 4]]), (b, 1))
+    sure = logits.at[:, 0, 1].set(60.0).at[:, 1, 4].set(60.0)  # p(draft) ~ 1: both accepted
+    starts = jnp.arange(b, dtype=jnp.int32) * 7
+    base, cfg = jax.random.PRNGKey(3), SamplingConfig(temperature=1.0)
+    res = verify_chain(sure, Draft(drafts, jnp.full((b,), 2)), cfg, verify.position_keys(base, starts, 3))
+    np.testing.assert_array_equal(res.num_accepted, 2)
+    alone = verify_chain(sure[:, 2:], Draft(jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32)), cfg,
+                         verify.position_keys(base, starts + 2, 1))
+    np.testing.assert_array_equal(res.tokens[:, 2], alone.tokens[:, 0])
+    tree = verify_tree(sure, jnp.pad(drafts, ((0, 0), (1, 0))), jnp.ones((b, 3), bool), branching_tree((), 2), cfg,
+                       verify.position_keys(base, starts, 3))
+    np.testing.assert_array_equal(tree.tokens, res.tokens)
+    other = verify_chain(sure[:, 2:], Draft(jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32)), cfg,
+                         verify.position_keys(base, starts + 3, 1))
+    assert (other.tokens[:, 0] != alone.tokens[:, 0]).any()  # another position: other draws
+
+
 def test_greedy_chain_exact():
     best = jnp.asarray([[2, 4, 1, 5], [2, 4, 1, 5], [0, 1, 2, 3], [3, 3, 3, 3]])
     drafts = jnp.asarray([[2, 4, 1], [2, 3, 1], [0, 1, 5], [3, 3, 3]])
@@ -190,11 +230,13 @@ def _chain_trials(cfg: SamplingConfig, kind: str):
     [(c, k, False) for c in CFGS for k in ("onehot", "random_q")]
     + [(CFGS[0], "random_q", True), (CFGS[1], "onehot", True)],
     ids=["plain-onehot", "plain-random_q", "topk_topp-onehot", "topk_topp-random_q"]
-    + ["WRONG_resample_p-plain-random_q", "WRONG_resample_p-topk_topp-onehot"],
+    + ["WRONG_resample_p-plain-random_q", "WRONG_skewed_draw-topk_topp-onehot"],
 )
 def test_chain_sampling_is_lossless(cfg, kind, wrong, monkeypatch):
-    if wrong:
+    if wrong and kind == "random_q":
         monkeypatch.setattr(verify, "_residual", lambda p, q: p)
+    elif wrong:  # a deterministic draft is judged by the target's draw: skew that draw
+        _skew_target_draws(monkeypatch)
     _check(*_chain_trials(cfg, kind), cfg, wrong)
 
 
@@ -248,9 +290,9 @@ def _tree_trials(cfg: SamplingConfig):
 @pytest.mark.parametrize(
     "cfg, wrong",
     [(CFGS[0], False), (CFGS[1], False), (CFGS[1], True)],
-    ids=["plain", "topk_topp", "WRONG_no_zeroing-topk_topp"],
+    ids=["plain", "topk_topp", "WRONG_skewed_draw-topk_topp"],
 )
 def test_tree_sampling_is_lossless(cfg, wrong, monkeypatch):
     if wrong:
-        monkeypatch.setattr(verify, "_residual", lambda p, q: p)
+        _skew_target_draws(monkeypatch)
     _check(*_tree_trials(cfg), cfg, wrong)
