@@ -53,12 +53,13 @@ def position_keys(rng: jax.Array, starts: Int[Array, "B"], width: int) -> jax.Ar
     """One key per row and position: keys[b, j] holds the draws that decide row b's token at absolute
     position starts[b] + j, whichever step reaches that position and however wide its verify is.
 
-    A row's randomness then depends on where its tokens land, not on how the loop got there: a step that
-    verifies no draft draws exactly what plain decoding (`ar`) draws at that position with the same
-    seed, so a method that drafts nothing samples `ar`'s tokens, and sampled runs of different methods
-    (Best-of-N) are paired comparisons. Still lossless: a position's draws decide its token once, and no
-    draft or width decision reads them (a later step reusing the draws of a position that an earlier
-    step computed but did not reach is no exception: nothing observed depended on them)."""
+    A row's randomness then depends on where its tokens land, not on how the loop got there: the
+    target's draw for a position is the one plain decoding (`ar`) makes there with the same seed, so
+    deterministic drafts, judged against it (`_target_draws`), give `ar`'s tokens, and sampled runs of
+    different methods (Best-of-N) are paired comparisons. Still lossless: a position's draws decide
+    its token once, and no draft or width decision reads them (a later step reusing the draws of a
+    position that an earlier step computed but did not reach is no exception: nothing observed
+    depended on them)."""
     per_row = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(starts.shape[0]))
     return jax.vmap(lambda key, s: jax.vmap(jax.random.fold_in, (None, 0))(key, s + jnp.arange(width)))(
         per_row, starts.astype(jnp.int32))
@@ -74,10 +75,9 @@ def _keys(rng: jax.Array, b: int, width: int) -> jax.Array:
     return rng[:, :width]
 
 
-def _uniforms(keys: jax.Array, count: int | None = None) -> Float[Array, "B W ..."]:
-    """A uniform (or `count` of them) per position key: the acceptance tests' draws."""
-    shape = () if count is None else (count,)
-    return jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), shape)))(keys)
+def _uniforms(keys: jax.Array) -> Float[Array, "B W"]:
+    """One uniform per position key: what the target's draw there, or the acceptance test, uses."""
+    return jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0))))(keys)
 
 
 BLOCK = 256  # the inverse CDF sums the vocabulary in blocks: two short prefix sums instead of one long one

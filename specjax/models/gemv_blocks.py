@@ -39,7 +39,7 @@ def _matrices(lp: dict) -> tuple[jax.Array, ...]:
     return tuple(lp[k] for k in ("wqkv", "wo", "w_gate_up", "w_down") if k in lp)
 
 
-def _fits(cfg: ModelConfig, layers: list[dict], blocks: int) -> bool:
+def _fits(layers: list[dict], blocks: int) -> bool:
     return all(w.shape[0] % blocks == 0 for lp in layers for w in _matrices(lp))
 
 
@@ -52,10 +52,10 @@ def from_env(cfg: ModelConfig, layers: list[dict]) -> int | None:
         raise ValueError(f"{ENV}={value!r}: set a whole number of blocks, at least 1 (1 = plain dots), "
                          f"or unset it to let specjax time the choice")
     blocks = int(value)
-    if not _fits(cfg, layers, blocks):
+    if not _fits(layers, blocks):
         raise ValueError(f"{ENV}={blocks} does not divide every layer matrix's inner dimension "
                          f"(hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}); "
-                         f"choose one of {[n for n in CANDIDATES if _fits(cfg, layers, n)]}")
+                         f"choose one of {[n for n in CANDIDATES if _fits(layers, n)]}")
     return blocks
 
 
@@ -96,7 +96,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None) -> int:
     mats = [w for lp in layers for w in _matrices(lp)]
     if any(w.dtype != act for w in mats) or sum(w.nbytes for w in mats) < MIN_LAYER_BYTES:
         return 1
-    candidates = tuple(n for n in CANDIDATES if _fits(cfg, layers, n))
+    candidates = tuple(n for n in CANDIDATES if _fits(layers, n))
     model = step_cost.model_key(cfg, params)
     keys = [step_cost.step_key("gemv-chain", model, 1, 0, f"blocks{n}") for n in candidates]
 
