@@ -130,6 +130,26 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
     assert "== ar" in printed and "warning" not in printed
 
 
+def test_sampled_best_of_n_results_say_the_outputs_are_ars(tiny_chat_checkpoint, tmp_path, capsys):
+    """With the same seeds, a deterministic drafter's sampled branches are `ar`'s, and the results say
+    so; a draft model's real q gives other samples, which is no warning."""
+    from eval import tts
+
+    data = tmp_path / "q.jsonl"
+    _write_jsonl(data, [{"question": q.question, "answer": q.answer} for q in QUESTIONS])
+    out = tmp_path / "res.json"
+    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,draft", "--paradigm", "best_of_n",
+                   "--n", "3", "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
+                   "--temperature", "0.8", "--seed", "0", "--k", "3", "--output", str(out),
+                   "--option", "draft=self:1"])
+    assert rc == 0
+    pld = json.loads((tmp_path / "res.pld.json").read_text())["summary"]
+    draft = json.loads((tmp_path / "res.draft.json").read_text())["summary"]
+    assert pld["outputs_equal_ar"] == 1.0 and draft["outputs_equal_ar"] < 1.0
+    printed = capsys.readouterr().out
+    assert "== ar" in printed and "warning" not in printed
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--method", "nope"], "unknown method"),
     (["--paradigm", "nope"], "unknown --paradigm"),
