@@ -101,16 +101,19 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_path, capsys):
+def _run_cli(checkpoint, tmp_path, *args: str) -> int:
+    """`eval.tts` on the two QUESTIONS, 12 new tokens, results to tmp_path/res.<method>.json."""
     from eval import tts
 
     data = tmp_path / "q.jsonl"
     _write_jsonl(data, [{"question": q.question, "answer": q.answer} for q in QUESTIONS])
-    out = tmp_path / "res.json"
-    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,hybrid", "--paradigm", "multi_round",
-                   "--rounds", "2", "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
-                   "--temperature", "0", "--seed", "0", "--k", "4", "--output", str(out),
-                   "--option", "draft=self:1", "--option", "head_k=2"])
+    return tts.main(["--model", str(checkpoint), "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
+                     "--seed", "0", "--output", str(tmp_path / "res.json"), *args])
+
+
+def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_path, capsys):
+    rc = _run_cli(tiny_chat_checkpoint, tmp_path, "--method", "pld,hybrid", "--paradigm", "multi_round",
+                  "--rounds", "2", "--temperature", "0", "--k", "4", "--option", "draft=self:1", "--option", "head_k=2")
     assert rc == 0
     for method in ("pld", "hybrid"):
         res = json.loads((tmp_path / f"res.{method}.json").read_text())
@@ -133,15 +136,8 @@ def test_cli_writes_results_in_the_contract_schema(tiny_chat_checkpoint, tmp_pat
 def test_sampled_best_of_n_results_say_the_outputs_are_ars(tiny_chat_checkpoint, tmp_path, capsys):
     """With the same seeds, a deterministic drafter's sampled branches are `ar`'s, and the results say
     so; a draft model's real q gives other samples, which is no warning."""
-    from eval import tts
-
-    data = tmp_path / "q.jsonl"
-    _write_jsonl(data, [{"question": q.question, "answer": q.answer} for q in QUESTIONS])
-    out = tmp_path / "res.json"
-    rc = tts.main(["--model", str(tiny_chat_checkpoint), "--method", "pld,draft", "--paradigm", "best_of_n",
-                   "--n", "3", "--dataset", str(data), "--limit", "2", "--max-new-tokens", "12",
-                   "--temperature", "0.8", "--seed", "0", "--k", "3", "--output", str(out),
-                   "--option", "draft=self:1"])
+    rc = _run_cli(tiny_chat_checkpoint, tmp_path, "--method", "pld,draft", "--paradigm", "best_of_n", "--n", "3",
+                  "--temperature", "0.8", "--k", "3", "--option", "draft=self:1")
     assert rc == 0
     pld = json.loads((tmp_path / "res.pld.json").read_text())["summary"]
     draft = json.loads((tmp_path / "res.draft.json").read_text())["summary"]
