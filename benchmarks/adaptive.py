@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import specjax
     from benchmarks.compile_cost import cpu_name
+    from eval.tts import outputs_equal, run_method
     from eval.tts import parse_args as tts_args
-    from eval.tts import run_method
     from specjax import programs
     from specjax.tts.datasets import load_dataset
 
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("adaptive", "fixed"):
                 run_args.no_adaptive = mode == "fixed"
                 got[mode], samples, _ = run_method(model, questions, method, run_args)
-                # share of questions whose outputs are ar's: 1 for greedy runs and, with the same seed,
-                # for sampled runs of deterministic drafters (tokens/s then compares the same tokens)
-                same[mode] = sum(x["outputs"] == y["outputs"] for x, y in zip(samples, ar_samples)) / len(samples)
+                same[mode] = outputs_equal(samples, ar_samples)  # 1: tokens/s compares the same tokens
             run_args.no_adaptive = False
             programs.free_all()  # one process compiling every method twice ran out of code mappings
             # `ar` again after every method, and each method against the mean of the two `ar` runs around

@@ -151,6 +151,14 @@ def accuracy_fields(samples: list[dict[str, Any]], paradigm: str) -> dict[str, f
     return out
 
 
+def outputs_equal(samples: list[dict], reference: list[dict]) -> float:
+    """Share of questions whose outputs equal the reference run's (`ar`'s): 1 for a lossless greedy run
+    and, with the same seeds, for a sampled run of a method whose drafts are deterministic (a draft
+    model's real q gives other samples of the same distribution)."""
+    pairs = list(zip(samples, reference))
+    return sum(x["outputs"] == y["outputs"] for x, y in pairs) / max(len(pairs), 1)
+
+
 def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,
                seed_offset: int = 0, records=None) -> tuple[dict[str, Any], list, Any]:
     """Runs one method over `questions` (warmed up first); `seed_offset`: the index of the first batch
@@ -286,10 +294,7 @@ def _main(args: argparse.Namespace) -> int:
             s["speedup_vs_ar"] = s["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
             for pr, br in zip(s["per_round"], base["per_round"]):
                 pr["speedup_vs_ar"] = pr["tokens_per_s"] / br["tokens_per_s"] if br["tokens_per_s"] else 0.0
-            # greedy: every lossless method gives ar's outputs; sampled, with the same seeds, every
-            # method whose drafts are deterministic does too (a draft model's real q: other samples)
-            pairs = list(zip(samples_by[method], samples_by["ar"]))
-            s["outputs_equal_ar"] = sum(x["outputs"] == y["outputs"] for x, y in pairs) / max(len(pairs), 1)
+            s["outputs_equal_ar"] = outputs_equal(samples_by[method], samples_by["ar"])
     unequal = {m: s["outputs_equal_ar"] for m, s in summaries.items()
                if args.temperature == 0 and s.get("outputs_equal_ar", 1.0) < 1.0}
     if unequal:

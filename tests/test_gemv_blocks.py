@@ -57,7 +57,7 @@ def test_greedy_tokens_are_the_same_with_split_one_row_products(tiny_model, meth
 def _timings(monkeypatch, secs: dict[int, float]) -> list[int]:
     calls: list[int] = []
 
-    def fake(cfg, layers, candidates):
+    def fake(cfg, params, candidates):
         calls.append(len(candidates))
         return {n: secs[n] for n in candidates}
 
@@ -74,21 +74,21 @@ def test_the_split_is_timed_once_per_machine_and_kept_only_on_a_clear_win(tiny_m
     monkeypatch.setattr(gemv_blocks, "MIN_LAYER_BYTES", 0)
     calls = _timings(monkeypatch, {1: 1.0, 2: 0.9, 4: 0.8})
     assert gemv_blocks.choose(cfg, params) == 4 and calls == [3]
-    assert "gemv-chain" in (tmp_path / "step_costs.json").read_text()
+    assert "gemv-forward" in (tmp_path / "step_costs.json").read_text()
     monkeypatch.setattr(step_cost, "_MEMORY", {})  # a new process reads the timings back
     assert gemv_blocks.choose(cfg, params) == 4 and calls == [3]
     assert gemv_blocks.choose(cfg, params, mesh=object()) == 1  # sharded: the blocks would cross shards
-    step_cost.forget("gemv-chain")
+    step_cost.forget("gemv-forward")
     calls = _timings(monkeypatch, {1: 1.0, 2: 0.99, 4: 0.985})
     assert gemv_blocks.choose(cfg, params) == 1 and calls == [3]  # 1.5% is within a noisy machine's drift
 
 
-def test_the_chain_is_timed_for_real_on_the_models_own_matrices(tiny_model):
-    secs = gemv_blocks.measure(tiny_model.config, list(tiny_model.params["layers"]), (1, 2))
+def test_the_decoders_own_forward_is_timed_at_each_number_of_blocks(tiny_model):
+    secs = gemv_blocks.measure(tiny_model.config, tiny_model.params, (1, 2))
     assert set(secs) == {1, 2} and all(0 < s < 5 for s in secs.values())
-    x = jnp.full((1, 64), 0.01, jnp.float32)
-    layers = list(tiny_model.params["layers"])
-    np.testing.assert_allclose(gemv_blocks._chain(2)(x, layers), gemv_blocks._chain(1)(x, layers), rtol=1e-5, atol=1e-6)
+    split = dataclasses.replace(tiny_model.config, gemv_blocks=2)
+    np.testing.assert_allclose(gemv_blocks._one_token(tiny_model.params, split),
+                               gemv_blocks._one_token(tiny_model.params, tiny_model.config), rtol=1e-5, atol=1e-5)
 
 
 def test_the_environment_sets_the_blocks_and_a_bad_value_names_the_fix(tiny_model, monkeypatch):

@@ -4,16 +4,17 @@ dimension (`linear.split_gemv`). Chosen by timing the model's own layer matrices
 A batch-1 decode step is a chain of one-row products. XLA:CPU lowers a plain one to a kernel that runs
 the smaller layer matrices on one core; the split form is lowered as a batched dot and, on a 2-core
 Xeon with AMX, cut a step of the default model by 7% (docs/decode_profile.md), while at 8 rows it was
-slower (so only one-row products split). Another CPU or XLA release may differ, so `load` times a
-chain of every layer's q/k/v, attention-out, gate/up and down products at 1, 2 and 4 blocks (about
-2-4 s for the default model on a 2-core CPU, once per machine and model: the result is kept in
-`<cache>/step_costs.json` beside the step costs) and keeps the split only where it beats the plain
-dot by MARGIN. `SPECJAX_GEMV_BLOCKS=N` sets it instead (1 turns it off).
+slower (so only one-row products split). Another CPU or XLA release may differ, so `load` times the
+decoder's one-token forward at 1, 2 and 4 blocks (a few seconds for the default model on a 2-core
+CPU, once per machine and model: the result is kept in `<cache>/step_costs.json` beside the step
+costs) and keeps the split only where it beats the plain dot by MARGIN. `SPECJAX_GEMV_BLOCKS=N` sets
+it instead (1 turns it off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -22,11 +23,11 @@ import jax.numpy as jnp
 
 from specjax import step_cost
 from specjax.config import ModelConfig
-from specjax.models.linear import matmul
+from specjax.models import transformer
 
 ENV = "SPECJAX_GEMV_BLOCKS"
 CANDIDATES = (1, 2, 4)
-# a split is kept only when its chain is this much faster than plain dots: below it, timing noise on a
+# a split is kept only when its forward is this much faster than with plain dots: below it, timing noise on a
 # shared machine would flip the choice between processes (and with it the compiled programs)
 MARGIN = 0.03
 # layers' matrices smaller than this (tiny test models) fit in cache, where the split has nothing to
@@ -59,26 +60,16 @@ def from_env(cfg: ModelConfig, layers: list[dict]) -> int | None:
     return blocks
 
 
-def _chain(blocks: int):
-    """One-row products through every layer as the decoder runs them (each input the previous output)."""
-    @jax.jit
-    def run(x, layers):
-        for lp in layers:
-            qkv = matmul(x, lp["wqkv"], blocks=blocks)
-            x = x + matmul(qkv[:, : lp["wo"].shape[0]], lp["wo"], blocks=blocks)
-            if "w_gate_up" in lp:
-                gate_up = matmul(x, lp["w_gate_up"], blocks=blocks)
-                f = gate_up.shape[-1] // 2
-                x = x + matmul(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], lp["w_down"], blocks=blocks)
-        return x
-    return run
+@functools.partial(jax.jit, static_argnums=1)
+def _one_token(params: Any, cfg: ModelConfig) -> jax.Array:
+    """The decoder's own forward of one token (no cache): every layer's one-row products, as decoding
+    runs them, plus what does not depend on the split (the LM head, norms)."""
+    return transformer.forward(params, cfg, jnp.ones((1, 1), jnp.int32)).logits
 
 
-def measure(cfg: ModelConfig, layers: list[dict], candidates: tuple[int, ...]) -> dict[int, float]:
-    """Seconds of one pass of the chain at each number of blocks, timed in interleaved rounds."""
-    x = jnp.full((1, cfg.hidden_size), 0.01, layers[0]["wqkv"].dtype)
-    chains = {n: _chain(n) for n in candidates}
-    runs = {n: (lambda n=n: chains[n](x, layers)) for n in candidates}
+def measure(cfg: ModelConfig, params: Any, candidates: tuple[int, ...]) -> dict[int, float]:
+    """Seconds of a one-token forward at each number of blocks, timed in interleaved rounds."""
+    runs = {n: (lambda n=n: _one_token(params, dataclasses.replace(cfg, gemv_blocks=n))) for n in candidates}
     return step_cost.interleaved_seconds(runs, REPEATS)
 
 
@@ -92,16 +83,16 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None) -> int:
         return chosen
     if not layers or mesh is not None or jax.devices()[0].platform != "cpu":
         return 1
-    act = params["final_norm"].dtype if "final_norm" in params else layers[0]["attn_norm"].dtype
+    act = transformer.compute_dtype(params)
     mats = [w for lp in layers for w in _matrices(lp)]
     if any(w.dtype != act for w in mats) or sum(w.nbytes for w in mats) < MIN_LAYER_BYTES:
         return 1
     candidates = tuple(n for n in CANDIDATES if _fits(layers, n))
     model = step_cost.model_key(cfg, params)
-    keys = [step_cost.step_key("gemv-chain", model, 1, 0, f"blocks{n}") for n in candidates]
+    keys = [step_cost.step_key("gemv-forward", model, 1, 0, f"blocks{n}") for n in candidates]
 
     def timed(todo: list[str]) -> dict[str, float]:
-        secs = measure(cfg, layers, candidates)
+        secs = measure(cfg, params, candidates)
         return {k: secs[n] for k, n in zip(keys, candidates) if k in todo}
 
     secs, _ = step_cost.cached_seconds(keys, timed)
