@@ -51,7 +51,8 @@ class Adapt:
     better than a match length does, and without the split the loop under-drafted long copy runs,
     predicting 81 tokens where 128 came). Counts with a Beta prior rather
     than a bare EMA: the prior keeps the first steps' decisions sane before anything is observed, and the
-    decay (`DECAY` per step) lets the estimate follow text that starts or stops repeating.
+    decay (`DECAY` per step) lets the estimate follow text that starts or stops repeating. Drafts the
+    decision cut are counted too, once the row has emitted the tokens they predicted (`_shadow`).
     """
 
     tried: Float[Array, "S C D"]  # C = 2 * NUM_BUCKETS: the confidence bucket, after a streak or not
@@ -64,6 +65,13 @@ class Adapt:
     predicted_tokens: Float[Array, ""]  # sum over steps of the expected tokens of the chosen width
     predicted_s: Float[Array, ""]  # sum over steps of the calibrated seconds of the chosen width (+ drafter)
     drafted_steps: Int[Array, ""]  # steps that ran `propose`
+    # per row, a draft the width decision cut, scored against the tokens later steps emit (`_shadow`)
+    shadow_tokens: Int[Array, "B K"]
+    shadow_valid: Bool[Array, "B K"]  # its nodes; none: no shadow pending
+    shadow_start: Int[Array, "B"]  # the history length when it was drafted: depth i predicts position start + i - 1
+    shadow_scored: Int[Array, "B"]  # its leading positions already counted
+    shadow_row: Int[Array, "B"]  # its counts' row (source) and confidence bucket
+    shadow_bucket: Int[Array, "B"]
     probing: Bool[Array, ""] = False  # this step probes after a backoff: `_settle` sets the backoff by its yield
     proposing: Bool[Array, ""] = False  # this step ran `propose`: `_settle` weighs what it saved
     # verified drafts fell short, or drafts that could gain were turned down: the next such draft probes
@@ -107,7 +115,11 @@ def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: in
 def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, batch: int = 1) -> Adapt:
     shape = (len(proposer.sources) * _groups(proposer), 2 * NUM_BUCKETS, max(proposer.depth, 1))
     tried, hit = (jnp.zeros(shape, jnp.float32),) * 2 if counts is None else counts
-    return Adapt(tried=tried, hit=hit, streak=jnp.zeros((batch,), jnp.int32), backoff=jnp.ones((), jnp.int32),
+    rows = jnp.zeros((batch,), jnp.int32)
+    nodes = _shadow_shape(proposer)[0].shape[0]
+    return Adapt(tried=tried, hit=hit, streak=rows, backoff=jnp.ones((), jnp.int32),
+                 shadow_tokens=jnp.zeros((batch, nodes), jnp.int32), shadow_valid=jnp.zeros((batch, nodes), bool),
+                 shadow_start=rows, shadow_scored=rows, shadow_row=rows, shadow_bucket=rows,
                  wait=jnp.zeros((), jnp.int32), saving=jnp.full((), jnp.inf, jnp.float32),
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
@@ -507,10 +519,16 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         drafting = active & want
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         adapt = s.adapt
+        proposed = draft
+        # deterministic drafts: what verification leaves of them is scored against later tokens (`_shadow`)
+        scored = draft.probs is None
+        drafting_before = drafting
+        # ... so a drafter that costs next to nothing neither probes nor backs off: its estimate sees every draft
+        free = jnp.zeros((), bool) if not (adaptive and scored) else idle_wait(costs, drafter_s) == 0
         if adaptive:
             draft, drafting, adapt, best, bucket = _choose_width(
                 draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
-                max_new - (s.lengths - s.prompt_lengths), ~forced)
+                max_new - (s.lengths - s.prompt_lengths), ~forced & ~free)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
@@ -563,7 +581,15 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
                          jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer)),
                 _batch_progress(s, new, num_new, max_new), jnp.sum(num_new) / jnp.maximum(jnp.sum(active), 1),
-                best, costs, drafter_s, ~forced))
+                best, costs, drafter_s, ~forced, free))
+            if scored:  # a draft cut short, or turned down, whose verified part was all accepted
+                if template is None:
+                    cut, verified = drafting & (res.num_accepted >= draft.num) & (proposed.num > draft.num), draft.num
+                else:  # a tree turned down
+                    cut = drafting_before & (best == 0) & jnp.any(proposed.valid, axis=1)
+                    verified = jnp.zeros_like(draft.num)
+                new = new.replace(adapt=_shadow(new.adapt, proposer, proposed, cut, verified, s.lengths, bucket,
+                                                new.tokens, new.lengths, new.done))
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1,
                                        proposes_next=will_propose(new) if gated or adaptive else None)
         if proposer.logit_topk:
@@ -707,7 +733,7 @@ def _batch_progress(before: LoopState, after: LoopState, num_new: Int[Array, "B"
 
 
 def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, ""], best: Int[Array, ""], costs,
-            drafter_s, judge: Bool[Array, ""] | bool = True) -> Adapt:
+            drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`_batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
     on while the moving average of that saving (`SAVING_DECAY`) stays above the drafter's own cost, else it
@@ -723,7 +749,10 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     test; one step's progress is too noisy for that (8 sampled rows level with each other progress by
     their minimum, almost always one token). The average then restarts level with the drafter's cost,
     so the next proposal's progress decides whether proposing goes on. `judge` False: the
-    step only clears its flags (a calibration run proposes every step)."""
+    step only clears its flags (a calibration run proposes every step). `free`: the drafter costs under
+    `PROBE_SHARE` of a step and its estimate sees every draft (`_shadow`): it never waits, and the width
+    decision alone says what is verified (waits after drafts that fell short left `pld` blind to the
+    repeats that followed, 2 to 60 steps at a time)."""
     saved = progress * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
@@ -742,7 +771,7 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # whether verified drafts pay: it keeps the backoff and waits as long as the drafter's cost allows
     idle = (best == 0) & ~adapt.probing
     backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
-    wait = jnp.where(pays, 0, jnp.where(idle, idle_wait(costs, drafter_s), backoff))
+    wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, drafter_s), backoff))
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
@@ -802,6 +831,79 @@ def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group:
     drafted = on[:, 0] & (reach[:, 0] > 0)
     streak = jnp.where(drafted, (accepted >= reach[:, 0]).astype(jnp.int32), adapt.streak)
     return adapt.replace(tried=DECAY * adapt.tried + add(tried), hit=DECAY * adapt.hit + add(hit), streak=streak)
+
+
+def _shadow_shape(proposer: Proposer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A draft's static shape as a tree of draft nodes: each node's parent (-1: the pending token), its
+    depth, and which nodes each counted sub-tree holds ([G, K], `_groups`). A chain is one path."""
+    if proposer.template is None:
+        k = max(proposer.depth, 1)
+        return np.arange(k) - 1, np.arange(1, k + 1), np.ones((1, k), bool)
+    parents = np.asarray(proposer.template.parents[1:]) - 1
+    return parents, np.asarray(proposer.template.depth[1:]), _tree_members(proposer)[1:]
+
+
+def _shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], lengths: Int[Array, "B"],
+                  done: Bool[Array, "B"]) -> Adapt:
+    """Counts each pending shadow's newly known positions, as `_observe` counts a verified draft: draft
+    position i (a tree's depth i + 1) is tried if every earlier one was accepted, and accepted if the draft
+    holds, under the accepted path, the token the row emitted there. Exact for deterministic drafts:
+    greedy verification accepts a token iff it is the target's choice, and sampled verification iff it
+    is the target's own draw for that position (`position_keys`), which is what the row emitted. A
+    shadow ends at its first miss, at its deepest node, or when its row is done."""
+    parents, node_depth, members = _shadow_shape(proposer)
+    valid, start, scored = adapt.shadow_valid, adapt.shadow_start, adapt.shadow_scored
+    d = adapt.tried.shape[-1]
+    known = (lengths - start)[:, None]  # tokens emitted since: positions 0 .. known - 1
+    emitted = gather_rows(tokens, start[:, None] + jnp.arange(d)[None])  # [B, D]
+    matched = jnp.zeros(valid.shape, bool)
+    for depth in range(1, d + 1):  # a node is on the accepted path if its token was emitted under its parent
+        parent_ok = jnp.ones_like(matched) if depth == 1 else jnp.take(matched, np.maximum(parents, 0), axis=1)
+        here = jnp.asarray(node_depth == depth)[None] & (depth <= known)
+        matched = matched | (here & valid & parent_ok & (adapt.shadow_tokens == emitted[:, depth - 1:depth]))
+    sub = jnp.asarray(members)[None]  # [1, G, K]
+    a = jnp.max(jnp.where(matched[:, None] & sub, node_depth[None, None], 0), axis=2)  # [B, G] accepted depth
+    reach = jnp.max(jnp.where(valid[:, None] & sub, node_depth[None, None], 0), axis=2)  # [B, G] drafted depth
+    pos = jnp.arange(d)[None, None]
+    on = pos >= scored[:, None, None]
+    tried = (on & (pos < known[:, :, None]) & (pos <= a[..., None]) & (pos < reach[..., None])).astype(jnp.float32)
+    hit = (on & (pos < a[..., None])).astype(jnp.float32)
+    groups = members.shape[0]
+    sources, buckets = adapt.tried.shape[:2]
+    where = (jax.nn.one_hot(adapt.shadow_row[:, None] * groups + jnp.arange(groups)[None], sources)[..., None]
+             * jax.nn.one_hot(adapt.shadow_bucket, buckets)[:, None, None])  # [B, G, S, C]
+    add = lambda x: jnp.einsum("bgsc,bgd->scd", where, x)
+    ended = jnp.all((a < known) | (a >= reach), axis=1) | done  # nothing deeper can be accepted, or nothing known
+    valid = valid & ~ended[:, None]
+    return adapt.replace(tried=adapt.tried + add(tried), hit=adapt.hit + add(hit), shadow_valid=valid,
+                         shadow_scored=jnp.maximum(scored, jnp.minimum(known[:, 0], d)))
+
+
+def _shadow(adapt: Adapt, proposer: Proposer, proposed, cut: Bool[Array, "B"], verified: Int[Array, "B"],
+            start: Int[Array, "B"], bucket: Int[Array, "B"], tokens: Int[Array, "B S"], lengths: Int[Array, "B"],
+            done: Bool[Array, "B"]) -> Adapt:
+    """Scores the part of each draft that the width decision cut off (all of it, for a turned-down draft)
+    against the tokens the row emits afterwards, so that an estimate that turns down good drafts learns so
+    without a probe. Counting verified drafts alone, with the counts decaying, a match-length bucket held
+    below the price of a verify turned down text the model was repeating word for word, 18 steps in a row
+    (every draft would have been accepted whole). `cut`: rows whose first `verified` positions were
+    verified and all accepted (0: turned down) and whose draft went on. A row keeps one shadow until it
+    ends (a new one is taken only then); a step's decision reads only tokens emitted before it."""
+    adapt = _shadow_score(adapt, proposer, tokens, lengths, done)
+    take = cut & ~jnp.any(adapt.shadow_valid, axis=1) & ~done
+    k = adapt.shadow_tokens.shape[1]
+    if proposed.valid is None:
+        valid = jnp.arange(k)[None] < proposed.num[:, None]
+    else:
+        valid = proposed.valid[:, :k]
+    drafted = proposed.tokens[:, :k].astype(jnp.int32)
+    source = jnp.zeros_like(start) if proposed.source is None else proposed.source
+    pick = lambda new, old: jnp.where(take.reshape(take.shape + (1,) * (old.ndim - 1)), new, old)
+    adapt = adapt.replace(shadow_tokens=pick(drafted, adapt.shadow_tokens),
+                          shadow_valid=pick(valid, adapt.shadow_valid), shadow_start=pick(start, adapt.shadow_start),
+                          shadow_scored=pick(verified, adapt.shadow_scored),
+                          shadow_row=pick(source, adapt.shadow_row), shadow_bucket=pick(bucket, adapt.shadow_bucket))
+    return _shadow_score(adapt, proposer, tokens, lengths, done)  # the step's own last token scores the first cut one
 
 
 @dataclasses.dataclass

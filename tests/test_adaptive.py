@@ -718,3 +718,129 @@ def test_a_fully_accepted_draft_moves_the_row_to_the_streak_buckets():
     assert out.streak.tolist() == [1, 0, 1]
     assert out.tried[0, 0, :5].tolist() == [1, 1, 1, 1, 0] and out.hit[0, 0, :5].tolist() == [1, 1, 1, 1, 0]
     assert out.tried[0, NUM_BUCKETS, :4].tolist() == [1, 1, 1, 0] and out.hit[0, NUM_BUCKETS, :3].tolist() == [1, 1, 0]
+
+
+def _shadowed(draft_tokens, emitted, verified=0, scored_rows=(True,)):
+    """A row at history length 3 whose draft `draft_tokens` had its first `verified` tokens verified (and
+    accepted) and the rest cut; `emitted`: the tokens the row emits from position 3 on, one step at a time
+    after the first (which emits `verified` + 1). Returns the counts of bucket 0 after every step, and the
+    shadow's nodes left (0: ended)."""
+    from specjax.drafting import Draft
+    from specjax.engine import _shadow, _shadow_score, init_adapt
+
+    prop = make_proposer("pld", k=4)
+    adapt = init_adapt(prop)
+    tokens = jnp.zeros((1, 16), jnp.int32).at[0, :3].set(jnp.asarray([1, 2, 3]))
+    draft = Draft(tokens=jnp.asarray([draft_tokens], jnp.int32), num=jnp.asarray([len(draft_tokens)], jnp.int32))
+    length, out = 3, []
+    done = jnp.zeros((1,), bool)
+    for i, tok in enumerate(emitted):
+        tokens = tokens.at[0, length].set(tok)
+        length += 1
+        if i < verified:  # the verified tokens and the step's own token come together
+            continue
+        if len(out) == 0:
+            adapt = _shadow(adapt, prop, draft, jnp.asarray(scored_rows), jnp.asarray([verified], jnp.int32),
+                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens,
+                            jnp.asarray([length], jnp.int32), done)
+        else:
+            adapt = _shadow_score(adapt, prop, tokens, jnp.asarray([length], jnp.int32), done)
+        out.append((np.asarray(adapt.tried[0, 0]).tolist(), np.asarray(adapt.hit[0, 0]).tolist(),
+                    int(adapt.shadow_valid[0].sum())))
+    return out
+
+
+def test_a_turned_down_draft_is_scored_by_the_tokens_the_row_emits_next():
+    """A draft the width decision turned down is scored position by position as the row emits the tokens
+    it predicted: each emitted token says whether the draft's token there would have been accepted (for a
+    deterministic draft, exactly: the emitted token is the target's choice, or its own draw, there). The
+    shadow ends at its first mismatch; a draft cut after accepted tokens is scored from the cut on."""
+    steps = _shadowed([7, 8, 9, 10], [7, 8, 5, 6])
+    assert steps[0] == ([1, 0, 0, 0], [1, 0, 0, 0], 4)  # position 0 matched, the rest not known yet
+    assert steps[1] == ([1, 1, 0, 0], [1, 1, 0, 0], 4)
+    assert steps[2] == ([1, 1, 1, 0], [1, 1, 0, 0], 0)  # position 2 missed: tried, not accepted; ended
+    assert steps[3] == steps[2]
+    whole = _shadowed([7, 8, 9, 10], [7, 8, 9, 10, 11])
+    assert whole[3] == ([1, 1, 1, 1], [1, 1, 1, 1], 0)
+    # two tokens verified and accepted, two cut: the step's own token scores position 2, the next one 3
+    cut = _shadowed([7, 8, 9, 10], [7, 8, 9, 4], verified=2)
+    assert cut[0] == ([0, 0, 1, 0], [0, 0, 1, 0], 4)
+    assert cut[1] == ([0, 0, 1, 1], [0, 0, 1, 0], 0)
+    assert _shadowed([7, 8, 9, 10], [7, 8], scored_rows=(False,))[-1] == ([0] * 4, [0] * 4, 0)
+
+
+def test_an_estimate_held_low_recovers_from_the_drafts_it_turned_down():
+    """The loop once turned down 18 drafts in a row of text the model was repeating word for word: the
+    bucket's two early misses held its estimate under the price of a verify, and only verified drafts were
+    counted. Scored in the shadow, the turned-down drafts that the row then emits raise the estimate
+    until the draft is verified, with no probe."""
+    from specjax.drafting import Draft
+    from specjax.engine import _choose_width, _shadow, init_adapt
+
+    prop = make_proposer("pld", k=4)
+    widths = jnp.asarray(loop_widths(prop), jnp.int32)
+    adapt = init_adapt(prop).replace(credit=jnp.zeros((), jnp.float32))  # no probe credit
+    adapt = adapt.replace(tried=adapt.tried.at[0, 0, 0].set(2.0))  # two misses
+    costs = jnp.asarray([1.0, 1.6, 2.0])
+    on = jnp.ones((1,), bool)
+    text = list(range(10, 60))
+    tokens = jnp.zeros((1, 64), jnp.int32).at[0, :3].set(jnp.asarray(text[:3]))
+    chosen = []
+    for length in range(3, 20):
+        draft = Draft(tokens=jnp.asarray([text[length:length + 4]], jnp.int32), num=jnp.asarray([4], jnp.int32))
+        out, drafting, adapt, best, bucket = _choose_width(draft, on, on, jnp.asarray(True), adapt, costs,
+                                                           jnp.float32(0), widths, None, prop, jnp.int32(0),
+                                                           probes=False)
+        chosen.append(int(widths[best]))
+        if chosen[-1] > 1:
+            break
+        tokens = tokens.at[0, length].set(text[length])  # a 1-token step emits the draft's first token
+        adapt = _shadow(adapt, prop, draft, drafting & (out.num == 0), out.num, jnp.asarray([length], jnp.int32),
+                        bucket, tokens, jnp.asarray([length + 1], jnp.int32), jnp.zeros((1,), bool))
+    assert chosen[0] == 1 and chosen[-1] > 1, chosen
+    assert len(chosen) <= 6, chosen
+
+
+def test_a_cheap_drafter_whose_drafts_are_all_scored_never_waits():
+    """A drafter under 2% of a step whose every draft is scored (verified, or in the shadow) keeps
+    proposing after drafts that fell short: its estimate already says what to verify, and waits left
+    `pld` blind to the repeats that followed them."""
+    from specjax.engine import _settle, init_adapt
+
+    adapt = init_adapt(make_proposer("pld", k=8))
+    for _ in range(4):
+        adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0),
+                        jnp.float32(1.0), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.0),
+                        free=jnp.asarray(True))
+        assert int(adapt.wait) == 0
+
+
+def test_a_turned_down_tree_is_scored_per_sub_tree_along_the_emitted_path():
+    """A recycling tree turned down, then the row emits the tokens of its second-ranked depth-1 node and
+    that node's first child, then something else: the whole tree would have accepted two tokens (depth 3
+    tried, missed); its first-ranked chain, whose depth-1 token was not emitted, none. Each sub-tree's
+    counts get what it would have accepted."""
+    from specjax.drafting import Draft
+    from specjax.engine import _shadow, _shadow_score, init_adapt
+
+    prop = make_proposer("recycling")
+    parents = prop.template.parents
+    assert parents[2] == 0 and parents[5] == 2 and 5 not in (1, 3, 7, 11)  # node 2 is not on the chain
+    k = prop.template.size - 1
+    adapt = init_adapt(prop)
+    draft = Draft(tokens=jnp.arange(100, 100 + k, dtype=jnp.int32)[None], num=jnp.asarray([k], jnp.int32),
+                  valid=jnp.ones((1, k), bool))
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    done = jnp.zeros((1,), bool)
+    for i, tok in enumerate([100 + 2 - 1, 100 + 5 - 1, 999]):  # draft node j holds template node j + 1
+        tokens = tokens.at[0, 3 + i].set(tok)
+        length = jnp.asarray([4 + i], jnp.int32)
+        if i == 0:
+            adapt = _shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
+                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
+        else:
+            adapt = _shadow_score(adapt, prop, tokens, length, done)
+    chain, whole = np.asarray(adapt.tried[0, 0]), np.asarray(adapt.tried[1, 0])
+    assert chain.tolist() == [1, 0, 0, 0] and np.asarray(adapt.hit[0, 0]).tolist() == [0, 0, 0, 0]
+    assert whole.tolist() == [1, 1, 1, 0] and np.asarray(adapt.hit[1, 0]).tolist() == [1, 1, 0, 0]
+    assert not bool(adapt.shadow_valid.any())  # ended at the miss
