@@ -892,11 +892,10 @@ def _shadow(adapt: Adapt, proposer: Proposer, proposed, cut: Bool[Array, "B"], v
     adapt = _shadow_score(adapt, proposer, tokens, lengths, done)
     take = cut & ~jnp.any(adapt.shadow_valid, axis=1) & ~done
     k = adapt.shadow_tokens.shape[1]
-    if proposed.valid is None:
-        valid = jnp.arange(k)[None] < proposed.num[:, None]
-    else:
-        valid = proposed.valid[:, :k]
-    drafted = proposed.tokens[:, :k].astype(jnp.int32)
+    fit = lambda x: jnp.pad(x[:, :k], ((0, 0), (0, max(k - x.shape[1], 0))))  # a draft narrower than its depth
+    valid = fit(jnp.arange(proposed.tokens.shape[1])[None] < proposed.num[:, None] if proposed.valid is None
+                else proposed.valid)
+    drafted = fit(proposed.tokens.astype(jnp.int32))
     source = jnp.zeros_like(start) if proposed.source is None else proposed.source
     pick = lambda new, old: jnp.where(take.reshape(take.shape + (1,) * (old.ndim - 1)), new, old)
     adapt = adapt.replace(shadow_tokens=pick(drafted, adapt.shadow_tokens),
