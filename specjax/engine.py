@@ -812,6 +812,14 @@ def _batch_worth(survive: Float[Array, "B W J"], active: Bool[Array, "B"], remai
     return jnp.where(jnp.any(active), drop, 0.0) + tie_break * mean
 
 
+def _counted(shape: tuple[int, ...], rows: Int[Array, "B G"], bucket: Int[Array, "B"],
+             x: Float[Array, "B G D"]) -> Float[Array, "S C D"]:
+    """Each row's per-position indicators `x` summed into the counts' layout (`Adapt.tried`): row b's
+    g-th indicator goes to counts row `rows[b, g]` (source, or source x sub-tree), bucket `bucket[b]`."""
+    where = jax.nn.one_hot(rows, shape[0])[..., None] * jax.nn.one_hot(bucket, shape[1])[:, None, None]
+    return jnp.einsum("bgsc,bgd->scd", where, x)
+
+
 def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group: Int[Array, ""] | int = 0,
              groups: int = 1) -> Adapt:
     """Adds one verification to the acceptance counts: position i of a row's draft was tried if every
@@ -825,9 +833,7 @@ def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group:
     on = drafting[:, None]
     tried = (on & (pos < reach) & (pos <= accepted[:, None])).astype(jnp.float32)
     hit = (on & (pos < accepted[:, None])).astype(jnp.float32)
-    sources, buckets = adapt.tried.shape[:2]
-    where = jax.nn.one_hot(source, sources)[:, :, None] * jax.nn.one_hot(bucket, buckets)[:, None]
-    add = lambda x: jnp.einsum("bsc,bd->scd", where, x)
+    add = lambda x: _counted(adapt.tried.shape, source[:, None], bucket, x[:, None])
     drafted = on[:, 0] & (reach[:, 0] > 0)
     streak = jnp.where(drafted, (accepted >= reach[:, 0]).astype(jnp.int32), adapt.streak)
     return adapt.replace(tried=DECAY * adapt.tried + add(tried), hit=DECAY * adapt.hit + add(hit), streak=streak)
@@ -868,11 +874,8 @@ def _shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], l
     on = pos >= scored[:, None, None]
     tried = (on & (pos < known[:, :, None]) & (pos <= a[..., None]) & (pos < reach[..., None])).astype(jnp.float32)
     hit = (on & (pos < a[..., None])).astype(jnp.float32)
-    groups = members.shape[0]
-    sources, buckets = adapt.tried.shape[:2]
-    where = (jax.nn.one_hot(adapt.shadow_row[:, None] * groups + jnp.arange(groups)[None], sources)[..., None]
-             * jax.nn.one_hot(adapt.shadow_bucket, buckets)[:, None, None])  # [B, G, S, C]
-    add = lambda x: jnp.einsum("bgsc,bgd->scd", where, x)
+    rows = adapt.shadow_row[:, None] * members.shape[0] + jnp.arange(members.shape[0])[None]  # every sub-tree
+    add = lambda x: _counted(adapt.tried.shape, rows, adapt.shadow_bucket, x)
     ended = jnp.all((a < known) | (a >= reach), axis=1) | done  # nothing deeper can be accepted, or nothing known
     valid = valid & ~ended[:, None]
     return adapt.replace(tried=adapt.tried + add(tried), hit=adapt.hit + add(hit), shadow_valid=valid,
