@@ -82,6 +82,8 @@ class Adapt:
     probed: Bool[Array, ""] = False  # this step verified a probe (of any kind): `_settle` counts it a miss or not
     # probes in a row that did not pay: each halves the share of time probing may take (`probe_credit`)
     probe_misses: Int[Array, ""] = 0
+    # proposals in a row with nothing worth verifying: each halves the share of time such proposals take
+    idle_misses: Int[Array, ""] = 0
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
@@ -125,7 +127,8 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  predicted_tokens=jnp.zeros((), jnp.float32), predicted_s=jnp.zeros((), jnp.float32),
                  drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool),
                  probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32),
-                 probed=jnp.zeros((), bool), probe_misses=jnp.zeros((), jnp.int32))
+                 probed=jnp.zeros((), bool), probe_misses=jnp.zeros((), jnp.int32),
+                 idle_misses=jnp.zeros((), jnp.int32))
 
 
 def probe_price(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
@@ -163,14 +166,19 @@ def probe_credit(credit: Float[Array, ""], costs: Float[Array, "W"], drafter_s: 
     return credit, credit >= cap
 
 
-def idle_wait(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0) -> Int[Array, ""]:
+def idle_wait(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
+              misses: Int[Array, ""] | int = 0) -> Int[Array, ""]:
     """Steps to skip after a proposal that found nothing worth verifying (the step ran at width 1) and left
     the average saving short: such a proposal cost the drafter alone, so proposing once every this many
     steps plus one costs at most `PROBE_SHARE` of the time. An n-gram lookup at batch 1 (a few tenths of a
     millisecond) then proposes every step, and catches text that repeats after a stretch of fresh text,
-    where doubling waits had left it proposing on 7% of steps (MAT 1.06 against 1.70 at fixed widths);
-    a model drafter waits in proportion to its cost."""
+    where doubling waits had left it proposing on 7% of steps (MAT 1.06 against 1.70 at fixed widths).
+    A model drafter waits in proportion to its cost, and longer while its drafts keep finding nothing:
+    the wait doubles for each of the `misses` proposals before it that found nothing either (at most
+    `MAX_PROBE_MISSES` times), where an EAGLE head at batch 8, a quarter of a step per proposal, spent
+    2% of the time on proposals that a sampled batch's slowest row never verified."""
     steps = jnp.floor(drafter_s / (PROBE_SHARE * costs[0]))
+    steps = steps * 2.0 ** jnp.clip(misses, 0, MAX_PROBE_MISSES).astype(jnp.float32)
     return jnp.clip(steps, 0, probe_interval(costs, drafter_s)).astype(jnp.int32)
 
 
@@ -771,7 +779,7 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # whether verified drafts pay: it keeps the backoff and waits as long as the drafter's cost allows
     idle = (best == 0) & ~adapt.probing
     backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
-    wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, drafter_s), backoff))
+    wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, drafter_s, adapt.idle_misses), backoff))
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
@@ -779,10 +787,15 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # average pays, restore it
     misses = jnp.where(adapt.probed & ~paid, jnp.minimum(adapt.probe_misses + 1, MAX_PROBE_MISSES),
                        jnp.where(adapt.probed | pays & ~idle, 0, adapt.probe_misses))
+    # a wait after a fruitless proposal halves the share of such proposals for the next one; a verified
+    # draft restores it
+    idle_misses = jnp.where(idle & ~pays, jnp.minimum(adapt.idle_misses + 1, MAX_PROBE_MISSES),
+                            jnp.where(best > 0, 0, adapt.idle_misses))
     on = adapt.proposing & judge
     return adapt.replace(backoff=jnp.where(on, backoff, adapt.backoff), saving=jnp.where(on, saving, adapt.saving),
                          wait=jnp.where(on, wait, adapt.wait), probe_due=jnp.where(on, due, adapt.probe_due),
                          probe_misses=jnp.where(on, misses, adapt.probe_misses),
+                         idle_misses=jnp.where(on, idle_misses, adapt.idle_misses),
                          probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool), probed=jnp.zeros((), bool))
 
 

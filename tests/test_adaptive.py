@@ -426,14 +426,18 @@ def test_a_proposal_with_nothing_worth_verifying_costs_the_drafter_alone():
     """Fresh text: the drafts are not worth verifying (1-token steps), so each proposal lost the
     drafter's cost and nothing else. A drafter under 2% of a step proposes on every such step (an n-gram
     lookup at batch 1 then catches text that repeats again); a dearer one waits so that its proposals
-    cost 2% of the time (0.1 of a step: 5 steps skipped, not doubling). Verified drafts that fall short
-    still double the wait, and fruitless proposals in between keep that backoff for the next loss."""
+    cost 2% of the time (0.1 of a step: 5 steps skipped), and each fruitless proposal after it halves
+    that share, three times at most (10, 20, 40 steps), until a draft is worth verifying again. Verified
+    drafts that fall short still double the wait, and fruitless proposals in between keep that backoff
+    for the next loss."""
     from specjax.engine import idle_wait, probe_interval
 
     assert _settle_steps([None] * 6, drafter_s=0.01) == [0] * 6
     assert _settle_steps([None] * 6, drafter_s=0.0) == [0] * 6
-    assert _settle_steps([None] * 4, drafter_s=0.1) == [5] * 4
+    assert _settle_steps([None] * 5, drafter_s=0.1) == [5, 10, 20, 40, 40]
+    assert _settle_steps([None, None, 0.0, None], drafter_s=0.1) == [5, 10, 2, 5]  # a verified draft restores it
     assert int(idle_wait(jnp.asarray([1.0, 1.5, 1.8, 2.0]), 0.1)) == 5
+    assert int(idle_wait(jnp.asarray([1.0, 1.5, 1.8, 2.0]), 0.1, misses=9)) == 40
     assert _settle_steps([0.0, None, 0.0, None, 0.0], drafter_s=0.01) == [2, 0, 4, 0, 8]
     # after verified drafts fell short, the next draft probes; fruitless proposals before it do not spend that
     assert _settle_steps([0.0, None, None], drafter_s=0.01, field="probe_due") == [True, True, True]

@@ -116,10 +116,13 @@ def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):
     assert cont.stats["mean_accepted_tokens"] == pytest.approx(fresh.stats["mean_accepted_tokens"])
 
 
-def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["eagle", "hybrid"])
+def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir, monkeypatch, method):
     """While an adaptive loop backs off, the head puts off absorbing accepted tokens (lag buffer, one
     forward before the next proposal or when the buffer is full): it must draft exactly as a head that
-    absorbed every step (same widths, acceptance, tokens), and its cache, caught up, must equal that one's."""
+    absorbed every step (same widths, acceptance, tokens), and its cache, caught up, must equal that one's.
+    The hybrid's steps carry 17 positions of features into a 20-position buffer: waits longer than the
+    buffer must absorb it exactly when a 1-token step's features would not fit."""
     from specjax import engine
 
     def costs(model, plan, proposer, *rest):  # proposing costs a whole step: drafts rarely pay, it backs off
@@ -128,14 +131,18 @@ def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir,
 
     monkeypatch.setattr(engine, "step_costs", costs)
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
-    lazy, eager = (specjax.generate(tiny_model, prompts, "eagle", head=head_dir, max_new_tokens=60, eos_token_ids=(),
+    head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0}
+    lazy, eager = (specjax.generate(tiny_model, prompts, method, **head, max_new_tokens=60, eos_token_ids=(),
                                     adaptive=True, keep_session=True, lazy=flag) for flag in (True, False))
     assert lazy.tokens == eager.tokens
     for key in ("width_hist", "accepted_hist", "drafted_share", "predicted_tokens"):
         assert lazy.stats[key] == eager.stats[key], key
     assert 0 < lazy.stats["drafted_share"] < 0.3  # it backed off for long stretches, and proposed in between
     proposer, ctx = lazy.session.proposer, lazy.session.context
-    caught_up, other = proposer.catch_up(lazy.session.proposer_state, ctx), eager.session.proposer_state
+    mine, other = lazy.session.proposer_state, eager.session.proposer_state
+    if method == "hybrid":  # (suffix state, head state)
+        proposer, mine, other = proposer.head_proposer, mine[1], other[1]
+    caught_up = proposer.catch_up(mine, ctx)
     np.testing.assert_array_equal(caught_up.cache.lengths, other.cache.lengths)
     for b, n in enumerate(np.asarray(other.cache.lengths)):
         for mine, theirs in ((caught_up.cache.k[0], other.cache.k[0]), (caught_up.cache.v[0], other.cache.v[0])):

@@ -41,7 +41,7 @@ class EagleState:
     lag: jax.Array | None = None
 
 
-LAG_STEPS = 4  # steps of features the lag buffer holds; a full one is absorbed even while not proposing
+LAG_STEPS = 4  # the lag buffer holds LAG_STEPS * (depth + 1) positions: a wait of as many 1-token steps
 
 
 @register("eagle")
@@ -161,7 +161,11 @@ class Eagle(Proposer):
         cols = (ctx.feature_start - absorbed)[:, None] + jnp.arange(t)[None]
         lag = state.lag.at[jnp.arange(b)[:, None], cols].set(ctx.features.astype(state.lag.dtype), mode="drop")
         lagging = jnp.any(ctx.feature_start > absorbed)  # positions before this step's wait as well
-        full = jnp.any(ctx.lengths - 1 - absorbed + t > state.lag.shape[1])  # the next step's might not fit
+        # a step that does not propose yields one token a row, and a proposing one absorbs first: the
+        # buffer is absorbed when the next 1-token step's would not fit. Reserving room for a whole draft
+        # (the hybrid's 17 positions in a 20-position buffer) absorbed every 3-4 steps of a wait instead
+        # of every 20: 2.4 ms of a 79 ms best-of-8 step
+        full = jnp.any(ctx.lengths - absorbed > state.lag.shape[1])
         branches = [lambda: state.replace(lag=lag), lambda: self._absorb(state, ctx),
                     lambda: self.catch_up(state.replace(lag=lag), ctx)]
         return jax.lax.switch(jnp.where(ctx.proposes_next | full, jnp.where(lagging, 2, 1), 0), branches)

@@ -48,6 +48,7 @@ class Hybrid(Proposer):
     head_min_prob: float = -1.0
     max_match: int = option(32, min=1)
     store_size: int = option(0, min=0)
+    lazy: bool = True  # an EAGLE head absorbs accepted tokens only before a proposal (False: every step)
     head_proposer: Proposer | None = bound(None)
     sampling_cfg: SamplingMode | None = bound(None)  # the static mode
     vocab: int = bound(0)
@@ -90,7 +91,7 @@ class Hybrid(Proposer):
             from specjax.proposers.eagle import Eagle
 
             eagle = Eagle(head=self.head_path, topk=1, depth=self.head_k, total=self.head_k,
-                          min_prob=max(self.head_min_prob, 0.0))
+                          min_prob=max(self.head_min_prob, 0.0), lazy=self.lazy)
             head, weights = eagle.bind(model, sampling_cfg)
         elif kind == "medusa":
             from specjax.proposers.medusa import Medusa
