@@ -52,6 +52,9 @@ class Context:
     # at update: whether the next step calls `propose` (False while an adaptive loop backs off or a wide
     # batch is gated; None: always). A proposer whose update only serves `propose` may put it off then
     proposes_next: Bool[Array, ""] | None = None
+    # at propose, for proposers with a `cheap_part`: False while an adaptive loop backs off from the
+    # costly part, which then must not run (None or True: the whole proposal)
+    full_draft: Bool[Array, ""] | None = None
 
 
 @struct.dataclass

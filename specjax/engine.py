@@ -64,7 +64,7 @@ class Adapt:
     width_hist: Int[Array, "W"]  # steps run at each static verify width (`loop_widths`)
     predicted_tokens: Float[Array, ""]  # sum over steps of the expected tokens of the chosen width
     predicted_s: Float[Array, ""]  # sum over steps of the calibrated seconds of the chosen width (+ drafter)
-    drafted_steps: Int[Array, ""]  # steps that ran `propose`
+    drafted_steps: Int[Array, ""]  # steps that ran the whole `propose` (not a `cheap_part` alone)
     # per row, a draft the width decision cut, scored against the tokens later steps emit (`_shadow`)
     shadow_tokens: Int[Array, "B K"]
     shadow_valid: Bool[Array, "B K"]  # its nodes; none: no shadow pending
@@ -480,8 +480,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     its own `drafter_s` (a moving average of what each proposing step saved) backs off: `propose` is
     skipped for 2, 4, 8, ... steps up to `probe_interval` after verified drafts that fell short (then
     probed again, when the probe credit covers it: probes cost at most 2% of the time), and for
-    `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. The width
-    decision reads only what is known before the verify forward; the backoff, what the verify yielded.
+    `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. A proposer with a
+    `cheap_part` (the hybrid's suffix match) proposes that part on every step while the rest backs off,
+    and its drafts go through the same width decision. The width decision reads only what is known
+    before the verify forward; the backoff, what the verify yielded.
 
     `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
     draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
@@ -502,11 +504,16 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         room_left = jnp.max(jnp.where(s.done, 0, s.lengths)) + k < s.tokens.shape[1]
         return budget_left & jnp.any(~s.done) & room_left
 
+    def gate_open(s: LoopState) -> Bool[Array, ""]:
+        """Not in a wide batch (speculate_max_rows)."""
+        return jnp.ones((), bool) if not gated else jnp.sum(~s.done) <= speculate_max_rows
+
     def will_propose(s: LoopState) -> Bool[Array, ""]:
-        """Not in a wide batch (speculate_max_rows), nor while an adaptive loop backs off: no draft, no
-        drafting cost."""
-        want = jnp.ones((), bool) if not gated else jnp.sum(~s.done) <= speculate_max_rows
-        return want & (s.adapt.wait <= 0) if adaptive else want
+        """Not in a wide batch, nor while an adaptive loop backs off: no draft, no drafting cost."""
+        return gate_open(s) & (s.adapt.wait <= 0) if adaptive else gate_open(s)
+
+    # a proposer with a cheap part proposes it on every step the gate allows, the rest only when it is due
+    split = adaptive and proposer.cheap_part
 
     # a calibration or warm-up run (`verify_floor` >= 0): the forced costs name the width; no probe, no backoff
     forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
@@ -517,14 +524,16 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         r_ver = position_keys(jax.random.fold_in(s.rng, 1), s.lengths, depth + 1)
         ctx = context(s)
         active = ~s.done
-        propose = lambda: proposer.propose(s.proposer_state, ctx, r_prop)
         want = will_propose(s)
-        if not gated and not adaptive:
+        runs = gate_open(s) if split else want  # whether `propose` runs at all (`split`: its cheap part)
+        p_ctx = ctx.replace(full_draft=want) if split else ctx
+        propose = lambda: proposer.propose(s.proposer_state, p_ctx, r_prop)
+        if not gated and (not adaptive or split):
             pstate, draft = propose()
         else:
             no_draft = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose)[1])
-            pstate, draft = jax.lax.cond(want, propose, lambda: (s.proposer_state, no_draft))
-        drafting = active & want
+            pstate, draft = jax.lax.cond(runs, propose, lambda: (s.proposer_state, no_draft))
+        drafting = active & runs
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         adapt = s.adapt
         proposed = draft
@@ -536,7 +545,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if adaptive:
             draft, drafting, adapt, best, bucket = _choose_width(
                 draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
-                max_new - (s.lengths - s.prompt_lengths), ~forced & ~free)
+                max_new - (s.lengths - s.prompt_lengths), ~forced & ~free, runs)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
@@ -644,11 +653,15 @@ def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
 
 
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
-                  step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True):
+                  step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True,
+                  runs: Bool[Array, ""] | None = None):
     """The adaptive decision of one step (see `decode`): the width and the truncated draft; whether to
-    keep proposing is `_settle`'s, from what the step yields. `remaining`: each row's tokens left in its
-    budget (None: the same for every row). `probes` False: no probe overrides the decision (a calibration
-    or warm-up run, whose forced costs name the width it times)."""
+    keep proposing is `_settle`'s, from what the step yields. `want`: the whole proposal ran (it is
+    judged, may probe, and pays the drafter's cost); `runs` (default `want`): some of it ran (a
+    proposer's `cheap_part` alone), so its drafts may be verified. `remaining`: each row's tokens left
+    in its budget (None: the same for every row). `probes` False: no probe overrides the decision (a
+    calibration or warm-up run, whose forced costs name the width it times)."""
+    runs = want if runs is None else runs
     batch = draft.num.shape[0]
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
@@ -704,13 +717,12 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         # every probe is paid from the credit (`probe_credit`), so that probes cost at most PROBE_SHARE
         price = probe_price(costs, drafter_s, probed)
         after_backoff = adapt.probe_due & gain & (credit >= price)
-        probe = (full & gain | after_backoff) & probes
+        probe = (full & gain | after_backoff) & probes & want
         best = jnp.where(probe, probed, best)
-        probe = probe & want
         credit = credit - jnp.where(probe, price, 0.0)
     else:
         after_backoff = gain = probe = jnp.zeros((), bool)
-    best = jnp.where(want, best, 0).astype(jnp.int32)
+    best = jnp.where(runs, best, 0).astype(jnp.int32)
     # drafts that could gain, turned down by the estimate: the estimate itself is what a probe must test (a
     # pessimistic prior would otherwise turn down drafts accepted at 0.95 until a periodic probe)
     rejected = want & gain & (best == 0) & probes

@@ -116,22 +116,28 @@ def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):
     assert cont.stats["mean_accepted_tokens"] == pytest.approx(fresh.stats["mean_accepted_tokens"])
 
 
+def _price_proposals_at_a_step(monkeypatch) -> None:
+    """Calibrated costs where proposing costs a whole 1-token step: drafts rarely pay, the loop backs off."""
+    from specjax import engine
+
+    def costs(model, plan, proposer, *rest):
+        widths = engine.loop_widths(proposer)
+        return np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3), 0.0
+
+    monkeypatch.setattr(engine, "step_costs", costs)
+
+
 @pytest.mark.parametrize("method", ["eagle", "hybrid"])
 def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir, monkeypatch, method):
     """While an adaptive loop backs off, the head puts off absorbing accepted tokens (lag buffer, one
     forward before the next proposal or when the buffer is full): it must draft exactly as a head that
     absorbed every step (same widths, acceptance, tokens), and its cache, caught up, must equal that one's.
-    The hybrid's steps carry 17 positions of features into a 20-position buffer: waits longer than the
-    buffer must absorb it exactly when a 1-token step's features would not fit."""
-    from specjax import engine
-
-    def costs(model, plan, proposer, *rest):  # proposing costs a whole step: drafts rarely pay, it backs off
-        widths = engine.loop_widths(proposer)
-        return np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3), 0.0
-
-    monkeypatch.setattr(engine, "step_costs", costs)
+    The hybrid's steps carry 17 positions of features into a 20-position buffer, and its suffix match
+    drafts on steps that skip the head: a step whose features do not fit behind the lag absorbs it first."""
+    _price_proposals_at_a_step(monkeypatch)
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
-    head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0}
+    # the hybrid at threshold 1: its suffix match drafts on most steps, also those that skip the head
+    head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0, "threshold": 1}
     lazy, eager = (specjax.generate(tiny_model, prompts, method, **head, max_new_tokens=60, eos_token_ids=(),
                                     adaptive=True, keep_session=True, lazy=flag) for flag in (True, False))
     assert lazy.tokens == eager.tokens
@@ -148,6 +154,26 @@ def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir,
         for mine, theirs in ((caught_up.cache.k[0], other.cache.k[0]), (caught_up.cache.v[0], other.cache.v[0])):
             np.testing.assert_allclose(np.asarray(mine)[b, :, :n], np.asarray(theirs)[b, :, :n], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(caught_up.last, other.last, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hybrid_backing_off_from_its_head_still_copies_every_step(tiny_model, head_dir, monkeypatch):
+    """The hybrid's suffix match costs next to nothing (`cheap_part`): while the adaptive loop backs off
+    from its head (priced here at a whole step), the suffix match still drafts on the steps in between,
+    through the same width decision, and the head drafts only on steps that run the whole proposal.
+    Greedy output stays `ar`'s."""
+    _price_proposals_at_a_step(monkeypatch)
+    prompts = [[5, 6, 7, 8, 9, 10] * 3, [11, 12, 13, 14] * 2]
+    kw = dict(max_new_tokens=60, eos_token_ids=())
+    ar = specjax.generate(tiny_model, prompts, "ar", **kw)
+    out = specjax.generate(tiny_model, prompts, "hybrid", head_path=head_dir, head_min_prob=0.0, threshold=1,
+                           adaptive=True, **kw)  # threshold 1: the random model's text matches often
+    assert out.tokens == ar.tokens
+    steps = out.stats["decode_steps"]
+    whole = round(out.stats["drafted_share"] * steps)  # steps that ran the head too
+    none, suffix, head = out.stats["proposer_steps"][:3]
+    assert whole < 0.3 * steps
+    assert suffix > 2 * whole  # 2 rows: the suffix match drafted on steps that did not run the whole proposal
+    assert head <= 2 * whole
 
 
 def test_hybrid_on_an_eagle_head(tiny_model, head_dir):

@@ -93,6 +93,10 @@ class Proposer:
     # False: the adaptive loop leaves this method's widths alone (its forward does work beyond the draft,
     # e.g. lookahead's Jacobi window, that a narrower verify would drop)
     adaptive_widths: ClassVar[bool] = True
+    # True: `propose` has a part that costs next to nothing (a suffix match beside a model drafter) and
+    # runs only that part when `ctx.full_draft` is False. An adaptive loop backing off from the costly
+    # part still proposes the cheap one every step
+    cheap_part: ClassVar[bool] = False
     k: int = option(0, min=0)
 
     @property

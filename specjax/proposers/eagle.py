@@ -153,22 +153,37 @@ class Eagle(Proposer):
 
     def update(self, state: EagleState, ctx: Context, prev_lengths: jax.Array) -> EagleState:
         """Absorbs the step's accepted tokens, or, while the loop will not propose, adds their features
-        to the lag buffer (absorbed in one forward before the next proposal, or when it is full)."""
+        to the lag buffer (absorbed in one forward before the next proposal, or when this step's would
+        not fit behind what it holds)."""
         if not self.lazy or ctx.proposes_next is None:
             return self._absorb(state, ctx)
         absorbed = state.cache.lengths
         b, t = ctx.features.shape[:2]
+        size = state.lag.shape[1]
         cols = (ctx.feature_start - absorbed)[:, None] + jnp.arange(t)[None]
         lag = state.lag.at[jnp.arange(b)[:, None], cols].set(ctx.features.astype(state.lag.dtype), mode="drop")
         lagging = jnp.any(ctx.feature_start > absorbed)  # positions before this step's wait as well
-        # a step that does not propose yields one token a row, and a proposing one absorbs first: the
-        # buffer is absorbed when the next 1-token step's would not fit. Reserving room for a whole draft
-        # (the hybrid's 17 positions in a 20-position buffer) absorbed every 3-4 steps of a wait instead
-        # of every 20: 2.4 ms of a 79 ms best-of-8 step
-        full = jnp.any(ctx.lengths - absorbed > state.lag.shape[1])
+        # absorbed only when this step's positions do not fit behind the lag: reserving room for a whole
+        # draft ahead (the hybrid's 17 positions in a 20-position buffer) absorbed every 3-4 steps of a wait
+        # instead of every 20 (2.4 ms of a 79 ms best-of-8 step); and a step that did not run the head may
+        # still accept a whole draft (the hybrid's suffix match, `Proposer.cheap_part`)
+        overflow = jnp.any(ctx.lengths - 1 - absorbed > size)
+
+        def flushed() -> EagleState:  # the lag's positions, up to this step's first, absorbed
+            return self._absorb(state, ctx.replace(features=state.lag, feature_start=absorbed,
+                                                   lengths=ctx.feature_start + 1))
+
+        def flushed_then_lag() -> EagleState:  # this step's positions then start an empty lag
+            fresh = flushed()
+            return fresh.replace(lag=fresh.lag.at[:, :t].set(ctx.features.astype(state.lag.dtype)))
+
         branches = [lambda: state.replace(lag=lag), lambda: self._absorb(state, ctx),
-                    lambda: self.catch_up(state.replace(lag=lag), ctx)]
-        return jax.lax.switch(jnp.where(ctx.proposes_next | full, jnp.where(lagging, 2, 1), 0), branches)
+                    lambda: self.catch_up(state.replace(lag=lag), ctx), lambda: self._absorb(flushed(), ctx)]
+        if t <= size:
+            branches.append(flushed_then_lag)
+        index = jnp.where(ctx.proposes_next, jnp.where(lagging, 2, 1), 0)
+        index = jnp.where(overflow, jnp.where(ctx.proposes_next | (t > size), 3, len(branches) - 1), index)
+        return jax.lax.switch(index, branches)
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
         from specjax.heads.eagle import EagleHead

@@ -33,6 +33,7 @@ SOURCE_SUFFIX, SOURCE_HEAD = 1, 2
 class Hybrid(Proposer):
     paper: ClassVar[tuple[int, str] | None] = (9, "SAM[EAGLE-3]")
     sources: ClassVar[tuple[str, ...]] = ("none", "suffix", "head")
+    cheap_part: ClassVar[bool] = True  # the suffix match; the head runs only when ctx.full_draft allows
     k: int = option(16, min=0)  # suffix draft length (capped at the match length, as `suffix` does)
     threshold: int = option(3, min=1)  # match length from which the suffix drafts (suffix's own min_match)
     # "eagle" / "medusa" (a trained head in head_path, default: the one shipped for the model), "draft"
@@ -124,6 +125,8 @@ class Hybrid(Proposer):
         s_state, sd = self.suffix.propose(s_state, ctx, r_suffix)
         use_suffix = sd.num > 0
         need_head = ctx.active & ~use_suffix
+        if ctx.full_draft is not None:  # an adaptive loop backing off from the head: the suffix match alone
+            need_head = need_head & ctx.full_draft
         batch, vocab = ctx.tokens.shape[0], self.vocab
         greedy = self.sampling_cfg.greedy
         real_q = not greedy and isinstance(head, DraftModel)  # trained heads draft deterministically (q one-hot)
