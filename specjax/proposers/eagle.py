@@ -177,13 +177,16 @@ class Eagle(Proposer):
             fresh = flushed()
             return fresh.replace(lag=fresh.lag.at[:, :t].set(ctx.features.astype(state.lag.dtype)))
 
-        branches = [lambda: state.replace(lag=lag), lambda: self._absorb(state, ctx),
-                    lambda: self.catch_up(state.replace(lag=lag), ctx), lambda: self._absorb(flushed(), ctx)]
-        if t <= size:
-            branches.append(flushed_then_lag)
-        index = jnp.where(ctx.proposes_next, jnp.where(lagging, 2, 1), 0)
-        index = jnp.where(overflow, jnp.where(ctx.proposes_next | (t > size), 3, len(branches) - 1), index)
-        return jax.lax.switch(index, branches)
+        branches = {"lag": lambda: state.replace(lag=lag), "absorb": lambda: self._absorb(state, ctx),
+                    "catch_up": lambda: self.catch_up(state.replace(lag=lag), ctx),
+                    "flush_absorb": lambda: self._absorb(flushed(), ctx)}
+        if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
+            branches["flush_lag"] = flushed_then_lag
+        at = {name: i for i, name in enumerate(branches)}
+        on_time = jnp.where(ctx.proposes_next, jnp.where(lagging, at["catch_up"], at["absorb"]), at["lag"])
+        flush = at["flush_absorb" if t > size else "flush_lag"]
+        index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), on_time)
+        return jax.lax.switch(index, list(branches.values()))
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
         from specjax.heads.eagle import EagleHead
