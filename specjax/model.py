@@ -81,10 +81,11 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
         except BaseException as e:  # raised on the caller's thread below
             loaded["error"] = e
 
+    # timed once per machine and model (with no other work of ours running), then cached
+    cfg = gemv_blocks.configure(cfg, params, mesh, before_timing=programs.settle)
     reader = threading.Thread(target=load_tokenizer, name="specjax-tokenizer", daemon=True) if tokenizer else None
     if reader is not None:
         reader.start()
-    cfg = gemv_blocks.configure(cfg, params, mesh)  # timed once per machine and model, then cached
     # last time's calls replayed on a dummy prompt (their programs' first runs) while the tokenizer loads
     warm_start.replay_last(Model(config=cfg, params=params, tokenizer=None, name=str(name), programs_key=owner))
     if reader is not None:

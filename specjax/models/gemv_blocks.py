@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -73,10 +74,15 @@ def measure(cfg: ModelConfig, params: Any, candidates: tuple[int, ...]) -> dict[
     return step_cost.interleaved_seconds(runs, REPEATS)
 
 
-def choose(cfg: ModelConfig, params: Any, mesh: Any = None) -> int:
+def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Callable[[], None] | None = None) -> int:
     """The number of blocks for this model on this machine: the env value, else 1 where a split
     cannot help (a sharded model, an accelerator, weights held in another dtype than activations, a
-    small model), else the timed choice (from the cache folder when measured before)."""
+    small model), else the timed choice (from the cache folder when measured before).
+
+    `before_timing` runs first when the forms must be timed: the caller's own background work must
+    be over by then. The split forms need both cores, so they time slower beside any other busy
+    thread; on a 2-core AMD EPYC a tokenizer loading alongside had the plain dots chosen (26.2 / 26.9
+    ms at 1 / 4 blocks, where alone they took 22.4 / 20.0), and decoding ran 12% slower for it."""
     layers = [lp for lp in params.get("layers", ()) if "wqkv" in lp]
     chosen = from_env(cfg, layers)
     if chosen is not None:
@@ -92,6 +98,8 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None) -> int:
     keys = [step_cost.step_key("gemv-forward", model, 1, 0, f"blocks{n}") for n in candidates]
 
     def timed(todo: list[str]) -> dict[str, float]:
+        if before_timing is not None:
+            before_timing()
         secs = measure(cfg, params, candidates)
         return {k: secs[n] for k, n in zip(keys, candidates) if k in todo}
 
@@ -100,6 +108,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None) -> int:
     return candidates[best] if secs[best] < (1 - MARGIN) * secs[0] else 1
 
 
-def configure(cfg: ModelConfig, params: Any, mesh: Any = None) -> ModelConfig:
+def configure(cfg: ModelConfig, params: Any, mesh: Any = None,
+              before_timing: Callable[[], None] | None = None) -> ModelConfig:
     """`cfg` with `gemv_blocks` set by `choose`."""
-    return dataclasses.replace(cfg, gemv_blocks=choose(cfg, params, mesh))
+    return dataclasses.replace(cfg, gemv_blocks=choose(cfg, params, mesh, before_timing))
