@@ -3,12 +3,14 @@
 `python -m benchmarks.adaptive [--cells single-arith,single-spectts,multi-spectts,bon-arith] [--limit 10]
    [--methods pld,suffix,pool,recycling,eagle,hybrid] [--max-new-tokens 128] [--out results/adaptive.json]`
 
-Each cell loads its questions once and runs `ar`, then every method twice (`adaptive=True`, the default,
-and `adaptive=False`, the methods' fixed widths) through `eval.tts.run_method` (warm-up included, as
-eval.tts does), and prints speedups over `ar` of the same run, with the multi-round cell's rounds apart;
-`ar` runs again after every method, and each method's speedups are against the mean of the two `ar`
-runs around it (a machine whose speed drifts during the cell moves both alike); the cell's `ar` drift
-says how far the machine's speed moved.
+Each cell loads its questions once. For every method, `ar`, the method with `adaptive=True` (the
+default) and with `adaptive=False` (its fixed widths) are each warmed up once (`eval.tts.warm_up`),
+then run question by question, the three in turn, the order rotating with the question: a machine
+whose speed drifts (a busy neighbour: `ar` moved by 15% within one cell on a 2-core AMD EPYC) moves all
+three alike, where whole runs one after the other would credit the drift to whichever ran in the fast
+part. Each question runs with the seed and shapes it has in a whole run (`seed_offset`, `size_like`),
+so the outputs are the whole run's; the sums over the questions give the speedups, with the
+multi-round cell's rounds apart. The cell's `ar` drift compares its first and last method's `ar`.
 Speedups are ratios of tokens per second, and (`time ad/fx`) of wall time over the same questions. They
 agree where outputs equal `ar`'s (greedy); in a sampled cell a lossless method's answers are other draws
 from the same distribution, and a batch whose samples stop early by chance emits fewer tokens in about
@@ -53,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import specjax
     from benchmarks.compile_cost import cpu_name
-    from eval.tts import outputs_equal, run_method
+    from eval.tts import outputs_equal
     from eval.tts import parse_args as tts_args
-    from specjax import programs
     from specjax.tts.datasets import load_dataset
 
     model = specjax.load(args.model, matmul_dtype=args.matmul_dtype)
@@ -69,48 +70,72 @@ def main(argv: list[str] | None = None) -> int:
                              str(args.max_new_tokens), "--temperature", str(spec["temperature"]),
                              "--n", str(spec.get("n", 8)), "--rounds", "2", "--limit", str(limit)])
         questions = load_dataset(spec["dataset"], limit=limit)
-        base, ar_samples, _ = run_method(model, questions, "ar", run_args)
-        first = base
-        print(f"\n{cell} ({len(questions)} questions): ar {base['tokens_per_s']:.1f} tok/s "
-              "(rounds: " + " / ".join(f"{r['tokens_per_s']:.1f}" for r in base["per_round"]) + ")", flush=True)
-        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'time ad/fx':>13}{'MAT ad/fx':>12}   ar before/after   "
+        print(f"\n{cell} ({len(questions)} questions)", flush=True)
+        print(f"{'method':<11}{'adaptive':>10}{'fixed':>8}{'time ad/fx':>13}{'MAT ad/fx':>12}   ar tok/s   "
               "per round (adaptive / fixed)   outputs as ar's (adaptive / fixed)")
+        first_ar = last_ar = None
         for method in methods:
-            got, same = {}, {}
-            for mode in ("adaptive", "fixed"):
-                run_args.no_adaptive = mode == "fixed"
-                got[mode], samples, _ = run_method(model, questions, method, run_args)
-                same[mode] = outputs_equal(samples, ar_samples)  # 1: tokens/s compares the same tokens
-            run_args.no_adaptive = False
-            programs.free_all()  # one process compiling every method twice ran out of code mappings
-            # `ar` again after every method, and each method against the mean of the two `ar` runs around
-            # it: a machine whose speed drifts during the cell (a busy neighbour) moves both alike
-            after, _, _ = run_method(model, questions, "ar", run_args)
-            ref = (base["tokens_per_s"] + after["tokens_per_s"]) / 2
-            ref_rounds = [(x["tokens_per_s"] + y["tokens_per_s"]) / 2
-                          for x, y in zip(base["per_round"], after["per_round"])]
-            ratio = {m: got[m]["tokens_per_s"] / ref for m in got}
-            timed = {m: (base["wall_s"] + after["wall_s"]) / 2 / got[m]["wall_s"] for m in got}
-            rounds = [f"{a['tokens_per_s'] / r:.2f}/{f['tokens_per_s'] / r:.2f}"
-                      for a, f, r in zip(got["adaptive"]["per_round"], got["fixed"]["per_round"], ref_rounds)]
+            got = interleaved(model, questions, method, run_args)
+            ar, ar_samples = got.pop("ar")
+            same = {m: outputs_equal(samples, ar_samples) for m, (_, samples) in got.items()}
+            ratio = {m: got[m][0]["tokens_per_s"] / ar["tokens_per_s"] for m in got}
+            timed = {m: ar["wall_s"] / got[m][0]["wall_s"] for m in got}
+            rounds = [f"{a['tokens_per_s'] / r['tokens_per_s']:.2f}/{f['tokens_per_s'] / r['tokens_per_s']:.2f}"
+                      for a, f, r in zip(got["adaptive"][0]["per_round"], got["fixed"][0]["per_round"],
+                                         ar["per_round"])]
+            mat = {m: got[m][0]["mean_accepted_tokens"] for m in got}
             print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
-                  f"{timed['adaptive']:>8.2f}/{timed['fixed']:.2f}"
-                  f"{got['adaptive']['mean_accepted_tokens']:>6.2f}/{got['fixed']['mean_accepted_tokens']:.2f}"
-                  f"   {base['tokens_per_s']:>6.1f}/{after['tokens_per_s']:<6.1f}    {'  '.join(rounds)}"
+                  f"{timed['adaptive']:>8.2f}/{timed['fixed']:.2f}{mat['adaptive']:>6.2f}/{mat['fixed']:.2f}"
+                  f"   {ar['tokens_per_s']:>7.1f}    {'  '.join(rounds)}"
                   f"   same as ar {same['adaptive']:.0%}/{same['fixed']:.0%}", flush=True)
-            rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ref,
-                         "ar_before_tokens_per_s": base["tokens_per_s"], "ar_after_tokens_per_s": after["tokens_per_s"],
+            rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ar["tokens_per_s"],
+                         "ar_per_round_tokens_per_s": [r["tokens_per_s"] for r in ar["per_round"]],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
                          **{f"{m}_time_speedup": timed[m] for m in timed},
                          **{f"{m}_outputs_equal_ar": same[m] for m in same},
-                         **{f"{m}_summary": got[m] for m in got}})
+                         **{f"{m}_summary": got[m][0] for m in got}})
             if args.out:  # after every method: a run killed later keeps what it measured
                 _write(args.out, rows)
-            base = after
-        drift = base["tokens_per_s"] / first["tokens_per_s"] - 1
-        print(f"ar drift over the cell: {first['tokens_per_s']:.1f} -> {base['tokens_per_s']:.1f} tok/s ({drift:+.1%})",
-              flush=True)
+            first_ar = first_ar or ar["tokens_per_s"]
+            last_ar = ar["tokens_per_s"]
+        if first_ar:
+            print(f"ar drift over the cell: {first_ar:.1f} -> {last_ar:.1f} tok/s ({last_ar / first_ar - 1:+.1%})",
+                  flush=True)
     return 0
+
+
+def interleaved(model, questions, method: str, run_args) -> dict[str, tuple[dict, list]]:
+    """{"ar" | "adaptive" | "fixed": (summary, samples)} over `questions`: each warmed up once, then
+    every question run by the three in turn, in an order that rotates with the question."""
+    from eval.tts import run_method, summarize, warm_up
+    from specjax import programs
+    from specjax.tts import paradigms
+
+    if run_args.paradigm != "best_of_n" and run_args.batch_size != 1:
+        raise ValueError("question by question needs one question per batch (--batch-size 1)")
+    configs = {"ar": ("ar", False), "adaptive": (method, False), "fixed": (method, True)}
+    for meth, fixed in configs.values():
+        run_args.no_adaptive = fixed
+        warm_up(model, meth, run_args, questions)
+    results: dict[str, list] = {name: [] for name in configs}
+    samples: dict[str, list] = {name: [] for name in configs}
+    names = list(configs)
+    for j, question in enumerate(questions):
+        for name in names[j % 3:] + names[: j % 3]:
+            meth, fixed = configs[name]
+            run_args.no_adaptive = fixed
+            _, got, result = run_method(model, [question], meth, run_args, seed_offset=j, warm=False,
+                                        size_like=questions)
+            results[name].append(result)
+            samples[name].extend(got)
+    run_args.no_adaptive = False
+    programs.free_all()  # one process compiling every method twice ran out of code mappings
+    out = {}
+    for name, runs in results.items():
+        rounds = [paradigms.aggregate([r.rounds[i] for r in runs]) for i in range(len(runs[0].rounds))]
+        out[name] = (summarize(configs[name][0], run_args.paradigm, len(questions), rounds, samples[name]),
+                     samples[name])
+    return out
 
 
 def _write(path: str, rows: list[dict]) -> None:

@@ -159,21 +159,38 @@ def outputs_equal(samples: list[dict], reference: list[dict]) -> float:
     return sum(x["outputs"] == y["outputs"] for x, y in pairs) / max(len(pairs), 1)
 
 
-def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,
-               seed_offset: int = 0, records=None) -> tuple[dict[str, Any], list, Any]:
-    """Runs one method over `questions` (warmed up first); `seed_offset`: the index of the first batch
-    in the whole run, so that a process running a block of the questions samples what one process would.
-    `records` (a `RunRecords`): batches it holds are taken from it, every other batch is added to it."""
-    from specjax.tts import paradigms
-
+def method_kwargs(method: str, args, options: dict[str, Any] | None = None, seed_offset: int = 0) -> dict[str, Any]:
+    """`paradigms.run`'s keyword arguments for `method` under the CLI's `args`."""
     options = dict(options or {})
     if method != "ar" and args.k is not None:
         options["k"] = args.k
-    kw = dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
-              speculate_max_rows=args.speculate_max_rows, adaptive=False if args.no_adaptive else None, **options)
-    # warm-up, untimed: the longest question, sized like the whole run (`size_like`), compiles every program
-    # the run uses; a later round whose prompts land in a new bucket still compiles once, timed
+    return dict(n=args.n, rounds=args.rounds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + seed_offset,
+                speculate_max_rows=args.speculate_max_rows, adaptive=False if args.no_adaptive else None, **options)
+
+
+def warm_up(model, method: str, args, size_like, options: dict[str, Any] | None = None) -> None:
+    """Runs the longest of `size_like` once, untimed, sized like a run over all of them: it compiles
+    every program such a run uses (a later round whose prompts land in a new bucket still compiles
+    once, timed)."""
+    from specjax.tts import paradigms
+
+    longest = max(size_like, key=lambda q: len(q.question))
+    paradigms.run(model, [longest], method, args.paradigm, size_like=size_like,
+                  **method_kwargs(method, args, options))
+
+
+def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,
+               seed_offset: int = 0, records=None, warm: bool = True,
+               size_like=None) -> tuple[dict[str, Any], list, Any]:
+    """Runs one method over `questions` (warmed up first unless `warm=False`); `seed_offset`: the index
+    of the first batch in the whole run, so that a process running a block of the questions samples
+    what one process would. `records` (a `RunRecords`): batches it holds are taken from it, every other
+    batch is added to it. `size_like` (default `questions`): the questions that set the run's shapes, so
+    that a run over a part of them uses the programs a run over all of them compiled."""
+    from specjax.tts import paradigms
+
+    kw = method_kwargs(method, args, options, seed_offset)
     step = 1 if args.paradigm == "best_of_n" else args.batch_size
     batches = -(-len(questions) // step)
     finished = {}
@@ -181,28 +198,35 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
         finished = {i: paradigms.BatchResult(**v) for i in range(batches)
                     if (v := records.get(f"{method}/{i}")) is not None}
         kw.update(on_result=lambda i, b: records.add(f"{method}/{i}", b.to_dict()))
-    if len(finished) < batches:
-        longest = max(questions, key=lambda q: len(q.question))
-        paradigms.run(model, [longest], method, args.paradigm, size_like=questions,
-                      **{k: v for k, v in kw.items() if k != "on_result"})
-    result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, finished=finished, **kw)
+    size_like = questions if size_like is None else size_like
+    if warm and len(finished) < batches:
+        warm_up(model, method, args, size_like, options)
+    result = paradigms.run(model, questions, method, args.paradigm, on_batch=progress, finished=finished,
+                           size_like=size_like, **kw)
     samples, _ = _grade(questions, result)
-    r = result.rounds
-    total = paradigms.aggregate(r)
+    return summarize(method, args.paradigm, len(questions), result.rounds, samples), samples, result
+
+
+def summarize(method: str, paradigm: str, questions: int, rounds: list[dict[str, Any]],
+              samples: list) -> dict[str, Any]:
+    """A run's summary from its per-round stats (`ParadigmResult.rounds`, or their sums over runs)."""
+    from specjax.tts import paradigms
+
+    total = paradigms.aggregate(rounds)
     summary = {
-        "method": method, "paradigm": args.paradigm, "questions": len(questions),
+        "method": method, "paradigm": paradigm, "questions": questions,
         **{key: total[key] for key in ("generated_tokens", "wall_s", "target_forwards", "tokens_per_s",
                                        "mean_accepted_tokens")},
         "accepted_hist": total["accepted_hist"], "finish_reasons": total["finish_reasons"],
         **{key: total[key] for key in ("widths", "width_hist", "drafted_share", "predicted_tokens",
                                        "predicted_decode_s") if key in total},
     }
-    summary.update(accuracy_fields(samples, args.paradigm))
+    summary.update(accuracy_fields(samples, paradigm))
     summary["per_round"] = [{"round": i + 1, "tokens_per_s": x["tokens_per_s"], "wall_s": x["wall_s"],
                              "mean_accepted_tokens": x["mean_accepted_tokens"],
                              "generated_tokens": x["generated_tokens"], "finish_reasons": x["finish_reasons"]}
-                            for i, x in enumerate(r)]
-    return summary, samples, result
+                            for i, x in enumerate(rounds)]
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

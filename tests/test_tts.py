@@ -183,3 +183,29 @@ def test_all_covers_the_paper_table_and_needs_artifacts_given():
     assert {"rest", "eagle", "medusa"} <= set(given)
     shipped = select_methods("all", "smollm2-135m-instruct", [])
     assert {"eagle", "medusa"} <= set(shipped) and "rest" not in shipped
+
+
+def test_the_adaptive_benchmark_runs_question_by_question_as_a_whole_run_would(tiny_chat_checkpoint, tmp_path):
+    """benchmarks.adaptive interleaves `ar`, adaptive and fixed question by question; each question keeps
+    its whole-run seed and shapes, so the outputs are those of one run over all the questions."""
+    from benchmarks import adaptive
+    from eval.tts import parse_args, run_method
+    from specjax.tts.datasets import load_dataset
+
+    out = tmp_path / "adaptive.json"
+    assert adaptive.main(["--model", str(tiny_chat_checkpoint), "--cells", "single-arith,bon-arith",
+                          "--methods", "pld", "--limit", "3", "--bon-limit", "2", "--max-new-tokens", "8",
+                          "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["cell"], r["method"]) for r in rows] == [("single-arith", "pld"), ("bon-arith", "pld")]
+    for r in rows:  # lossless: greedy, and sampled with ar's draws per row and position
+        assert r["adaptive_outputs_equal_ar"] == r["fixed_outputs_equal_ar"] == 1.0
+        assert r["adaptive_summary"]["questions"] == (3 if r["cell"] == "single-arith" else 2)
+        assert r["ar_tokens_per_s"] > 0 and r["fixed_speedup"] > 0
+    model = specjax.load(str(tiny_chat_checkpoint))
+    args = parse_args(["--paradigm", "best_of_n", "--dataset", "arith", "--max-new-tokens", "8",
+                       "--temperature", "0.7", "--n", "8", "--limit", "2"])
+    questions = load_dataset("arith", limit=2)
+    _, whole, _ = run_method(model, questions, "ar", args)
+    got = adaptive.interleaved(model, questions, "pld", args)
+    assert [s["outputs"] for s in got["ar"][1]] == [s["outputs"] for s in whole]
