@@ -133,6 +133,26 @@ def test_step_costs_are_measured_once_and_kept_in_the_cache_folder(tiny_model, t
     assert changed.stats["calibration_s"] > 0
 
 
+def test_a_narrower_width_timed_dearer_than_a_wider_one_costs_what_the_wider_did(tiny_model, monkeypatch):
+    """Timing noise only adds time: a 3-token step timed above a 5-token one was slowed by other work."""
+    from specjax import engine, warm_start
+    from specjax.config import SamplingConfig
+    from specjax.plan import bind_proposer
+
+    proposer, weights = bind_proposer(tiny_model, "pld", SamplingConfig(), k=8)
+    widths = engine.loop_widths(proposer)
+    assert len(widths) >= 4
+    timed = [1.0, 0.1, 1.1, 2.6, 2.0, *[3.0 + i for i in range(len(widths) - 3)]]  # skip, propose, w1, w3, ...
+    monkeypatch.setattr(step_cost, "cached_seconds", lambda keys, measure: (list(timed), 0.0))
+    plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=1, prompt_bucket=64,
+                                 cache_len=256, tokens=8)
+    costs, drafter, _ = engine.step_costs(tiny_model, plan, proposer, weights, SamplingConfig())
+    assert drafter == pytest.approx(0.1)
+    expected = [1.0, 1.9, 1.9, *[2.9 + i for i in range(len(widths) - 3)]]  # w3 at w5's 2.0 - 0.1
+    np.testing.assert_allclose(costs, expected, rtol=1e-6)
+    assert np.all(np.diff(costs) >= 0)
+
+
 @pytest.mark.parametrize("method, opts", [("pld", {"k": 8}), ("suffix", {"branches": 2, "k": 4})],
                          ids=["chain", "tree"])
 def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
