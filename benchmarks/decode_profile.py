@@ -1,6 +1,7 @@
 """Where a plain decode step's time goes: a `jax.profiler` trace of the real decode loop, per op group.
 
-`python -m benchmarks.decode_profile [--batch 1] [--new-tokens 128] [--method ar] [--temperature 0] [--top 0]`
+`python -m benchmarks.decode_profile [--batch 1] [--new-tokens 128] [--method ar] [--temperature 0] [--top 0]
+[--never-propose]`
 
 Runs `specjax.generate` on the default model (float32, `eos_token_ids=()` so every step runs) once to
 compile and once under `jax.profiler.trace` with XLA:CPU's per-op trace events on
@@ -10,6 +11,8 @@ they compute: the matmuls by their output width (q/k/v, attention output and MLP
 head), attention over the cache, the cache write, whole-buffer copies, the rest. Profiling slows a step
 by a few percent; the split, not the total, is the figure to read. `--temperature` profiles the sampled
 loop (the verify's rejection sampling), `--top N` lists the N costliest ops by name after the groups.
+`--never-propose` runs a drafting method that never drafts (`adaptive=False, speculate_max_rows=0`):
+what the method adds to every step (its `update`, the features it keeps), its floor under `ar`'s.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="ar")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest ops by name")
+    parser.add_argument("--never-propose", action="store_true",
+                        help="the method never drafts: what it adds to every step")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
@@ -72,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model = specjax.load(MODEL)
     prompts = [PROMPT] * args.batch
+    never = dict(adaptive=False, speculate_max_rows=0) if args.never_propose else {}
     run = lambda: specjax.generate(model, prompts, args.method, max_new_tokens=args.new_tokens, eos_token_ids=(),
-                                       temperature=args.temperature)
+                                   temperature=args.temperature, **never)
     with programs.capture(engine.decode) as seen:
         run()
     cache_shape = tuple(seen["args"][1].cache.k[0].shape)
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         per_op[name][1] += 1
     total = sum(g[0] for g in groups.values())
     wall_ms = 1e3 * out.stats["decode_s"] / steps
-    print(f"{MODEL} float32, batch {args.batch}, method {args.method}, temperature {args.temperature}, "
+    never_note = " (never proposing)" if args.never_propose else ""
+    print(f"{MODEL} float32, batch {args.batch}, method {args.method}{never_note}, temperature {args.temperature}, "
           f"cache {cache_shape} (B, KV heads, slots, head dim), jax {jax.__version__}; "
           f"XLA flags in force: {xla_flags.in_force}")
     print(f"{steps} decode steps, {wall_ms:.2f} ms per step under the profiler "
