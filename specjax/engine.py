@@ -945,7 +945,9 @@ class _DeviceRun:
 
 
 CALIBRATION_STEPS = 4  # decode steps per timed run of the calibration
-CALIBRATION_REPEATS = 3  # timed rounds (after one untimed) of every width
+# timed rounds (after one untimed) of every width: with 3, two calibrations of `suffix` on a shared 2-core
+# CPU priced its proposal at -1.5 and 4.75 ms (18% of a step), and the second had it wait where it paid
+CALIBRATION_REPEATS = 5
 SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
 PROPOSE = -2  # not a configuration: the seconds one `propose` adds to a step (width 1 with it, less SKIP)
 
