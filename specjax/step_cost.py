@@ -4,7 +4,7 @@ a drafter's own `propose`, measured (never assumed) and kept in the specjax cach
 The adaptive loop (`engine.decode(adaptive=True)`) divides expected accepted tokens by these seconds to
 pick each step's width, so they must be this machine's: a verify of 17 tokens costs ~2x a 1-token step
 on a 2-core AMD EPYC and far less on an accelerator. Timings are taken on the run's own shapes (batch,
-cache bucket) the first time they are needed (about 0.3-1 s per width for the default model on a 2-core
+cache bucket) the first time they are needed (about 0.5-1.5 s per width for the default model on a 2-core
 CPU, less when the compiled forwards are already in the persistent cache), then read from
 `<cache>/step_costs.json` by every later call and process. `python -m specjax.calibrate` measures them
 ahead of time (`--force` measures again, e.g. after a run on a busy machine). Values are lower quartiles
