@@ -457,13 +457,14 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
     return state.replace(proposer_state=pstate)
 
 
-@partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated", "adaptive"), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("cfg", "proposer", "eos_ids", "mesh", "gated", "adaptive", "lean_steps"),
+         donate_argnums=(1,))
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
            max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None,
            costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None,
            verify_floor: Int[Array, ""] | None = None, *, cfg: ModelConfig,
            proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False,
-           adaptive: bool = False) -> LoopState:
+           adaptive: bool = False, lean_steps: bool = True) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
 
     `state` comes from `start_proposer`. The loop also pauses once `state.steps` reaches `step_limit`
@@ -483,7 +484,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. A proposer with a
     `cheap_part` (the hybrid's suffix match) proposes that part on every step while the rest backs off,
     and its drafts go through the same width decision. The width decision reads only what is known
-    before the verify forward; the backoff, what the verify yielded.
+    before the verify forward; the backoff, what the verify yielded. A step that does not propose and has
+    no cut draft left to score (`idle`) runs a lean body (`lean_steps`): a 1-token forward, the
+    proposer's `update`, and the few counters such a step moves, so a backed-off drafter's steps cost
+    about what `ar`'s do instead of carrying the decision and the wider verify forwards they skip.
 
     `verify_floor` (-1 or None in a real run; traced): the verify forward covers at least this many
     draft positions, whatever the drafts' lengths, so that the calibration (`step_costs`) and the
@@ -518,21 +522,31 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     # a calibration or warm-up run (`verify_floor` >= 0): the forced costs name the width; no probe, no backoff
     forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
 
-    def body(s: LoopState) -> LoopState:
+    def proposal_runs(s: LoopState) -> Bool[Array, ""]:
+        """Whether `propose` runs at all this step (`split`: its cheap part)."""
+        return gate_open(s) if split else will_propose(s)
+
+    def step(s: LoopState, lean: bool = False) -> LoopState:
+        """One decode step. `lean` (static): a step on which `propose` does not run and nothing is left to
+        score (`idle`), traced without what such a step would compute only to discard: the drafter's call,
+        the width decision, the verify's wider forwards, the acceptance bookkeeping. It leaves the state
+        the full step would (cache slots past the committed lengths aside, which no step reads)."""
         # drafts draw from the step's key; verification from each row's position keys (`position_keys`)
         r_prop = jax.random.fold_in(jax.random.fold_in(s.rng, 0), s.steps)
         r_ver = position_keys(jax.random.fold_in(s.rng, 1), s.lengths, depth + 1)
         ctx = context(s)
         active = ~s.done
         want = will_propose(s)
-        runs = gate_open(s) if split else want  # whether `propose` runs at all (`split`: its cheap part)
+        runs = proposal_runs(s)
         p_ctx = ctx.replace(full_draft=want) if split else ctx
         propose = lambda: proposer.propose(s.proposer_state, p_ctx, r_prop)
-        if not gated and (not adaptive or split):
+        no_draft = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose)[1])
+        if lean:
+            pstate, draft = s.proposer_state, no_draft()
+        elif not gated and (not adaptive or split):
             pstate, draft = propose()
         else:
-            no_draft = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(propose)[1])
-            pstate, draft = jax.lax.cond(runs, propose, lambda: (s.proposer_state, no_draft))
+            pstate, draft = jax.lax.cond(runs, propose, lambda: (s.proposer_state, no_draft()))
         drafting = active & runs
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         adapt = s.adapt
@@ -542,7 +556,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         drafting_before = drafting
         # ... so a drafter that costs next to nothing neither probes nor backs off: its estimate sees every draft
         free = jnp.zeros((), bool) if not (adaptive and scored) else idle_wait(costs, drafter_s) == 0
-        if adaptive:
+        if adaptive and lean:
+            adapt, best = _idle_decision(s.adapt, costs, drafter_s, active), jnp.zeros((), jnp.int32)
+        elif adaptive:
             draft, drafting, adapt, best, bucket = _choose_width(
                 draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
                 max_new - (s.lengths - s.prompt_lengths), ~forced & ~free, runs)
@@ -552,17 +568,19 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         valid = None
         if template is not None:
             valid = jnp.concatenate([jnp.ones_like(active)[:, None], draft.valid & drafting[:, None]], axis=1)
+        step_widths = (1,) if lean else run_widths  # a lean step has no draft: the 1-token forward alone
         res, out_hidden, layer_hidden, cache, topk, ran = _verify(
-            params, cfg, inputs, draft, valid, s.cache, longest, sampling_cfg, r_ver, run_widths, template,
-            layers, proposer.logit_topk, best if adaptive and template is not None else None)
-        ran = jnp.asarray([loop_widths(proposer).index(w) for w in run_widths], jnp.int32)[ran]
+            params, cfg, inputs, draft, valid, s.cache, longest, sampling_cfg, r_ver, step_widths, template,
+            layers, proposer.logit_topk, best if adaptive and template is not None and not lean else None)
+        ran = jnp.asarray([loop_widths(proposer).index(w) for w in step_widths], jnp.int32)[ran]
         if template is None:
             node_of_depth = jnp.broadcast_to(jnp.arange(k + 1), (inputs.shape[0], k + 1))
             fed = (jnp.arange(k + 1)[None] <= draft.num[:, None]) & active[:, None]
         else:
             fed = valid & active[:, None]
             node_of_depth = jnp.concatenate([jnp.zeros_like(res.path[:, :1]), res.path], axis=1)
-            if any(len(c) > 1 for c in template.children):  # a real tree: move the accepted path's keys/values
+            # a real tree: move the accepted path's keys/values (a lean step's root alone has none)
+            if any(len(c) > 1 for c in template.children) and not lean:
                 cache = kv.compact(cache, s.cache.lengths, res.path)
         num_new = res.num_accepted + 1
         # stop at the first EOS and at the token budget
@@ -593,7 +611,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             ].add(active.astype(jnp.int32)),
             adapt=adapt,
         )
-        if adaptive:
+        if adaptive and lean:  # what `_observe`, `_settle` and `_shadow` do on a step with no draft
+            new = new.replace(adapt=_idle_observe(adapt, new.lengths, scored))
+        elif adaptive:
             new = new.replace(adapt=_settle(
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
                          jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer)),
@@ -612,6 +632,23 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         if proposer.logit_topk:
             ctx_new = ctx_new.replace(verified=inputs, verified_topk=topk, verified_valid=fed)
         return new.replace(proposer_state=proposer.update(pstate, ctx_new, s.lengths))
+
+    if not (adaptive or gated) or not lean_steps:  # `propose` runs on every step (or `step` serves all)
+        return jax.lax.while_loop(cond, step, state)
+
+    def idle(s: LoopState) -> Bool[Array, ""]:
+        """A step with no proposal and nothing to score: a backed-off or gated loop's usual step. (A forced
+        width, `verify_floor` > 0, is a calibration's drafting step.)"""
+        no_floor = jnp.ones((), bool) if verify_floor is None else verify_floor <= 0
+        return ~proposal_runs(s) & ~jnp.any(s.adapt.shadow_valid) & no_floor
+
+    def body(s: LoopState) -> LoopState:
+        # each step kind in a while loop run once or not at all (not a `lax.cond`): a loop carries the
+        # state, KV cache included, in place, where a conditional made XLA:CPU copy it (`_verify`)
+        once = lambda lean: lambda c: (step(c[0], lean), jnp.bool_(False))
+        lean = idle(s)
+        s = jax.lax.while_loop(lambda c: c[1], once(True), (s, lean))[0]
+        return jax.lax.while_loop(lambda c: c[1], once(False), (s, ~lean))[0]
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -742,6 +779,29 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff & probes,
         proposing=want, probe_due=adapt.probe_due | rejected, credit=credit, probed=probe)
     return draft, drafting, adapt, best, bucket
+
+
+def _idle_decision(adapt: Adapt, costs, drafter_s, active: Bool[Array, "B"]) -> Adapt:
+    """`_choose_width` on a step that does not propose (`want` False, no draft): width 1, no probe; the
+    wait counts down, the probe credit grows, the record counts a 1-token step."""
+    credit, _ = probe_credit(adapt.credit, costs, drafter_s, adapt.probe_misses)
+    rows = jnp.sum(active).astype(jnp.float32)
+    any_rows = rows > 0
+    return adapt.replace(wait=adapt.wait - 1, width_hist=adapt.width_hist.at[0].add(any_rows.astype(jnp.int32)),
+                         predicted_tokens=adapt.predicted_tokens + rows,
+                         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[0], 0.0),
+                         probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool), credit=credit,
+                         probed=jnp.zeros((), bool))
+
+
+def _idle_observe(adapt: Adapt, lengths: Int[Array, "B"], scored: bool) -> Adapt:
+    """`_observe`, `_settle` and `_shadow` after a step with no draft and no shadow pending: the counts
+    decay, and a deterministic drafter's (absent) shadow marks the positions since its start as seen."""
+    adapt = adapt.replace(tried=DECAY * adapt.tried, hit=DECAY * adapt.hit)
+    if scored:
+        seen = jnp.minimum(lengths - adapt.shadow_start, adapt.tried.shape[-1])
+        adapt = adapt.replace(shadow_scored=jnp.maximum(adapt.shadow_scored, seen))
+    return adapt
 
 
 def _batch_progress(before: LoopState, after: LoopState, num_new: Int[Array, "B"], max_new) -> Float[Array, ""]:
@@ -944,6 +1004,9 @@ class _DeviceRun:
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
 
 
+# steps that neither propose nor have a draft to score run a lean body (`decode`): a backed-off drafter's
+# step then costs about what `ar`'s does. False traces every step in full (the tests' reference)
+LEAN_STEPS = True
 CALIBRATION_STEPS = 4  # decode steps per timed run of the calibration
 # timed rounds (after one untimed) of every width: with 3, two calibrations of `suffix` on a shared 2-core
 # CPU priced its proposal at -1.5 and 4.75 ms (18% of a step), and the second had it wait where it paid
@@ -1081,7 +1144,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                                                      speculate_max_rows)
         setup_s = time.perf_counter() - t_cal
     static = dict(cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh, gated=speculate_max_rows is not None,
-                  adaptive=adaptive)
+                  adaptive=adaptive, lean_steps=LEAN_STEPS)
 
     def run(*args):
         return programs.call(decode, (model.params, *args), static)

@@ -868,3 +868,43 @@ def test_a_turned_down_tree_is_scored_per_sub_tree_along_the_emitted_path():
     assert chain.tolist() == [1, 0, 0, 0] and np.asarray(adapt.hit[0, 0]).tolist() == [0, 0, 0, 0]
     assert whole.tolist() == [1, 1, 1, 0] and np.asarray(adapt.hit[1, 0]).tolist() == [1, 1, 0, 0]
     assert not bool(adapt.shadow_valid.any())  # ended at the miss
+
+
+@pytest.mark.parametrize("method, opts, temperature", [
+    ("draft", {"draft": "self:1", "k": 3}, 0.0), ("draft", {"draft": "self:1", "k": 3}, 0.8),
+    ("suffix", {}, 0.8), ("suffix", {"branches": 2, "k": 4}, 0.0)], ids=["draft", "draft-sampled", "suffix-sampled",
+                                                                           "suffix-tree"])
+def test_lean_steps_leave_what_full_steps_leave(tiny_model, monkeypatch, method, opts, temperature):
+    """A backed-off drafter's steps run the lean body (`engine.LEAN_STEPS`); the final loop state (tokens,
+    every width and acceptance record, the estimate, waits, probe credit and shadows) equals a loop that
+    traces every step in full, all but the KV-cache slots past the committed lengths. The costs make
+    proposing dear (0.2x a step) and verifies dearer, so the loop waits between proposals."""
+    import jax
+
+    from specjax import engine
+
+    def costs(model, plan, proposer, *rest):
+        widths = engine.loop_widths(proposer)
+        return np.asarray([1.0 + 0.3 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4), 0.0
+
+    monkeypatch.setattr(engine, "step_costs", costs)
+    finals, run = [], engine._run
+
+    def spy(*args, **kwargs):
+        out = run(*args, **kwargs)
+        finals.append(out.state)
+        return out
+
+    monkeypatch.setattr(engine, "_run", spy)
+    prompts = [[3, 17, 41, 29, 11, 60, 7], [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
+    kw = dict(max_new_tokens=40, eos_token_ids=(), temperature=temperature, seed=2, adaptive=True, **opts)
+    outs = []
+    for lean in (True, False):
+        monkeypatch.setattr(engine, "LEAN_STEPS", lean)
+        outs.append(specjax.generate(tiny_model, prompts, method, **kw))
+    keys = ("width_hist", "verified_hist", "drafted_share", "predicted_tokens", "predicted_decode_s", "decode_steps")
+    assert outs[0].tokens == outs[1].tokens
+    assert [outs[0].stats[k] for k in keys] == [outs[1].stats[k] for k in keys]
+    lean, full = (jax.device_get(s.replace(cache=None)) for s in finals)
+    jax.tree.map(np.testing.assert_array_equal, lean, full)
+    assert 0 < outs[0].stats["drafted_share"] < 1  # some steps proposed, and some (the lean ones) did not
