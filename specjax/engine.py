@@ -1011,6 +1011,7 @@ CALIBRATION_STEPS = 4  # decode steps per timed run of the calibration
 # timed rounds (after one untimed) of every width: with 3, two calibrations of `suffix` on a shared 2-core
 # CPU priced its proposal at -1.5 and 4.75 ms (18% of a step), and the second had it wait where it paid
 CALIBRATION_REPEATS = 5
+PROPOSE_REPEATS = 15  # timed runs of the proposal alone (a millisecond or two each: noise averages out cheaply)
 SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
 PROPOSE = -2  # not a configuration: the seconds one `propose` adds to a step (width 1 with it, less SKIP)
 
@@ -1067,15 +1068,21 @@ def _copy(state: LoopState) -> LoopState:
     return jax.tree.map(jnp.copy, state)
 
 
-def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> dict[int, tuple[float, list, int]]:
+def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
+                 propose_alone: Callable[[LoopState], Any] | None = None) -> dict[int, tuple[float, list, int]]:
     """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
     with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
     steps proposed: what the timing really measured. `PROPOSE`: the median over rounds of width 1's
     seconds less SKIP's of the same round. The difference of two separately taken quartiles was noise
     for a drafter that costs a fifth of a step (EAGLE at batch 8: 2 ms in one calibration, 21 in the
-    next, where paired rounds gave 37), and a drafter that looks free proposes every step."""
+    next, where paired rounds gave 37), and a drafter that looks free proposes every step. The paired
+    median is floored at `propose_alone(state)`'s own seconds (the proposal as a program of its own,
+    lower quartile of `PROPOSE_REPEATS` runs): on a shared 2-core CPU the paired rounds of `suffix` at
+    batch 8 came out at -3.8 to +2.4 ms in three calibrations, one priced it at -0.1 ms, and it proposed
+    on every step (0.94x `ar`), where its proposal alone takes about 1.4 ms, over 2% of a step."""
     from specjax import step_cost
 
+    alone = 0.0 if propose_alone is None else step_cost.timed_seconds(lambda: propose_alone(state), PROPOSE_REPEATS)
     n = len(widths)
     copies = {}
     before = np.asarray(jax.device_get(state.verify_hist))
@@ -1102,7 +1109,7 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...]) -> di
         steps = max(int(copies[i].steps) - int(state.steps), 1)
         per_step[i] = np.asarray(times[i]) / steps
         out[i] = (float(np.percentile(per_step[i], 25)), (verified - before).tolist(), int(adapt.drafted_steps))
-    out[PROPOSE] = (float(np.median(per_step[0] - per_step[SKIP])), [], 0)
+    out[PROPOSE] = (max(float(np.median(per_step[0] - per_step[SKIP])), alone), [], 0)
     return out
 
 
@@ -1153,7 +1160,10 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     if warm_up == "measure":
         def forced_run(s, limit, forced, floor):
             return run(s, plan.groups, limit, traced, max_new, gate, weights, forced, np.float32(0), floor)
-        return _time_widths(forced_run, state, loop_widths(proposer))
+
+        propose = jax.jit(lambda p_state, ctx: proposer.propose(p_state, ctx, jax.random.PRNGKey(0)))
+        alone = lambda s: propose(s.proposer_state, _context(s, plan.groups, weights, traced))
+        return _time_widths(forced_run, state, loop_widths(proposer), alone)
     if warm_up:  # one step at each verify width: the floor makes it, forced costs make an adaptive loop pick it
         for i, width in enumerate(loop_widths(proposer)):
             forced = np.where(np.arange(len(costs)) == min(i, len(costs) - 1), np.float32(1e-6), costs)
