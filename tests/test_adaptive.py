@@ -177,30 +177,39 @@ def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
         assert drafted == (0 if i == engine.SKIP else engine.CALIBRATION_STEPS)
 
 
-def test_the_drafter_cost_is_the_median_of_paired_rounds(tiny_model, monkeypatch):
-    """A burst of other work in one round lands on both runs of that round: the drafter's cost is
-    width 1's time less the skipping run's time of the same round (median over rounds), not the
-    difference of two separately taken quartiles (here 0: a drafter that looks free proposes every step)."""
+def _calibrate_on_crafted_rounds(model, monkeypatch, rounds: dict[int, list[float]], num_samples: int = 1):
+    """`engine._run(warm_up="measure")` for `pld` (k=4) with the timed rounds of the listed configurations
+    replaced by `rounds` (seconds of CALIBRATION_STEPS steps; other widths 1.0). The real runs still fill
+    the loop states the timing reads; the proposal timed alone (`timed_seconds`) passes through."""
     from specjax import engine, step_cost, warm_start
     from specjax.config import SamplingConfig
     from specjax.plan import bind_proposer
 
     real = step_cost.interleaved_times
-    rounds = {engine.SKIP: [0.40, 0.80, 0.90], 0: [0.80, 0.84, 0.40]}  # seconds of CALIBRATION_STEPS steps
 
     def crafted(runs, repeats, inputs=None):
-        times = real(runs, repeats, inputs)  # the real runs fill the loop states the timing reads
-        if "run" in runs:  # the proposal timed alone (`timed_seconds`): tiny next to these rounds
+        times = real(runs, repeats, inputs)
+        if "run" in runs:
             return times
         return {k: rounds.get(k, [1.0] * repeats) for k in times}
 
     monkeypatch.setattr(step_cost, "interleaved_times", crafted)
-    proposer, weights = bind_proposer(tiny_model, "pld", SamplingConfig(), k=4)
+    proposer, weights = bind_proposer(model, "pld", SamplingConfig(), k=4)
     widths = engine.loop_widths(proposer)
-    plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=1, prompt_bucket=64,
+    plan = warm_start.dummy_plan(model, proposer, num_prompts=1, num_samples=num_samples, prompt_bucket=64,
                                  cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
-    timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
-                        adaptive=True, warm_up="measure")
+    return engine._run(model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
+                       adaptive=True, warm_up="measure")
+
+
+def test_the_drafter_cost_is_the_median_of_paired_rounds(tiny_model, monkeypatch):
+    """A burst of other work in one round lands on both runs of that round: the drafter's cost is
+    width 1's time less the skipping run's time of the same round (median over rounds), not the
+    difference of two separately taken quartiles (here 0: a drafter that looks free proposes every step)."""
+    from specjax import engine
+
+    rounds = {engine.SKIP: [0.40, 0.80, 0.90], 0: [0.80, 0.84, 0.40]}  # seconds of CALIBRATION_STEPS steps
+    timed = _calibrate_on_crafted_rounds(tiny_model, monkeypatch, rounds)
     steps = engine.CALIBRATION_STEPS
     assert timed[engine.PROPOSE][0] == pytest.approx(0.04 / steps)  # differences 0.40, 0.04, -0.50
     assert timed[0][0] == pytest.approx(timed[engine.SKIP][0])  # the quartiles alone: no cost at all
@@ -209,16 +218,7 @@ def test_the_drafter_cost_is_the_median_of_paired_rounds(tiny_model, monkeypatch
 def test_the_drafter_cost_is_at_least_what_its_proposal_alone_takes(tiny_model, monkeypatch):
     """Paired rounds that say the drafter is free, or cheaper than nothing (noise on a shared machine),
     give way to the proposal's own seconds, timed as a program of its own."""
-    from specjax import engine, step_cost, warm_start
-    from specjax.config import SamplingConfig
-    from specjax.plan import bind_proposer
-
-    real = step_cost.interleaved_times
-    rounds = {engine.SKIP: [0.80, 0.80, 0.80], 0: [0.70, 0.80, 0.78]}  # paired differences -0.1, 0, -0.02
-
-    def crafted(runs, repeats, inputs=None):
-        times = real(runs, repeats, inputs)
-        return {k: rounds.get(k, [1.0] * repeats) for k in times}
+    from specjax import engine, step_cost
 
     seen = []
 
@@ -226,14 +226,9 @@ def test_the_drafter_cost_is_at_least_what_its_proposal_alone_takes(tiny_model, 
         seen.append(run())  # the proposal itself: a state and a draft
         return 0.003
 
-    monkeypatch.setattr(step_cost, "interleaved_times", crafted)
     monkeypatch.setattr(step_cost, "timed_seconds", alone)
-    proposer, weights = bind_proposer(tiny_model, "pld", SamplingConfig(), k=4)
-    widths = engine.loop_widths(proposer)
-    plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=2, prompt_bucket=64,
-                                 cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
-    timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
-                        adaptive=True, warm_up="measure")
+    rounds = {engine.SKIP: [0.80, 0.80, 0.80], 0: [0.70, 0.80, 0.78]}  # paired differences -0.1, 0, -0.02
+    timed = _calibrate_on_crafted_rounds(tiny_model, monkeypatch, rounds, num_samples=2)
     assert timed[engine.PROPOSE][0] == pytest.approx(0.003)
     assert seen[0][1].tokens.shape == (2, 4)  # it timed the proposal: a draft of k tokens per row
 
