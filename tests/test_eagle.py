@@ -130,8 +130,9 @@ def _price_proposals_at_a_step(monkeypatch) -> None:
 @pytest.mark.parametrize("method", ["eagle", "hybrid"])
 def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir, monkeypatch, method):
     """While an adaptive loop backs off, the head puts off absorbing accepted tokens (lag buffer, one
-    forward before the next proposal or when the buffer is full): it must draft exactly as a head that
-    absorbed every step (same widths, acceptance, tokens), and its cache, caught up, must equal that one's.
+    forward before the next proposal or, with `forget=False`, when the buffer is full): it must draft
+    exactly as a head that absorbed every step (same widths, acceptance, tokens), and its cache, caught
+    up, must equal that one's.
     The hybrid's steps carry 17 positions of features into a 20-position buffer, and its suffix match
     drafts on steps that skip the head: a step whose features do not fit behind the lag absorbs it first."""
     _price_proposals_at_a_step(monkeypatch)
@@ -139,7 +140,8 @@ def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir,
     # the hybrid at threshold 1: its suffix match drafts on most steps, also those that skip the head
     head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0, "threshold": 1}
     lazy, eager = (specjax.generate(tiny_model, prompts, method, **head, max_new_tokens=60, eos_token_ids=(),
-                                    adaptive=True, keep_session=True, lazy=flag) for flag in (True, False))
+                                    adaptive=True, keep_session=True, lazy=flag, forget=False)
+                   for flag in (True, False))
     assert lazy.tokens == eager.tokens
     for key in ("width_hist", "accepted_hist", "drafted_share", "predicted_tokens"):
         assert lazy.stats[key] == eager.stats[key], key
@@ -154,6 +156,52 @@ def test_a_lazy_head_drafts_as_one_that_absorbs_every_step(tiny_model, head_dir,
         for mine, theirs in ((caught_up.cache.k[0], other.cache.k[0]), (caught_up.cache.v[0], other.cache.v[0])):
             np.testing.assert_allclose(np.asarray(mine)[b, :, :n], np.asarray(theirs)[b, :, :n], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(caught_up.last, other.last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["eagle", "hybrid"])
+def test_a_long_wait_is_skipped_and_masked_not_absorbed(tiny_model, head_dir, monkeypatch, method):
+    """A wait longer than the lag buffer skips its oldest positions (`forget`, the default) instead of
+    absorbing them: greedy output stays `ar`'s, the head's cache marks those slots, and its drafts do not
+    depend on what they hold, where a slot it did absorb changes them."""
+    _price_proposals_at_a_step(monkeypatch)
+    prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
+    head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0, "threshold": 1}
+    kw = dict(max_new_tokens=60, eos_token_ids=())
+    ar = specjax.generate(tiny_model, prompts, "ar", **kw)
+    out = specjax.generate(tiny_model, prompts, method, **head, **kw, adaptive=True, keep_session=True)
+    assert out.tokens == ar.tokens
+    assert 0 < out.stats["drafted_share"] < 0.3  # long waits, and proposals in between
+    proposer, ctx, state = out.session.proposer, out.session.context, out.session.proposer_state
+    if method == "hybrid":
+        proposer, state = proposer.head_proposer, state[1]
+    state = proposer.catch_up(state, ctx)
+    skipped = np.asarray(state.skipped)
+    assert skipped.any()
+    lengths = np.asarray(state.cache.lengths)
+    assert not skipped[np.arange(skipped.shape[1])[None] >= lengths[:, None]].any()  # only absorbed-past slots
+    rng = jax.random.PRNGKey(0)
+    pending = jnp.take_along_axis(jnp.asarray(ctx.tokens), jnp.asarray(lengths)[:, None], axis=1)
+
+    def drafted(cache_k):  # the drafts, and the head's output for one more pair at the cache's end
+        cache = state.cache.replace(k=(jnp.asarray(cache_k),))
+        draft = proposer.propose(state.replace(cache=cache), ctx, rng)[1]
+        out, _ = proposer._step(ctx.weights, cache, pending, state.last[:, None], jnp.arange(1), skipped=state.skipped)
+        return draft, np.asarray(out)
+
+    k = np.asarray(state.cache.k[0])
+    base, base_out = drafted(k)
+    noise = np.random.default_rng(0).normal(0, 30, k.shape).astype(k.dtype)
+    b = int(np.argwhere(skipped)[0][0])
+    garbage = k.copy()
+    garbage[b, :, skipped[b]] = noise[b, :, skipped[b]]
+    same, same_out = drafted(garbage)
+    np.testing.assert_array_equal(same.tokens, base.tokens)
+    np.testing.assert_allclose(same.confidence, base.confidence, rtol=1e-6)
+    np.testing.assert_allclose(same_out, base_out, rtol=1e-5, atol=1e-6)
+    seen = np.flatnonzero(~skipped[b, : lengths[b]])[0]  # an absorbed slot: the head attends to it
+    changed = k.copy()
+    changed[b, :, seen] = noise[b, :, seen]
+    assert not np.allclose(drafted(changed)[1][b], base_out[b], rtol=1e-3, atol=1e-4)
 
 
 def test_a_hybrid_backing_off_from_its_head_still_copies_every_step(tiny_model, head_dir, monkeypatch):

@@ -8,7 +8,12 @@ verification the head absorbs the accepted tokens with the target features the v
 produced (`feature_layers`), so its cache matches the committed history whenever it drafts. While the
 loop will not propose (an adaptive loop backing off), the features wait in a small buffer and are
 absorbed in one forward before the next proposal: at batch 8 on a 2-core CPU absorbing every step
-cost a step that drafted nothing 10 ms over plain decoding's 106.
+cost a step that drafted nothing 10 ms over plain decoding's 106. A wait longer than the buffer holds
+(`forget`) keeps its newest positions and skips the older ones: their slots are masked out of the head's
+attention instead of absorbed, since absorbing them in 20-position forwards still cost a best-of-8
+step that drafted nothing about 1 ms of its 50 (the head runs on every token the target commits). The
+target's features at the newest positions carry the whole context, so the head drafts on after the
+gap; drafts are verified as ever, so outputs do not change.
 
 `topk=1` (the default) drafts a chain of `depth` tokens instead; `min_prob` then stops the chain
 where the head's path probability falls below it (a narrower verify forward, when a width is free). Drafts are the
@@ -39,6 +44,7 @@ class EagleState:
     last: jax.Array  # [B, D] head output at the last committed slot: predicts the first draft token
     # [B, LAG_STEPS * (depth + 1), F]: target features of positions cache.lengths + i, not absorbed yet
     lag: jax.Array | None = None
+    skipped: jax.Array | None = None  # [B, S] bool: slots of positions a long wait skipped (`Eagle.forget`)
 
 
 LAG_STEPS = 4  # the lag buffer holds LAG_STEPS * (depth + 1) positions: a wait of as many 1-token steps
@@ -58,6 +64,7 @@ class Eagle(Proposer):
     topk: int = option(1, min=1)  # children per node at most; 1 = a chain of `depth` tokens
     min_prob: float = option(0.0, min=0)  # chain mode: draft only the leading guesses at least this sure
     lazy: bool = True  # absorb accepted tokens only before a proposal (False: every step, as drafted)
+    forget: bool = True  # a wait longer than the lag buffer skips its oldest positions (False: absorbs them)
     k: int = option(0, min=0)  # set by bind
     cfg: ModelConfig | None = bound(None)  # the head's one-layer config
     layers: tuple[int, ...] = bound(())  # target layers fused
@@ -101,15 +108,19 @@ class Eagle(Proposer):
     def _run(self, w, method, *args):
         return self._module().apply({"params": w["head"]}, *args, method=method)
 
-    def _step(self, w, cache: KVCache, tokens, u, offsets, tree_mask=None):
+    def _step(self, w, cache: KVCache, tokens, u, offsets, tree_mask=None, skipped=None):
         """Head forward on new pairs (u, tokens) [B, T] at slots cache.lengths + t, positions
-        cache.lengths + offsets; returns outputs [B, T, D] and the cache buffers with them written."""
+        cache.lengths + offsets, seeing the cache's slots before them but the `skipped` ones; returns
+        outputs [B, T, D] and the cache buffers with them written."""
         cfg = self.cfg
         b, t = tokens.shape
         start = cache.lengths
         rope = transformer.rope_tables(start[:, None] + offsets[None], transformer.rope_inv_freq(cfg))
         new_mask = transformer.new_token_mask(t, tree_mask, cfg.sliding_window)
         ctx_mask = transformer.context_mask(start, t, cache.max_len, cfg.sliding_window)
+        if skipped is not None:
+            chex.assert_shape(skipped, (b, cache.max_len))
+            ctx_mask = ctx_mask & ~skipped[:, None, :]
         emb = transformer.embed(w["target"], cfg, tokens).astype(params_dtype(w["head"]))
         g, kv = self._run(w, lambda m, *a: m(*a), emb, u, rope, new_mask, ctx_mask, (cache.k[0], cache.v[0]),
                           start[:, None] + jnp.arange(t)[None])
@@ -128,18 +139,36 @@ class Eagle(Proposer):
         idx = jnp.clip(start[:, None] + 1 + jnp.arange(t)[None], 0, ctx.tokens.shape[1] - 1)
         tokens = jnp.take_along_axis(ctx.tokens, idx, axis=1)
         u = self._run(w, EagleHead.fuse, feats.astype(params_dtype(w["head"])))
-        g, cache = self._step(w, state.cache.with_lengths(start), tokens, u, jnp.arange(t))
+        g, cache = self._step(w, state.cache.with_lengths(start), tokens, u, jnp.arange(t), skipped=state.skipped)
         last_i = ctx.lengths - 2 - start  # slot lengths - 2: the newest committed pair
         last = jnp.take_along_axis(g, jnp.clip(last_i, 0, t - 1)[:, None, None], axis=1)[:, 0]
         last = jnp.where((last_i >= 0)[:, None], last.astype(state.last.dtype), state.last)
-        return state.replace(cache=cache.with_lengths(jnp.maximum(ctx.lengths - 1, start)), last=last)
+        skipped = state.skipped
+        if skipped is not None:  # the slots written now hold absorbed positions
+            slots = jnp.arange(skipped.shape[1])[None]
+            skipped = skipped & ~((slots >= start[:, None]) & (slots < start[:, None] + t))
+        return state.replace(cache=cache.with_lengths(jnp.maximum(ctx.lengths - 1, start)), last=last,
+                             skipped=skipped)
+
+    def _forget(self, state: EagleState, upto: jax.Array) -> EagleState:
+        """Skips each row's waiting positions before `upto` [B]: their slots are masked out of the head's
+        attention from now on, never absorbed, and the lag buffer moves on to the newer ones."""
+        absorbed = state.cache.lengths
+        size = state.lag.shape[1]
+        kept = jnp.maximum(absorbed, upto)
+        slots = jnp.arange(state.skipped.shape[1])[None]
+        skipped = state.skipped | ((slots >= absorbed[:, None]) & (slots < kept[:, None]))
+        cols = jnp.clip(jnp.arange(size)[None] + (kept - absorbed)[:, None], 0, size - 1)
+        lag = jnp.take_along_axis(state.lag, cols[:, :, None], axis=1)
+        return state.replace(cache=state.cache.with_lengths(kept), lag=lag, skipped=skipped)
 
     def init(self, ctx: Context) -> EagleState:
         self._module()
         b = ctx.tokens.shape[0]
         cache = KVCache.init(self.cfg, b, ctx.tokens.shape[1], params_dtype(ctx.weights["head"]))
         lag = jnp.zeros((b, LAG_STEPS * (self.depth + 1), ctx.features.shape[-1]), ctx.features.dtype)
-        state = EagleState(cache=cache, last=jnp.zeros((b, self.cfg.hidden_size), jnp.float32), lag=lag)
+        state = EagleState(cache=cache, last=jnp.zeros((b, self.cfg.hidden_size), jnp.float32), lag=lag,
+                           skipped=jnp.zeros((b, cache.max_len), bool))
         return self._absorb(state, ctx)
 
     def catch_up(self, state: EagleState, ctx: Context) -> EagleState:
@@ -153,13 +182,16 @@ class Eagle(Proposer):
 
     def update(self, state: EagleState, ctx: Context, prev_lengths: jax.Array) -> EagleState:
         """Absorbs the step's accepted tokens, or, while the loop will not propose, adds their features
-        to the lag buffer (absorbed in one forward before the next proposal, or when this step's would
-        not fit behind what it holds)."""
+        to the lag buffer (absorbed in one forward before the next proposal; when this step's would not
+        fit behind what it holds, the oldest are skipped (`forget`) or absorbed first)."""
         if not self.lazy or ctx.proposes_next is None:
             return self._absorb(state, ctx)
-        absorbed = state.cache.lengths
         b, t = ctx.features.shape[:2]
         size = state.lag.shape[1]
+        forget = self.forget and t <= size  # (a step's positions alone may not fit: absorbed, as below)
+        if forget:  # the lag keeps the newest `size` positions waiting, this step's included
+            state = self._forget(state, ctx.lengths - 1 - size)
+        absorbed = state.cache.lengths
         cols = (ctx.feature_start - absorbed)[:, None] + jnp.arange(t)[None]
         lag = state.lag.at[jnp.arange(b)[:, None], cols].set(ctx.features.astype(state.lag.dtype), mode="drop")
         lagging = jnp.any(ctx.feature_start > absorbed)  # positions before this step's wait as well
@@ -178,14 +210,15 @@ class Eagle(Proposer):
             return fresh.replace(lag=fresh.lag.at[:, :t].set(ctx.features.astype(state.lag.dtype)))
 
         branches = {"lag": lambda: state.replace(lag=lag), "absorb": lambda: self._absorb(state, ctx),
-                    "catch_up": lambda: self.catch_up(state.replace(lag=lag), ctx),
-                    "flush_absorb": lambda: self._absorb(flushed(), ctx)}
+                    "catch_up": lambda: self.catch_up(state.replace(lag=lag), ctx)}
+        on_time = jnp.where(ctx.proposes_next, jnp.where(lagging, 2, 1), 0)
+        if forget:  # nothing overflows
+            return jax.lax.switch(on_time, list(branches.values()))
+        branches["flush_absorb"] = lambda: self._absorb(flushed(), ctx)
         if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
             branches["flush_lag"] = flushed_then_lag
-        at = {name: i for i, name in enumerate(branches)}
-        on_time = jnp.where(ctx.proposes_next, jnp.where(lagging, at["catch_up"], at["absorb"]), at["lag"])
-        flush = at["flush_absorb" if t > size else "flush_lag"]
-        index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), on_time)
+        flush = 3 if t > size else 4
+        index = jnp.where(overflow, jnp.where(ctx.proposes_next, 3, flush), on_time)
         return jax.lax.switch(index, list(branches.values()))
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
@@ -217,7 +250,7 @@ class Eagle(Proposer):
             nodes = slice(1, hi)
             u = outs[:, jnp.asarray(parents[1:hi])]
             mask = jnp.asarray(tree.attention_mask[1:hi, 1:hi])
-            g, _ = self._step(w, cache, tokens[:, nodes], u, jnp.asarray(depths[1:hi]) - 1, mask)
+            g, _ = self._step(w, cache, tokens[:, nodes], u, jnp.asarray(depths[1:hi]) - 1, mask, state.skipped)
             outs = outs.at[:, nodes].set(g.astype(outs.dtype))
             frontier_logits = self._run(w, EagleHead.logits, g[:, lo - 1 :], w["lm_draft"])
         draft_tokens, node_probs = tokens[:, 1:], probs[:, 1:]

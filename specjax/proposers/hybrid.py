@@ -50,6 +50,7 @@ class Hybrid(Proposer):
     max_match: int = option(32, min=1)
     store_size: int = option(0, min=0)
     lazy: bool = True  # an EAGLE head absorbs accepted tokens only before a proposal (False: every step)
+    forget: bool = True  # ... and skips the oldest of a wait longer than its lag buffer (`eagle`'s `forget`)
     head_proposer: Proposer | None = bound(None)
     sampling_cfg: SamplingMode | None = bound(None)  # the static mode
     vocab: int = bound(0)
@@ -92,7 +93,8 @@ class Hybrid(Proposer):
             from specjax.proposers.eagle import Eagle
 
             eagle = Eagle(head=self.head_path, topk=1, depth=self.head_k, total=self.head_k,
-                          min_prob=max(self.head_min_prob, 0.0), lazy=self.lazy)
+                          min_prob=max(self.head_min_prob, 0.0), lazy=self.lazy,
+                          forget=self.forget)
             head, weights = eagle.bind(model, sampling_cfg)
         elif kind == "medusa":
             from specjax.proposers.medusa import Medusa
