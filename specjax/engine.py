@@ -462,7 +462,7 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
            max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None,
            costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None,
-           verify_floor: Int[Array, ""] | None = None, *, cfg: ModelConfig,
+           verify_floor: Int[Array, ""] | None = None, cheap_s: Float[Array, ""] | None = None, *, cfg: ModelConfig,
            proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False,
            adaptive: bool = False, lean_steps: bool = True) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
@@ -483,7 +483,8 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     probed again, when the probe credit covers it: probes cost at most 2% of the time), and for
     `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. A proposer with a
     `cheap_part` (the hybrid's suffix match) proposes that part on every step while the rest backs off,
-    and its drafts go through the same width decision. The width decision reads only what is known
+    and its drafts go through the same width decision, as long as its own `cheap_s` (calibrated) is
+    under 2% of a step; a dearer one backs off with the rest. The width decision reads only what is known
     before the verify forward; the backoff, what the verify yielded. A step that does not propose and has
     no cut draft left to score (`idle`) runs a lean body (`lean_steps`): a 1-token forward, the
     proposer's `update`, and the few counters such a step moves, so a backed-off drafter's steps cost
@@ -516,15 +517,18 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         """Not in a wide batch, nor while an adaptive loop backs off: no draft, no drafting cost."""
         return gate_open(s) & (s.adapt.wait <= 0) if adaptive else gate_open(s)
 
-    # a proposer with a cheap part proposes it on every step the gate allows, the rest only when it is due
+    # a proposer with a cheap part proposes it on every step the gate allows, the rest only when it is due;
+    # a cheap part that costs over 2% of a step (the hybrid's suffix match at batch 8: 1.4 ms of 50) is due
+    # with the rest
     split = adaptive and proposer.cheap_part
+    cheap_pays = jnp.ones((), bool) if cheap_s is None or not split else idle_wait(costs, cheap_s) == 0
 
     # a calibration or warm-up run (`verify_floor` >= 0): the forced costs name the width; no probe, no backoff
     forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
 
     def proposal_runs(s: LoopState) -> Bool[Array, ""]:
         """Whether `propose` runs at all this step (`split`: its cheap part)."""
-        return gate_open(s) if split else will_propose(s)
+        return gate_open(s) & (cheap_pays | will_propose(s)) if split else will_propose(s)
 
     def step(s: LoopState, lean: bool = False) -> LoopState:
         """One decode step. `lean` (static): a step on which `propose` does not run and nothing is left to
@@ -1002,6 +1006,7 @@ class _DeviceRun:
     calibration_s: float = 0.0  # measuring this machine's step costs (first use of these shapes only)
     costs: np.ndarray | None = None  # seconds of each static verify width (adaptive runs)
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
+    cheap_s: float = 0.0  # seconds of the proposer's `cheap_part` alone (adaptive runs of such proposers)
 
 
 # steps that neither propose nor have a draft to score run a lean body (`decode`): a backed-off drafter's
@@ -1014,20 +1019,23 @@ CALIBRATION_REPEATS = 5
 PROPOSE_REPEATS = 15  # timed runs of the proposal alone (a millisecond or two each: noise averages out cheaply)
 SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
 PROPOSE = -2  # not a configuration: the seconds one `propose` adds to a step (width 1 with it, less SKIP)
+CHEAP = -3  # not a configuration: the seconds of a proposer's `cheap_part` alone, as a program of its own
 
 
 def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig,
                eos_ids: tuple[int, ...] = (), speculate_max_rows: int | None = None
-               ) -> tuple[np.ndarray, np.float32, float]:
-    """This machine's seconds for a decode step at each of the proposer's static verify widths, and for
-    one `propose`, on the run's own shapes: measured the first time, then read back (`step_cost`).
+               ) -> tuple[np.ndarray, np.float32, np.float32, float]:
+    """This machine's seconds for a decode step at each of the proposer's static verify widths, for one
+    `propose`, and for its `cheap_part` alone (0 without one), on the run's own shapes: measured the
+    first time, then read back (`step_cost`).
 
     They are measured in the decode loop itself, the program the run is about to use: on a dummy prompt
     that every drafter matches (`warm_start.dummy_plan`), `CALIBRATION_STEPS` steps at a time with the
     width forced, in interleaved rounds, and once with `propose` skipped. A step at width w then costs
     costs[w] + the drafter's seconds, a skipped step costs[0]: what the loop's decision assumes. Timing
     the loop rather than a standalone forward compiles nothing more and counts each method's own
-    proposal and update as the loop pays them. Returns the seconds and the seconds spent measuring."""
+    proposal and update as the loop pays them. Returns the seconds of the widths, of `propose`, of the
+    cheap part, and the seconds spent measuring."""
     from specjax import step_cost, warm_start
 
     widths = loop_widths(proposer)
@@ -1036,7 +1044,8 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     # verify (a softmax and a draw per position) where a greedy one was timed, must not meet old seconds
     detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None, sampling_cfg.mode,
                                 programs.source_digest())).encode()).hexdigest()[:16]
-    names = {SKIP: "skip", PROPOSE: "propose", **{i: f"w{w}" for i, w in enumerate(widths)}}
+    names = {SKIP: "skip", PROPOSE: "propose", **({CHEAP: "cheap"} if proposer.cheap_part else {}),
+             **{i: f"w{w}" for i, w in enumerate(widths)}}
     keys = {step_cost.step_key("loop", detail=f"{detail}:{name}", **shape): i for i, name in names.items()}
 
     def measure(_: list[str]) -> dict[str, float]:
@@ -1046,12 +1055,13 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
             prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
             tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups])
         if dummy is None:  # no room in the cache to measure: every width costs the same
-            return {k: 0.0 if i == PROPOSE else 1.0 for k, i in keys.items()}
+            return {k: 0.0 if i in (PROPOSE, CHEAP) else 1.0 for k, i in keys.items()}
         seconds = _run(model, dummy, proposer, weights, sampling_cfg, 0, eos_ids, None, None, 32, speculate_max_rows,
                        adaptive=True, warm_up="measure")
         return {k: seconds[i][0] for k, i in keys.items()}
 
     measured, spent = step_cost.cached_seconds(list(keys), measure)
+    cheap = measured.pop(2) if proposer.cheap_part else 0.0
     skip, drafter, chosen = measured[0], max(measured[1], 0.0), np.asarray(measured[2:])
     costs = np.maximum(chosen - drafter, 1e-9)
     costs[0] = skip
@@ -1059,7 +1069,7 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     # a narrower width timed dearer than a wider one was slowed, and costs at most what the wider one did
     # (a 3-token verify timed at 2.0x a 1-token step, a 5-token one at 1.9x, on a shared 2-core CPU)
     costs = np.minimum.accumulate(costs[::-1])[::-1]
-    return costs.astype(np.float32), np.float32(drafter), spent
+    return costs.astype(np.float32), np.float32(drafter), np.float32(max(cheap, 0.0)), spent
 
 
 @jax.jit
@@ -1069,7 +1079,8 @@ def _copy(state: LoopState) -> LoopState:
 
 
 def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
-                 propose_alone: Callable[[LoopState], Any] | None = None) -> dict[int, tuple[float, list, int]]:
+                 propose_alone: Callable[[LoopState], Any] | None = None,
+                 cheap_alone: Callable[[LoopState], Any] | None = None) -> dict[int, tuple[float, list, int]]:
     """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
     with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
     steps proposed: what the timing really measured. `PROPOSE`: the median over rounds of width 1's
@@ -1079,7 +1090,8 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
     median is floored at `propose_alone(state)`'s own seconds (the proposal as a program of its own,
     lower quartile of `PROPOSE_REPEATS` runs): on a shared 2-core CPU the paired rounds of `suffix` at
     batch 8 came out at -3.8 to +2.4 ms in three calibrations, one priced it at -0.1 ms, and it proposed
-    on every step (0.94x `ar`), where its proposal alone takes about 1.4 ms, over 2% of a step."""
+    on every step (0.94x `ar`), where its proposal alone takes about 1.4 ms, over 2% of a step.
+    `CHEAP`: `cheap_alone(state)`'s seconds, timed the same way (a proposer's `cheap_part`)."""
     from specjax import step_cost
 
     alone = 0.0 if propose_alone is None else step_cost.timed_seconds(lambda: propose_alone(state), PROPOSE_REPEATS)
@@ -1110,6 +1122,8 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
         per_step[i] = np.asarray(times[i]) / steps
         out[i] = (float(np.percentile(per_step[i], 25)), (verified - before).tolist(), int(adapt.drafted_steps))
     out[PROPOSE] = (max(float(np.median(per_step[0] - per_step[SKIP])), alone), [], 0)
+    if cheap_alone is not None:
+        out[CHEAP] = (step_cost.timed_seconds(lambda: cheap_alone(state), PROPOSE_REPEATS), [], 0)
     return out
 
 
@@ -1142,13 +1156,13 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                          traced, session.acceptance if carry else None), dict(proposer=proposer))
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
-    costs, drafter_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), 0.0, 0.0
+    costs, drafter_s, cheap_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), np.float32(0), 0.0, 0.0
     if adaptive and warm_up:
         costs = np.ones(len(loop_widths(proposer)), np.float32)
     elif adaptive:
         t_cal = time.perf_counter()
-        costs, drafter_s, calibration_s = step_costs(model, plan, proposer, weights, sampling_cfg, eos_ids,
-                                                     speculate_max_rows)
+        costs, drafter_s, cheap_s, calibration_s = step_costs(model, plan, proposer, weights, sampling_cfg,
+                                                              eos_ids, speculate_max_rows)
         setup_s = time.perf_counter() - t_cal
     static = dict(cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh, gated=speculate_max_rows is not None,
                   adaptive=adaptive, lean_steps=LEAN_STEPS)
@@ -1159,27 +1173,33 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     stopped = np.zeros(batch, bool)
     if warm_up == "measure":
         def forced_run(s, limit, forced, floor):
-            return run(s, plan.groups, limit, traced, max_new, gate, weights, forced, np.float32(0), floor)
+            return run(s, plan.groups, limit, traced, max_new, gate, weights, forced, np.float32(0), floor,
+                       np.float32(0))
 
         propose = jax.jit(lambda p_state, ctx: proposer.propose(p_state, ctx, jax.random.PRNGKey(0)))
         alone = lambda s: propose(s.proposer_state, _context(s, plan.groups, weights, traced))
-        return _time_widths(forced_run, state, loop_widths(proposer), alone)
+        cheap = None
+        if proposer.cheap_part:  # the cheap part alone: what a step that backs off from the rest runs
+            cheap = lambda s: propose(s.proposer_state, _context(s, plan.groups, weights, traced).replace(
+                full_draft=jnp.zeros((), bool)))
+        return _time_widths(forced_run, state, loop_widths(proposer), alone, cheap)
     if warm_up:  # one step at each verify width: the floor makes it, forced costs make an adaptive loop pick it
         for i, width in enumerate(loop_widths(proposer)):
             forced = np.where(np.arange(len(costs)) == min(i, len(costs) - 1), np.float32(1e-6), costs)
             state = run(state, plan.groups, np.int32(i + 1), traced, max_new, gate, weights, forced.astype(np.float32),
-                        drafter_s, np.int32(width - 1))
+                        drafter_s, np.int32(width - 1), cheap_s)
         jax.block_until_ready(state.tokens)
         return None
     if stop_rows is None:
-        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(-1))
+        state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(-1),
+                    cheap_s)
     else:  # pause every `check_every` steps: one host sync per pause, never per token
         limit = 0
         row_starts = plan.row_prompt_lengths
         while True:
             limit += check_every
             state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s,
-                        np.int32(-1))
+                        np.int32(-1), cheap_s)
             toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
             if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
                 break
@@ -1191,7 +1211,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     jax.block_until_ready(state.tokens)
     return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0,  # measuring step costs is not decoding
                       decode_s=time.perf_counter() - t1 - setup_s, calibration_s=calibration_s,
-                      costs=costs if adaptive else None, drafter_s=float(drafter_s))
+                      costs=costs if adaptive else None, drafter_s=float(drafter_s), cheap_s=float(cheap_s))
 
 
 def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: int) -> dict[str, Any]:
@@ -1199,6 +1219,7 @@ def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: in
         return {}
     return dict(adaptive=True, widths=list(loop_widths(proposer)), width_hist=adapt.width_hist.tolist(),
                 step_costs_s=[float(c) for c in run.costs], propose_s=run.drafter_s,
+                cheap_part_s=run.cheap_s,
                 predicted_tokens=float(adapt.predicted_tokens),
                 predicted_decode_s=float(adapt.predicted_s), drafted_share=int(adapt.drafted_steps) / max(steps, 1),
                 calibration_s=run.calibration_s)

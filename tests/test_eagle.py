@@ -116,13 +116,15 @@ def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):
     assert cont.stats["mean_accepted_tokens"] == pytest.approx(fresh.stats["mean_accepted_tokens"])
 
 
-def _price_proposals_at_a_step(monkeypatch) -> None:
-    """Calibrated costs where proposing costs a whole 1-token step: drafts rarely pay, the loop backs off."""
+def _price_proposals_at_a_step(monkeypatch, cheap_s: float = 0.0) -> None:
+    """Calibrated costs where proposing costs a whole 1-token step: drafts rarely pay, the loop backs off.
+    `cheap_s`: the seconds of a proposer's cheap part (the hybrid's suffix match) alone."""
     from specjax import engine
 
     def costs(model, plan, proposer, *rest):
         widths = engine.loop_widths(proposer)
-        return np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3), 0.0
+        return (np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3),
+                np.float32(cheap_s), 0.0)
 
     monkeypatch.setattr(engine, "step_costs", costs)
 
@@ -222,6 +224,28 @@ def test_a_hybrid_backing_off_from_its_head_still_copies_every_step(tiny_model, 
     assert whole < 0.3 * steps
     assert suffix > 2 * whole  # 2 rows: the suffix match drafted on steps that did not run the whole proposal
     assert head <= 2 * whole
+
+
+def test_a_hybrid_whose_suffix_match_costs_over_2pct_of_a_step_backs_off_from_it_too(tiny_model, head_dir,
+                                                                                    monkeypatch):
+    """The cheap part proposes on every step only while its calibrated seconds stay under 2% of a step
+    (the hybrid's suffix match at batch 8 on a 2-core CPU: 1.4 ms of 50); a dearer one backs off with
+    the head: its drafts come only on the steps that run the whole proposal. Greedy output stays `ar`'s."""
+    prompts = [[5, 6, 7, 8, 9, 10] * 3, [11, 12, 13, 14] * 2]
+    kw = dict(max_new_tokens=60, eos_token_ids=())
+    ar = specjax.generate(tiny_model, prompts, "ar", **kw)
+    counts = {}
+    for cheap_s in (1e-5, 1e-4):  # 1% and 10% of a 1-token step
+        _price_proposals_at_a_step(monkeypatch, cheap_s)
+        out = specjax.generate(tiny_model, prompts, "hybrid", head_path=head_dir, head_min_prob=0.0, threshold=1,
+                               adaptive=True, **kw)
+        assert out.tokens == ar.tokens
+        assert out.stats["cheap_part_s"] == pytest.approx(cheap_s)
+        whole = round(out.stats["drafted_share"] * out.stats["decode_steps"])  # steps that ran the head too
+        counts[cheap_s] = (whole, out.stats["proposer_steps"][1])  # (whole proposals, suffix-drafted row-steps)
+    (whole_cheap, suffix_cheap), (whole_dear, suffix_dear) = counts[1e-5], counts[1e-4]
+    assert suffix_cheap > 2 * whole_cheap  # under 2%: the suffix match drafts between the head's proposals
+    assert suffix_dear <= 2 * whole_dear < suffix_cheap  # over 2%: only when the whole proposal runs
 
 
 def test_hybrid_on_an_eagle_head(tiny_model, head_dir):
