@@ -518,8 +518,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         return gate_open(s) & (s.adapt.wait <= 0) if adaptive else gate_open(s)
 
     # a proposer with a cheap part proposes it on every step the gate allows, the rest only when it is due;
-    # a cheap part that costs over 2% of a step (the hybrid's suffix match at batch 8: 1.4 ms of 50) is due
-    # with the rest
+    # a cheap part that costs 2% of a step or more (as calibrated, `cheap_s`) is due with the rest
     split = adaptive and proposer.cheap_part
     cheap_pays = jnp.ones((), bool) if cheap_s is None or not split else idle_wait(costs, cheap_s) == 0
 

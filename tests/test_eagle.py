@@ -228,9 +228,9 @@ def test_a_hybrid_backing_off_from_its_head_still_copies_every_step(tiny_model, 
 
 def test_a_hybrid_whose_suffix_match_costs_over_2pct_of_a_step_backs_off_from_it_too(tiny_model, head_dir,
                                                                                     monkeypatch):
-    """The cheap part proposes on every step only while its calibrated seconds stay under 2% of a step
-    (the hybrid's suffix match at batch 8 on a 2-core CPU: 1.4 ms of 50); a dearer one backs off with
-    the head: its drafts come only on the steps that run the whole proposal. Greedy output stays `ar`'s."""
+    """The cheap part proposes on every step only while its calibrated seconds stay under 2% of a step;
+    a dearer one backs off with the head: its drafts come only on the steps that run the whole
+    proposal. Greedy output stays `ar`'s."""
     prompts = [[5, 6, 7, 8, 9, 10] * 3, [11, 12, 13, 14] * 2]
     kw = dict(max_new_tokens=60, eos_token_ids=())
     ar = specjax.generate(tiny_model, prompts, "ar", **kw)
