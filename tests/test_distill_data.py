@@ -127,6 +127,29 @@ def test_sharded_and_in_memory_data_give_the_same_training_batches(full, tiny_ch
                 np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_extra_data_mix_in_as_if_one_data_set(full, tiny_chat_model, tmp_path):
+    """Rows numbered across the parts in order, a batch's rows in its own order from whichever part holds
+    them; a folder that a step could not read beside this run's is refused before anything loads."""
+    other = _build(tiny_chat_model, tmp_path / "other", dataset="spectts-like", num_prompts=2, seed=5)
+    spec = distill_data.DataSpec(**SPEC)
+    mixed = distill_data.ConcatData([full, distill_data.extra_data(other.folder, spec)])
+    assert mixed.num_rows == full.num_rows + other.num_rows == 16
+    assert mixed.num_tokens == full.num_tokens + other.num_tokens
+    rows = np.array([13, 0, 12, 5, 15, 11])  # parts interleaved, out of order
+    got, a, b = mixed.take(rows), full.in_memory(), other.in_memory()
+    for key in distill_data.ARRAYS:
+        want = np.stack([getattr(a, key)[r] if r < 12 else getattr(b, key)[r - 12] for r in rows])
+        np.testing.assert_array_equal(got[key], want)
+    v = tiny_chat_model.config.vocab_size
+    np.testing.assert_array_equal(mixed.token_counts(v), full.token_counts(v) + other.token_counts(v))
+    for change, field in ((dict(seq_len=48), "seq_len"), (dict(feature_layers=(0,)), "feature_layers"),
+                          (dict(store_features=False), "store_features")):
+        with pytest.raises(ValueError, match=f"built with {field}=.*same model, --seq-len and --features"):
+            distill_data.extra_data(other.folder, distill_data.DataSpec(**{**SPEC, **change}))
+    with pytest.raises(ValueError, match="holds no data shards"):
+        distill_data.extra_data(tmp_path / "nothing", spec)
+
+
 def test_recomputed_features_match_the_stored_ones(full, tiny_chat_model, tmp_path):
     from train import draft_head
 

@@ -53,7 +53,8 @@ class DataSpec:
         """Every field but num_prompts: shard i holds prompts [i * shard_size, (i + 1) * shard_size) of a
         fixed question order, so a run with more prompts extends the data and one with fewer reads a prefix.
         sample_matmul_dtype only when set, so folders written before it existed keep their key."""
-        key = {**dataclasses.asdict(self), "feature_layers": list(self.feature_layers)}
+        layers = None if self.feature_layers is None else list(self.feature_layers)
+        key = {**dataclasses.asdict(self), "feature_layers": layers}
         del key["num_prompts"]
         if key["sample_matmul_dtype"] is None:
             del key["sample_matmul_dtype"]
@@ -276,6 +277,64 @@ class ShardedData(ArrayData):
         cat = {k: None if self.shards[0][k] is None else np.concatenate([np.asarray(s[k]) for s in self.shards])
                for k in ARRAYS}
         return ArrayData(**cat)
+
+
+class ConcatData(ArrayData):
+    """Several data sets as one: rows numbered across the parts in order (`--extra-data`: a run trains on
+    its own shards and on those another run generated, without generating them again)."""
+
+    def __init__(self, parts: Sequence[ArrayData]):
+        self.parts = list(parts)
+        lens = {part.seq_len for part in self.parts}
+        if len(lens) > 1:
+            raise ValueError(f"data sets of different sequence lengths {sorted(lens)} cannot be mixed: "
+                             "build them with the same --seq-len")
+        sizes = [part.num_rows for part in self.parts]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.tokens = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return self.parts[0].seq_len
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.num_tokens for part in self.parts)
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray | None]:
+        rows = np.asarray(rows)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out: dict[str, np.ndarray | None] = {}
+        pieces = {i: self.parts[i].take(rows[part == i] - self.starts[i]) for i in np.unique(part)}
+        order = np.argsort(np.argsort(part, kind="stable"), kind="stable")  # back to the order of `rows`
+        for key in ARRAYS:
+            got = [pieces[i][key] for i in sorted(pieces)]
+            out[key] = None if any(g is None for g in got) else np.concatenate(got)[order]
+        return out
+
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        return sum(part.token_counts(vocab_size) for part in self.parts)
+
+
+def extra_data(folder: Path, spec: DataSpec) -> ShardedData:
+    """Another run's data folder, refused unless a training step could read it beside `spec`'s: the same
+    target model, sequence length and stored features (the same target layers; not checked while
+    `spec.feature_layers` is None, before the model has loaded)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest["shards"]:
+        raise ValueError(f"--extra-data {folder} holds no data shards: pass the data folder of a finished "
+                         "run (its OUT/data)")
+    theirs, ours = manifest["key"], spec.key()
+    for field in ("model", "seq_len", "store_features", "feature_layers"):
+        if ours[field] is not None and theirs.get(field) != ours[field]:
+            raise ValueError(f"--extra-data {folder} was built with {field}={theirs.get(field)!r}, this run "
+                             f"uses {ours[field]!r}: pass data built for the same model, --seq-len and --features")
+    return ShardedData(folder)
 
 
 def progress(msg: str) -> None:

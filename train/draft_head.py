@@ -64,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--sample-matmul-dtype", default=None, choices=("bfloat16",),
                    help="sample the answers with bf16 matmuls (about 1.2x faster on CPUs with AMX); labels and "
                         "features still come from the float32 forward")
+    p.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                   help="also train on the data folder (OUT/data) of another run for the same model, --seq-len "
+                        "and --features (repeatable): data generated once, mixed into later heads")
     p.add_argument("--features", default="disk", choices=("disk", "recompute"),
                    help="target features: stored with the data (float16, memory-mapped) or recomputed per batch")
     p.add_argument("--steps", type=int, default=300)
@@ -85,6 +88,8 @@ def parse_args(argv):
     p.add_argument("--eval-prompts", type=int, default=4,
                    help="held-out prompts of the generate evaluations (the first --skip questions when "
                         "--skip > 0, else questions past the training ones; 0: no evaluation)")
+    p.add_argument("--eval-dataset", default=None,
+                   help="the dataset(s) whose first --skip questions the evaluations take (default: --dataset)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N steps as well as at the end (the learning curve; 0: only at the end)")
     p.add_argument("--eval-tokens", type=int, default=96, help="new tokens per prompt in the evaluations")
@@ -118,7 +123,9 @@ def training_questions(args) -> list:
 
 def held_out_questions(args) -> list:
     """--eval-prompts questions no training step sees: the skipped ones (what benchmarks run on), else
-    each dataset's questions from --num-prompts on."""
+    each dataset's questions from --num-prompts on; of --eval-dataset when given."""
+    if args.eval_dataset:  # e.g. reasoning questions, while this run's own data are arithmetic
+        args = argparse.Namespace(**{**vars(args), "dataset": args.eval_dataset})
     if args.skip:
         return _questions(args, 0, args.eval_prompts, stop=args.skip)
     return _questions(args, args.num_prompts, args.eval_prompts)  # no dataset gave training more than that
@@ -449,15 +456,18 @@ def check_args(args) -> None:
     if args.seq_len < 8:
         raise ValueError(f"--seq-len must be >= 8, got {args.seq_len}")
     validation.number("--lr", args.lr, gt=0)
-    names = args.dataset.split(",")
-    if not all(n.strip() for n in names):
-        raise ValueError(f"--dataset {args.dataset!r} has an empty name: pass names or paths, comma-separated")
-    for name in names:  # a path that is not there fails now, not after the model has loaded
-        path = Path(name).expanduser()
-        if (path.suffix in (".jsonl", ".json") or name.startswith((".", "/", "~"))) and not path.is_file():
-            raise ValueError(f"--dataset file {name!r} not found; pass a JSONL path, a built-in name (arith, "
-                             "spectts) or a Hugging Face dataset id")
+    for flag, value in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset or args.dataset)):
+        names = value.split(",")
+        if not all(n.strip() for n in names):
+            raise ValueError(f"{flag} {value!r} has an empty name: pass names or paths, comma-separated")
+        for name in names:  # a path that is not there fails now, not after the model has loaded
+            path = Path(name).expanduser()
+            if (path.suffix in (".jsonl", ".json") or name.startswith((".", "/", "~"))) and not path.is_file():
+                raise ValueError(f"{flag} file {name!r} not found; pass a JSONL path, a built-in name (arith, "
+                                 "spectts) or a Hugging Face dataset id")
     cli.output_dir(args.out, "--out")
+    for folder in args.extra_data:  # the target layers are checked once the model has loaded
+        distill_data.extra_data(Path(folder), data_spec(args, None))
 
 
 def eval_tree(args) -> dict[str, int]:
@@ -499,10 +509,17 @@ def _main(args) -> int:
 
         layers = feature_layers(model.config.num_layers)
     data = build_data(model, args, folder, layers, questions=questions)
+    if args.extra_data:
+        spec = data_spec(args, layers)
+        data = distill_data.ConcatData([data] + [distill_data.extra_data(Path(d), spec) for d in args.extra_data])
     print(f"data: {data.num_rows} sequences, {data.num_tokens} tokens ({time.perf_counter() - t0:.1f}s)")
     task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data)
     config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
               "target": args.model, "steps": args.steps, "dataset": args.dataset, "data_tokens": data.num_tokens,
+              "extra_data": [{**{k: distill_data.read_manifest(Path(d))["key"][k] for k in
+                                 ("dataset", "skip", "samples_per_prompt", "temperature")},
+                              "tokens": part.num_tokens} for d, part in zip(args.extra_data, data.parts[1:])]
+              if args.extra_data else [],
               **task.config}
     export = lambda where, params, **extra: save_head(where, {**config, **extra},
                                                       {**jax.tree.map(np.asarray, dict(params)), **task.extra})

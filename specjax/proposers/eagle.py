@@ -211,14 +211,15 @@ class Eagle(Proposer):
 
         branches = {"lag": lambda: state.replace(lag=lag), "absorb": lambda: self._absorb(state, ctx),
                     "catch_up": lambda: self.catch_up(state.replace(lag=lag), ctx)}
-        on_time = jnp.where(ctx.proposes_next, jnp.where(lagging, 2, 1), 0)
-        if forget:  # nothing overflows
-            return jax.lax.switch(on_time, list(branches.values()))
-        branches["flush_absorb"] = lambda: self._absorb(flushed(), ctx)
-        if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
-            branches["flush_lag"] = flushed_then_lag
-        flush = 3 if t > size else 4
-        index = jnp.where(overflow, jnp.where(ctx.proposes_next, 3, flush), on_time)
+        if not forget:  # a wait can overflow the lag buffer: flush it first
+            branches["flush_absorb"] = lambda: self._absorb(flushed(), ctx)
+            if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
+                branches["flush_lag"] = flushed_then_lag
+        at = {name: i for i, name in enumerate(branches)}
+        index = jnp.where(ctx.proposes_next, jnp.where(lagging, at["catch_up"], at["absorb"]), at["lag"])
+        if not forget:
+            flush = at.get("flush_lag", at["flush_absorb"])
+            index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), index)
         return jax.lax.switch(index, list(branches.values()))
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
