@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -82,6 +84,16 @@ def gather_rows(x: Array, idx: Int[Array, "B ..."]) -> Array:
 def at(x: Array, i: Int[Array, "B"]) -> Array:
     """x[b, i[b]] for every row, keeping trailing axes."""
     return gather_rows(x, i[:, None])[:, 0]
+
+
+T = TypeVar("T")
+
+
+def run_if(pred: Bool[Array, ""], fn: Callable[[T], T], carry: T) -> T:
+    """`fn(carry)` where `pred`, else `carry`: a while loop run once or not at all. Unlike a `lax.cond`,
+    the loop carries its state in place: a conditional whose branch writes into a cache it was handed
+    made XLA:CPU copy the whole buffer each time it ran."""
+    return jax.lax.while_loop(lambda c: c[1], lambda c: (fn(c[0]), jnp.bool_(False)), (carry, pred))[0]
 
 
 def pending_tokens(ctx: Context) -> Int[Array, "B"]:

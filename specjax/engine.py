@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax import programs, sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
-from specjax.drafting import Context, Draft, TreeTemplate, at, gather_rows
+from specjax.drafting import Context, Draft, TreeTemplate, at, gather_rows, run_if
 from specjax.models import cache as kv
 from specjax.models import transformer
 from specjax.models.cache import KVCache
@@ -548,8 +548,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             pstate, draft = s.proposer_state, no_draft()
         elif not gated and (not adaptive or split):
             pstate, draft = propose()
-        else:
-            pstate, draft = jax.lax.cond(runs, propose, lambda: (s.proposer_state, no_draft()))
+        else:  # (a loop run once or not at all carries a head's cache in place, where `lax.cond` copied it)
+            pstate, draft = run_if(runs, lambda c: proposer.propose(c[0], p_ctx, r_prop),
+                                   (s.proposer_state, no_draft()))
         drafting = active & runs
         draft = draft.replace(num=jnp.where(drafting, draft.num, 0))
         adapt = s.adapt

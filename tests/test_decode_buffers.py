@@ -36,6 +36,26 @@ def test_decode_copies_no_cache_buffer(tiny_model, method, batch, opts):
     assert copies == [], f"{len(copies)} whole-buffer copies of the KV cache in the decode loop"
 
 
+@pytest.mark.parametrize("opts", [{"adaptive": True}, {"adaptive": False, "speculate_max_rows": 0}],
+                         ids=["adaptive", "never-proposing"])
+def test_eagle_copies_neither_kv_cache(tiny_model, tmp_path_factory, opts):
+    """The head's cache too: drafting writes nothing it throws away into the head cache, and the proposal
+    and the lag's absorption run in loops run once or not at all, not conditionals (each had made XLA
+    copy the head's cache: 6 copies a proposing step at batch 8, 2 more a catch-up). (The 20-position lag
+    buffer, which a long wait shifts each step, may be copied: 1.1 MB at batch 8.)"""
+    from conftest import save_random_eagle_head
+
+    head = save_random_eagle_head(tiny_model, tmp_path_factory.mktemp("eagle_buffers"))
+    with programs.capture(engine.decode) as seen:
+        specjax.generate(tiny_model, [[5, 6, 7, 8, 9, 5, 6, 7]] * 4, "eagle", head=head, max_new_tokens=8, **opts)
+    state = seen["args"][1]
+    shapes = {tuple(state.cache.k[0].shape), tuple(state.proposer_state.cache.k[0].shape)}
+    for shape in shapes:
+        text = "f32[" + ",".join(map(str, shape)) + "]"
+        copies = [line for line in seen["hlo"].splitlines() if re.search(rf"= {re.escape(text)}\S* copy\(", line)]
+        assert copies == [], f"{len(copies)} whole-buffer copies of {text} in the eagle decode loop"
+
+
 def test_flags_merge_with_the_users():
     assert xla_flags.merged("") == "--xla_cpu_copy_insertion_use_region_analysis=true"
     user = "--xla_force_host_platform_device_count=8 --xla_cpu_copy_insertion_use_region_analysis=false"

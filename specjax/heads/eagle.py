@@ -52,12 +52,14 @@ class EagleHead(nn.Module):
         """Target features [..., L*D] -> u [..., D]."""
         return self.fuse_dense(features)
 
-    def __call__(self, tok_emb, u, rope, new_mask, ctx_mask=None, cache_kv=None, slots=None):
-        """(token embeddings, features) [B, T, D] -> head outputs g [B, T, D] and the written (k, v)."""
+    def __call__(self, tok_emb, u, rope, new_mask, ctx_mask=None, cache_kv=None, slots=None, write: bool = True):
+        """(token embeddings, features) [B, T, D] -> head outputs g [B, T, D] and the written (k, v)
+        (`write=False`: the new entries alone, the cache buffers left as they are)."""
         eps = self.cfg.rms_norm_eps
         x = self.proj(jnp.concatenate([transformer.rms_norm(tok_emb, self.emb_norm, eps),
                                        transformer.rms_norm(u.astype(tok_emb.dtype), self.feat_norm, eps)], axis=-1))
-        x, kv, _ = transformer.decoder_layer(self.layer, self.cfg, x, rope, new_mask, ctx_mask, cache_kv, slots)
+        x, kv, _ = transformer.decoder_layer(self.layer, self.cfg, x, rope, new_mask, ctx_mask, cache_kv, slots,
+                                             write=write)
         return x, kv
 
     def logits(self, g, lm_draft):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from specjax.config import ModelConfig
-from specjax.drafting import Context, Draft, TreeTemplate, eagle_tree
+from specjax.drafting import Context, Draft, TreeTemplate, eagle_tree, run_if
 from specjax.heads.eagle import params_dtype
 from specjax.models import transformer
 from specjax.models.cache import KVCache
@@ -108,10 +108,11 @@ class Eagle(Proposer):
     def _run(self, w, method, *args):
         return self._module().apply({"params": w["head"]}, *args, method=method)
 
-    def _step(self, w, cache: KVCache, tokens, u, offsets, tree_mask=None, skipped=None):
+    def _step(self, w, cache: KVCache, tokens, u, offsets, tree_mask=None, skipped=None, write: bool = True):
         """Head forward on new pairs (u, tokens) [B, T] at slots cache.lengths + t, positions
         cache.lengths + offsets, seeing the cache's slots before them but the `skipped` ones; returns
-        outputs [B, T, D] and the cache buffers with them written."""
+        outputs [B, T, D] and the cache buffers with them written (`write=False`: outputs only, for a
+        draft's nodes: a write that is thrown away made XLA copy the whole head cache at every depth)."""
         cfg = self.cfg
         b, t = tokens.shape
         start = cache.lengths
@@ -122,9 +123,9 @@ class Eagle(Proposer):
             chex.assert_shape(skipped, (b, cache.max_len))
             ctx_mask = ctx_mask & ~skipped[:, None, :]
         emb = transformer.embed(w["target"], cfg, tokens).astype(params_dtype(w["head"]))
-        g, kv = self._run(w, lambda m, *a: m(*a), emb, u, rope, new_mask, ctx_mask, (cache.k[0], cache.v[0]),
-                          start[:, None] + jnp.arange(t)[None])
-        return g, cache.replace(k=(kv[0],), v=(kv[1],))
+        g, kv = self._run(w, lambda m, *a: m(*a, write=write), emb, u, rope, new_mask, ctx_mask,
+                          (cache.k[0], cache.v[0]), start[:, None] + jnp.arange(t)[None])
+        return g, cache.replace(k=(kv[0],), v=(kv[1],)) if write else cache
 
     def _absorb(self, state: EagleState, ctx: Context) -> EagleState:
         """Writes pairs (fused ctx.features[:, i], token at feature_start + 1 + i) for every committed
@@ -195,6 +196,10 @@ class Eagle(Proposer):
         cols = (ctx.feature_start - absorbed)[:, None] + jnp.arange(t)[None]
         lag = state.lag.at[jnp.arange(b)[:, None], cols].set(ctx.features.astype(state.lag.dtype), mode="drop")
         lagging = jnp.any(ctx.feature_start > absorbed)  # positions before this step's wait as well
+        if forget:  # nothing overflows: wait in the lag, or absorb this step's positions (and the lag's first)
+            lagged = state.replace(lag=lag)  # (the lag's content past what waits is never read)
+            lagged = run_if(ctx.proposes_next & ~lagging, lambda st: self._absorb(st, ctx), lagged)
+            return run_if(ctx.proposes_next & lagging, lambda st: self.catch_up(st, ctx), lagged)
         # absorbed only when this step's positions do not fit behind the lag: reserving room for a whole
         # draft ahead (the hybrid's 17 positions in a 20-position buffer) absorbed every 3-4 steps of a wait
         # instead of every 20 (2.4 ms of a 79 ms best-of-8 step); and a step that did not run the head may
@@ -211,15 +216,13 @@ class Eagle(Proposer):
 
         branches = {"lag": lambda: state.replace(lag=lag), "absorb": lambda: self._absorb(state, ctx),
                     "catch_up": lambda: self.catch_up(state.replace(lag=lag), ctx)}
-        if not forget:  # a wait can overflow the lag buffer: flush it first
-            branches["flush_absorb"] = lambda: self._absorb(flushed(), ctx)
-            if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
-                branches["flush_lag"] = flushed_then_lag
+        branches["flush_absorb"] = lambda: self._absorb(flushed(), ctx)  # a wait overflowed: flush it first
+        if t <= size:  # (else a step's positions alone may not fit: absorbed at once after a flush)
+            branches["flush_lag"] = flushed_then_lag
         at = {name: i for i, name in enumerate(branches)}
         index = jnp.where(ctx.proposes_next, jnp.where(lagging, at["catch_up"], at["absorb"]), at["lag"])
-        if not forget:
-            flush = at.get("flush_lag", at["flush_absorb"])
-            index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), index)
+        flush = at.get("flush_lag", at["flush_absorb"])
+        index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), index)
         return jax.lax.switch(index, list(branches.values()))
 
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
@@ -251,7 +254,8 @@ class Eagle(Proposer):
             nodes = slice(1, hi)
             u = outs[:, jnp.asarray(parents[1:hi])]
             mask = jnp.asarray(tree.attention_mask[1:hi, 1:hi])
-            g, _ = self._step(w, cache, tokens[:, nodes], u, jnp.asarray(depths[1:hi]) - 1, mask, state.skipped)
+            g, _ = self._step(w, cache, tokens[:, nodes], u, jnp.asarray(depths[1:hi]) - 1, mask, state.skipped,
+                              write=False)
             outs = outs.at[:, nodes].set(g.astype(outs.dtype))
             frontier_logits = self._run(w, EagleHead.logits, g[:, lo - 1 :], w["lm_draft"])
         draft_tokens, node_probs = tokens[:, 1:], probs[:, 1:]
