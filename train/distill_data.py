@@ -43,7 +43,8 @@ class DataSpec:
     seq_len: int
     shard_size: int  # prompts per shard
     seed: int
-    feature_layers: tuple[int, ...]  # target layers fused (EAGLE); () = the final hidden state (Medusa)
+    # target layers fused (EAGLE); () = the final hidden state (Medusa); None: not known yet (`extra_data`)
+    feature_layers: tuple[int, ...] | None
     store_features: bool  # False: training recomputes them from the tokens
     # the answers are sampled with this matmul precision (None: the model's own); labels and features
     # always come from the full-precision forward, so only which answers are drawn depends on it
