@@ -225,64 +225,10 @@ class ArrayData:
         return np.bincount(self.tokens[self.mask].ravel(), minlength=vocab_size)
 
 
-class ShardedData(ArrayData):
-    """The shards of a data folder, memory-mapped: rows are numbered across shards in order, and
-    `take` reads only the rows a batch needs (the same arrays `ArrayData` would give)."""
-
-    def __init__(self, folder: Path, num_shards: int | None = None):
-        self.folder = Path(folder)
-        manifest = read_manifest(self.folder)
-        if not manifest["shards"]:
-            raise ValueError(f"{self.folder} holds no data shards: run `python -m train.draft_head` to build them")
-        self.shards = [{k: self._open(s["name"], k) for k in ARRAYS} for s in manifest["shards"][:num_shards]]
-        sizes = [len(s["tokens"]) for s in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])
-        self.tokens = None  # there is no whole-data array: see take()
-
-    def _open(self, name: str, key: str) -> np.ndarray | None:
-        path = self.folder / name / f"{key}.npy"
-        return np.load(path, mmap_mode="r") if path.is_file() else None
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.starts[-1])
-
-    @property
-    def seq_len(self) -> int:
-        return self.shards[0]["tokens"].shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(np.asarray(s["mask"]).sum() for s in self.shards))
-
-    def take(self, rows: np.ndarray) -> dict[str, np.ndarray | None]:
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        local = rows - self.starts[shard]
-        out = {}
-        for key in ARRAYS:
-            if self.shards[0][key] is None:
-                out[key] = None
-                continue
-            out[key] = np.stack([np.asarray(self.shards[s][key][i]) for s, i in zip(shard, local)])
-        return out
-
-    def token_counts(self, vocab_size: int) -> np.ndarray:
-        counts = np.zeros(vocab_size, np.int64)
-        for s in self.shards:
-            tokens, mask = np.asarray(s["tokens"]), np.asarray(s["mask"])
-            counts += np.bincount(tokens[mask].ravel(), minlength=vocab_size)
-        return counts
-
-    def in_memory(self) -> ArrayData:
-        """Every shard concatenated into one `ArrayData` (small data sets, tests)."""
-        cat = {k: None if self.shards[0][k] is None else np.concatenate([np.asarray(s[k]) for s in self.shards])
-               for k in ARRAYS}
-        return ArrayData(**cat)
-
-
 class ConcatData(ArrayData):
-    """Several data sets as one: rows numbered across the parts in order (`--extra-data`: a run trains on
-    its own shards and on those another run generated, without generating them again)."""
+    """Several data sets as one: rows numbered across the parts in order, and `take` reads only the rows
+    a batch needs from each part (a data folder's shards; `--extra-data`: a run's own shards and those
+    another run generated, without generating them again)."""
 
     def __init__(self, parts: Sequence[ArrayData]):
         self.parts = list(parts)
@@ -290,9 +236,8 @@ class ConcatData(ArrayData):
         if len(lens) > 1:
             raise ValueError(f"data sets of different sequence lengths {sorted(lens)} cannot be mixed: "
                              "build them with the same --seq-len")
-        sizes = [part.num_rows for part in self.parts]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])
-        self.tokens = None
+        self.starts = np.concatenate([[0], np.cumsum([part.num_rows for part in self.parts])])
+        self.tokens = None  # there is no whole-data array: see take()
 
     @property
     def num_rows(self) -> int:
@@ -309,16 +254,34 @@ class ConcatData(ArrayData):
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray | None]:
         rows = np.asarray(rows)
         part = np.searchsorted(self.starts, rows, side="right") - 1
-        out: dict[str, np.ndarray | None] = {}
-        pieces = {i: self.parts[i].take(rows[part == i] - self.starts[i]) for i in np.unique(part)}
+        pieces = [self.parts[i].take(rows[part == i] - self.starts[i]) for i in np.unique(part)]
         order = np.argsort(np.argsort(part, kind="stable"), kind="stable")  # back to the order of `rows`
-        for key in ARRAYS:
-            got = [pieces[i][key] for i in sorted(pieces)]
-            out[key] = None if any(g is None for g in got) else np.concatenate(got)[order]
-        return out
+        return {key: None if pieces[0][key] is None else np.concatenate([p[key] for p in pieces])[order]
+                for key in ARRAYS}
 
     def token_counts(self, vocab_size: int) -> np.ndarray:
         return sum(part.token_counts(vocab_size) for part in self.parts)
+
+    def in_memory(self) -> ArrayData:
+        """Every part concatenated into one `ArrayData` (small data sets, tests)."""
+        return ArrayData(**self.take(np.arange(self.num_rows)))
+
+
+class ShardedData(ConcatData):
+    """The shards of a data folder, memory-mapped, as one data set (`key`: the manifest's)."""
+
+    def __init__(self, folder: Path, num_shards: int | None = None):
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        if not manifest["shards"]:
+            raise ValueError(f"{self.folder} holds no data shards: run `python -m train.draft_head` to build them")
+        self.key = manifest["key"]
+        super().__init__([ArrayData(**{k: self._open(s["name"], k) for k in ARRAYS})
+                          for s in manifest["shards"][:num_shards]])
+
+    def _open(self, name: str, key: str) -> np.ndarray | None:
+        path = self.folder / name / f"{key}.npy"
+        return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
 def extra_data(folder: Path, spec: DataSpec) -> ShardedData:

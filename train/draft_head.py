@@ -516,10 +516,8 @@ def _main(args) -> int:
     task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data)
     config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
               "target": args.model, "steps": args.steps, "dataset": args.dataset, "data_tokens": data.num_tokens,
-              "extra_data": [{**{k: distill_data.read_manifest(Path(d))["key"][k] for k in
-                                 ("dataset", "skip", "samples_per_prompt", "temperature")},
-                              "tokens": part.num_tokens} for d, part in zip(args.extra_data, data.parts[1:])]
-              if args.extra_data else [],
+              "extra_data": [{**{k: part.key[k] for k in ("dataset", "skip", "samples_per_prompt", "temperature")},
+                              "tokens": part.num_tokens} for part in data.parts[1:]] if args.extra_data else [],
               **task.config}
     export = lambda where, params, **extra: save_head(where, {**config, **extra},
                                                       {**jax.tree.map(np.asarray, dict(params)), **task.extra})
