@@ -11,6 +11,9 @@ three alike, where whole runs one after the other would credit the drift to whic
 part. Each question runs with the seed and shapes it has in a whole run (`seed_offset`, `size_like`),
 so the outputs are the whole run's; the sums over the questions give the speedups, with the
 multi-round cell's rounds apart. The cell's `ar` drift compares its first and last method's `ar`.
+Each adaptive call starts from what the previous question's adaptive call learned, as calls of one
+kind do in a process (`specjax.adapt_memory`), the first from nothing (the warm-up's estimate is
+forgotten); `--fresh` adds adaptive calls that each start afresh, a fourth in the rotation.
 Speedups are ratios of tokens per second, and (`time ad/fx`) of wall time over the same questions. They
 agree where outputs equal `ar`'s (greedy); in a sampled cell a lossless method's answers are other draws
 from the same distribution, and a batch whose samples stop early by chance emits fewer tokens in about
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--matmul-dtype", default=None, choices=["bfloat16"],
                    help="bf16 matmul weights (cheap wide verifies on CPUs with AMX, and on some without)")
+    p.add_argument("--fresh", action="store_true",
+                   help="also run each adaptive call from a fresh estimate (`specjax.adapt_memory` forgotten)")
     p.add_argument("--out", default=None, help="JSON of every row")
     args = p.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               "per round (adaptive / fixed)   outputs as ar's (adaptive / fixed)")
         first_ar = last_ar = None
         for method in methods:
-            got = interleaved(model, questions, method, run_args)
+            got = interleaved(model, questions, method, run_args, args.fresh)
             ar, ar_samples = got.pop("ar")
             same = {m: outputs_equal(samples, ar_samples) for m, (_, samples) in got.items()}
             ratio = {m: got[m][0]["tokens_per_s"] / ar["tokens_per_s"] for m in got}
@@ -87,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:<11}{ratio['adaptive']:>9.2f}x{ratio['fixed']:>7.2f}x"
                   f"{timed['adaptive']:>8.2f}/{timed['fixed']:.2f}{mat['adaptive']:>6.2f}/{mat['fixed']:.2f}"
                   f"   {ar['tokens_per_s']:>7.1f}    {'  '.join(rounds)}"
-                  f"   same as ar {same['adaptive']:.0%}/{same['fixed']:.0%}", flush=True)
+                  f"   same as ar {same['adaptive']:.0%}/{same['fixed']:.0%}"
+                  + (f"   fresh {ratio['fresh']:.2f}x ({timed['fresh']:.2f} time, same as ar {same['fresh']:.0%})"
+                     if "fresh" in got else ""), flush=True)
             rows.append({"cell": cell, "method": method, "ar_tokens_per_s": ar["tokens_per_s"],
                          "ar_per_round_tokens_per_s": [r["tokens_per_s"] for r in ar["per_round"]],
                          **{f"{m}_speedup": ratio[m] for m in ratio},
@@ -104,28 +111,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interleaved(model, questions, method: str, run_args) -> dict[str, tuple[dict, list]]:
-    """{"ar" | "adaptive" | "fixed": (summary, samples)} over `questions`: each warmed up once, then
-    every question run by the three in turn, in an order that rotates with the question."""
+def interleaved(model, questions, method: str, run_args, fresh: bool = False) -> dict[str, tuple[dict, list]]:
+    """{"ar" | "adaptive" | "fixed" [| "fresh"]: (summary, samples)} over `questions`: each warmed up once,
+    then every question run by each in turn, in an order that rotates with the question. The adaptive
+    calls start from what the previous question's adaptive call learned (`specjax.adapt_memory`), the first
+    from nothing; `fresh`: also adaptive calls that each start afresh."""
     from eval.tts import run_method, summarize, warm_up
-    from specjax import programs
+    from specjax import adapt_memory, programs
     from specjax.tts import paradigms
 
     if run_args.paradigm != "best_of_n" and run_args.batch_size != 1:
         raise ValueError("question by question needs one question per batch (--batch-size 1)")
     configs = {"ar": ("ar", False), "adaptive": (method, False), "fixed": (method, True)}
+    if fresh:
+        configs["fresh"] = (method, False)
     for meth, fixed in configs.values():
         run_args.no_adaptive = fixed
         warm_up(model, meth, run_args, questions)
     results: dict[str, list] = {name: [] for name in configs}
     samples: dict[str, list] = {name: [] for name in configs}
     names = list(configs)
+    learned = None  # what the last "adaptive" call learned; a "fresh" call must not overwrite it
     for j, question in enumerate(questions):
-        for name in names[j % 3:] + names[: j % 3]:
+        for name in names[j % len(names):] + names[: j % len(names)]:
             meth, fixed = configs[name]
             run_args.no_adaptive = fixed
+            adapt_memory.forget(model)
+            if name == "adaptive" and learned is not None:
+                adapt_memory.restore(model, learned)
             _, got, result = run_method(model, [question], meth, run_args, seed_offset=j, warm=False,
                                         size_like=questions)
+            if name == "adaptive":
+                learned = adapt_memory.snapshot(model)
             results[name].append(result)
             samples[name].extend(got)
     run_args.no_adaptive = False

@@ -173,11 +173,13 @@ def warm_up(model, method: str, args, size_like, options: dict[str, Any] | None 
     """Runs the longest of `size_like` once, untimed, sized like a run over all of them: it compiles
     every program such a run uses (a later round whose prompts land in a new bucket still compiles
     once, timed)."""
+    from specjax import adapt_memory
     from specjax.tts import paradigms
 
     longest = max(size_like, key=lambda q: len(q.question))
     paradigms.run(model, [longest], method, args.paradigm, size_like=size_like,
                   **method_kwargs(method, args, options))
+    adapt_memory.forget(model)  # what the warm-up learned: the timed run starts as a first call does
 
 
 def run_method(model, questions, method: str, args, progress=None, options: dict[str, Any] | None = None,

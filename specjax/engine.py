@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from specjax import programs, sampling, sharding
+from specjax import adapt_memory, programs, sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.drafting import Context, Draft, TreeTemplate, at, gather_rows, run_if
 from specjax.models import cache as kv
@@ -1007,6 +1007,7 @@ class _DeviceRun:
     costs: np.ndarray | None = None  # seconds of each static verify width (adaptive runs)
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
     cheap_s: float = 0.0  # seconds of the proposer's `cheap_part` alone (adaptive runs of such proposers)
+    learned: bool = False  # the loop started from an earlier call's estimate and backoff (`adapt_memory`)
 
 
 # steps that neither propose nor have a draft to score run a lean body (`decode`): a backed-off drafter's
@@ -1156,6 +1157,13 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                          traced, session.acceptance if carry else None), dict(proposer=proposer))
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
+    # a call of the same kind as an earlier one starts from what that one learned (`adapt_memory`); a
+    # continued Session carries its own estimate instead
+    memory_key = adapt_memory.key(proposer, sampling_cfg.temperature, sampling_cfg.top_k, sampling_cfg.top_p,
+                                  batch, plan.cache_len)
+    learned = adapt_memory.recall(model, memory_key) if adaptive and not warm_up and not carry else None
+    if learned is not None:  # copies: the loop donates its state, and the memory keeps its own
+        state = state.replace(adapt=state.adapt.replace(**jax.tree.map(jnp.copy, learned)))
     costs, drafter_s, cheap_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), np.float32(0), 0.0, 0.0
     if adaptive and warm_up:
         costs = np.ones(len(loop_widths(proposer)), np.float32)
@@ -1209,9 +1217,12 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                 stopped |= stop
                 state = state.replace(done=state.done | jnp.asarray(stop))
     jax.block_until_ready(state.tokens)
+    if adaptive:
+        adapt_memory.remember(model, memory_key, state.adapt)
     return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0,  # measuring step costs is not decoding
                       decode_s=time.perf_counter() - t1 - setup_s, calibration_s=calibration_s,
-                      costs=costs if adaptive else None, drafter_s=float(drafter_s), cheap_s=float(cheap_s))
+                      costs=costs if adaptive else None, drafter_s=float(drafter_s), cheap_s=float(cheap_s),
+                      learned=learned is not None)
 
 
 def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: int) -> dict[str, Any]:
@@ -1222,7 +1233,7 @@ def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: in
                 cheap_part_s=run.cheap_s,
                 predicted_tokens=float(adapt.predicted_tokens),
                 predicted_decode_s=float(adapt.predicted_s), drafted_share=int(adapt.drafted_steps) / max(steps, 1),
-                calibration_s=run.calibration_s)
+                calibration_s=run.calibration_s, from_earlier_call=run.learned)
 
 
 def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun, eos_ids: tuple[int, ...],

@@ -63,6 +63,9 @@ class GenerationStats(Mapping):
     predicted_decode_s: float = 0.0  # calibrated seconds of the chosen widths + drafting (vs decode_s)
     drafted_share: float = 0.0  # share of steps that ran `propose`
     calibration_s: float = 0.0  # spent measuring this machine's step costs (first use of a shape), not in wall_s
+    # the loop started from the estimate and backoff an earlier call of the same kind ended with
+    # (`specjax.adapt_memory`; off with SPECJAX_ADAPTIVE_MEMORY=0)
+    from_earlier_call: bool = False
     # steps whose verify forward ran each static width of `engine.loop_widths` (`widths` of an adaptive run):
     # narrower than `width_hist`'s choice where every row's draft was shorter
     verified_hist: list[int] = dataclasses.field(default_factory=list)

@@ -98,6 +98,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the suite checks each method's drafting at its fixed widths (acceptance, trees, sessions); the adaptive
 # loop, the default for users, has its own tests (test_adaptive.py), which pass adaptive=True
 os.environ["SPECJAX_ADAPTIVE"] = "0"
+# each call of the adaptive loop starts afresh, whatever ran before it in the same process (tests that check
+# the memory of earlier calls, `specjax.adapt_memory`, turn it on)
+os.environ["SPECJAX_ADAPTIVE_MEMORY"] = "0"
 
 @pytest.fixture(scope="session")
 def tiny_chat_checkpoint(tmp_path_factory):

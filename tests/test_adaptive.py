@@ -249,6 +249,31 @@ def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):
     assert r2.tokens == ar.tokens and r2.stats["width_hist"][0] < r1.stats["width_hist"][0] + 2
 
 
+def test_a_call_starts_from_what_the_previous_call_of_its_kind_learned(tiny_model, cpu_like_costs, monkeypatch):
+    """A costly drafter on text it cannot draft learns to back off in its first call; the next call of the
+    same kind starts backed off (fewer proposals, the same tokens), one of another kind starts afresh."""
+    from specjax import adapt_memory
+
+    monkeypatch.setenv(adapt_memory.ENV, "1")
+    adapt_memory.forget(tiny_model)
+    prompt = [[3, 17, 41, 29, 11, 60, 7]]
+    run = lambda **kw: specjax.generate(tiny_model, prompt, "draft", draft="self:1", k=3, max_new_tokens=64,
+                                        eos_token_ids=(), adaptive=True, **kw)
+    ar = specjax.generate(tiny_model, prompt, "ar", max_new_tokens=64, eos_token_ids=())
+    first, second, third = run(), run(), run()
+    assert [r.stats["from_earlier_call"] for r in (first, second, third)] == [False, True, True]
+    assert first.tokens == second.tokens == third.tokens == ar.tokens
+    assert second.stats["drafted_share"] < first.stats["drafted_share"]
+    assert not run(temperature=0.5).stats["from_earlier_call"]  # other sampling settings: their own estimate
+    assert not specjax.generate(tiny_model, prompt * 2, "draft", draft="self:1", k=3, max_new_tokens=64,
+                                eos_token_ids=(), adaptive=True).stats["from_earlier_call"]  # another batch
+    adapt_memory.forget(tiny_model)
+    assert not run().stats["from_earlier_call"]
+    monkeypatch.setenv(adapt_memory.ENV, "0")
+    off = run()
+    assert not off.stats["from_earlier_call"] and off.stats["drafted_share"] == first.stats["drafted_share"]
+
+
 def test_confidence_buckets():
     counts = confidence_bucket(jnp.asarray([0.0, 1.0, 3.0, 7.0, 100.0]), "count", 5)
     assert counts.tolist() == [0, 1, 2, 3, 5]

@@ -195,11 +195,11 @@ def test_the_adaptive_benchmark_runs_question_by_question_as_a_whole_run_would(t
     out = tmp_path / "adaptive.json"
     assert adaptive.main(["--model", str(tiny_chat_checkpoint), "--cells", "single-arith,bon-arith",
                           "--methods", "pld", "--limit", "3", "--bon-limit", "2", "--max-new-tokens", "8",
-                          "--out", str(out)]) == 0
+                          "--fresh", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["cell"], r["method"]) for r in rows] == [("single-arith", "pld"), ("bon-arith", "pld")]
     for r in rows:  # lossless: greedy, and sampled with ar's draws per row and position
-        assert r["adaptive_outputs_equal_ar"] == r["fixed_outputs_equal_ar"] == 1.0
+        assert r["adaptive_outputs_equal_ar"] == r["fixed_outputs_equal_ar"] == r["fresh_outputs_equal_ar"] == 1.0
         assert r["adaptive_summary"]["questions"] == (3 if r["cell"] == "single-arith" else 2)
         assert r["ar_tokens_per_s"] > 0 and r["fixed_speedup"] > 0
     model = specjax.load(str(tiny_chat_checkpoint))

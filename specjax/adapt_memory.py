@@ -1,0 +1,76 @@
+"""What the adaptive loop learned about a method, carried from one `generate` call to the next.
+
+A Best-of-N run, an evaluation over many questions or a server answering requests calls `generate`
+again and again with the same method, sampling settings and batch. Each call used to start its
+acceptance estimate and its backoff afresh, and paid again for the probes and fruitless proposals
+that taught it what the previous call had already learned (on a 2-core CPU, an EAGLE head in a
+sampled best-of-8 batch of 128 tokens spends most of its 6-7% over `ar` that way). So the loop's
+policy state (the decayed acceptance counts, the saving average, the backoff, the wait and the probe
+budget) is kept per model for each (method, sampling settings, batch, cache size) and the next call of
+the same kind starts from it. Outputs never depend on it: the width decision only cuts drafts, and
+any prefix of a draft verifies exactly.
+
+The counts decay by `engine.DECAY` per step, so text of another kind overrides a remembered estimate
+within some 50 steps, and probes keep testing it. `SPECJAX_ADAPTIVE_MEMORY=0` turns the memory off
+(every call starts fresh, as a `Session` aside); `forget(model)` clears it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+ENV = "SPECJAX_ADAPTIVE_MEMORY"
+# the fields of `engine.Adapt` that describe the method on this kind of run, not one call's rows or record
+POLICY = ("tried", "hit", "backoff", "wait", "saving", "probe_due", "credit", "probe_misses", "idle_misses")
+
+_memory: "weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    """On unless `SPECJAX_ADAPTIVE_MEMORY` is 0 / false / off / no."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def key(proposer: Any, temperature: float, top_k: int, top_p: float, batch: int, cache_len: int) -> tuple:
+    """What must match for a call to start from another's state: the method and its options (a bound
+    proposer is hashable), the sampling settings (acceptance depends on the temperature) and the
+    shapes the step costs were calibrated for."""
+    return (proposer, float(temperature), int(top_k), float(top_p), int(batch), int(cache_len))
+
+
+def recall(model: Any, k: tuple) -> dict[str, Any] | None:
+    """The policy fields a previous call of kind `k` ended with, or None (first call, or memory off)."""
+    if not enabled():
+        return None
+    with _lock:
+        return _memory.get(model, {}).get(k)
+
+
+def remember(model: Any, k: tuple, adapt: Any) -> None:
+    """Keeps `adapt`'s policy fields (device arrays, no copy to the host) for the next call of kind `k`."""
+    if not enabled():
+        return
+    with _lock:
+        _memory.setdefault(model, {})[k] = {name: getattr(adapt, name) for name in POLICY}
+
+
+def forget(model: Any) -> None:
+    """Drops everything remembered for `model`: its next calls start their estimates afresh."""
+    with _lock:
+        _memory.pop(model, None)
+
+
+def snapshot(model: Any) -> dict[tuple, dict[str, Any]]:
+    """Everything remembered for `model` (for `restore`: a benchmark interleaving other calls)."""
+    with _lock:
+        return dict(_memory.get(model, {}))
+
+
+def restore(model: Any, saved: dict[tuple, dict[str, Any]]) -> None:
+    """Puts back what `snapshot` returned, in place of what is remembered now."""
+    with _lock:
+        _memory[model] = dict(saved)
