@@ -209,3 +209,19 @@ def test_the_adaptive_benchmark_runs_question_by_question_as_a_whole_run_would(t
     _, whole, _ = run_method(model, questions, "ar", args)
     got = adaptive.interleaved(model, questions, "pld", args)
     assert [s["outputs"] for s in got["ar"][1]] == [s["outputs"] for s in whole]
+
+
+def test_the_best_of_n_and_think_twice_benchmarks_run_on_a_checkpoint(tiny_chat_checkpoint, tmp_path, capsys):
+    """The benchmark scripts a user runs from the README, end to end on a tiny checkpoint: each prints its
+    table, and think-twice's drafting methods return `ar`'s greedy outputs."""
+    from benchmarks import best_of_n, think_twice
+
+    assert best_of_n.main(["--model", str(tiny_chat_checkpoint), "--questions", "1", "--n", "2",
+                           "--methods", "ar,pld", "--max-new-tokens", "6"]) == 0
+    out = tmp_path / "tt.json"
+    assert think_twice.main(["--model", str(tiny_chat_checkpoint), "--questions", "1", "--dataset", "arith",
+                             "--methods", "ar,pld", "--max-new-tokens", "6", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "best-of-2" in printed and "pld" in printed
+    figures = json.loads(out.read_text())
+    assert figures["round2"]["pld"]["equals_ar"] and figures["round2"]["pld"]["tokens"] > 0
