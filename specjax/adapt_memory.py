@@ -4,9 +4,10 @@ A Best-of-N run, an evaluation over many questions or a server answering request
 again and again with the same method, sampling settings and batch. Started afresh, each call pays
 again for the probes and fruitless proposals that taught the previous one what does not pay (a
 costly drafter on text it cannot draft proposed on 22% of the steps of a first call on the tests'
-tiny model, 3% of a second that started from the first's state). So the loop's policy state (the decayed acceptance counts, the saving average, the backoff, the wait and the probe
-budget) is kept per model for each (method, sampling settings, batch, cache size) and the next call of
-the same kind starts from it. Outputs never depend on it: the width decision only cuts drafts, and
+tiny model, 3% of a second that started from the first's state). So the loop's policy state (the
+decayed acceptance counts, the saving average, the backoff, the wait and the probe budget) is kept
+per model for each (method, sampling settings, batch, cache size) and the next call of the same kind
+starts from it. Outputs never depend on it: the width decision only cuts drafts, and
 any prefix of a draft verifies exactly.
 
 The counts decay by `engine.DECAY` per step, so text of another kind overrides a remembered estimate
