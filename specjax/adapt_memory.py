@@ -22,6 +22,8 @@ import threading
 import weakref
 from typing import Any
 
+import jax.numpy as jnp
+
 ENV = "SPECJAX_ADAPTIVE_MEMORY"
 # the fields of `engine.Adapt` that describe the method on this kind of run, not one call's rows or record
 POLICY = ("tried", "hit", "backoff", "wait", "saving", "probe_due", "credit", "probe_misses", "idle_misses")
@@ -51,11 +53,13 @@ def recall(model: Any, k: tuple) -> dict[str, Any] | None:
 
 
 def remember(model: Any, k: tuple, adapt: Any) -> None:
-    """Keeps `adapt`'s policy fields (device arrays, no copy to the host) for the next call of kind `k`."""
+    """Keeps copies of `adapt`'s policy fields (on the device) for the next call of kind `k`: the arrays
+    themselves may be handed on (a Session's counts) to a loop that donates them."""
     if not enabled():
         return
+    kept = {name: jnp.copy(getattr(adapt, name)) for name in POLICY}
     with _lock:
-        _memory.setdefault(model, {})[k] = {name: getattr(adapt, name) for name in POLICY}
+        _memory.setdefault(model, {})[k] = kept
 
 
 def forget(model: Any) -> None:

@@ -267,6 +267,11 @@ def test_a_call_starts_from_what_the_previous_call_of_its_kind_learned(tiny_mode
     assert not run(temperature=0.5).stats["from_earlier_call"]  # other sampling settings: their own estimate
     assert not specjax.generate(tiny_model, prompt * 2, "draft", draft="self:1", k=3, max_new_tokens=64,
                                 eos_token_ids=(), adaptive=True).stats["from_earlier_call"]  # another batch
+    # a Session continued from a call hands its counts to a loop that donates them: the memory keeps its own
+    kept = run(keep_session=True)
+    specjax.generate(tiny_model, prompt, "draft", draft="self:1", k=3, max_new_tokens=64, eos_token_ids=(),
+                     adaptive=True, session=kept.session)
+    assert run().stats["from_earlier_call"]
     adapt_memory.forget(tiny_model)
     assert not run().stats["from_earlier_call"]
     monkeypatch.setenv(adapt_memory.ENV, "0")
