@@ -1,11 +1,13 @@
 """Trained EAGLE heads on held-out SpecTTS-Bench questions: accepted tokens per target forward and speed.
 
 `python -m benchmarks.draft_head --heads NEW[,OLD] [--questions 10] [--max-new-tokens 256] [--chain 4]
-[--tree 16,5,3] [--multi-round] [--matmul-dtype bfloat16] [--json PATH]`
+[--tree 16,5,3] [--static-tree] [--multi-round] [--matmul-dtype bfloat16] [--json PATH]`
 
 Round 1 of think twice (the question, "reason step by step ... \\boxed{}"), batch 1, greedy: `ar`, then
 each head as a chain of `--chain` tokens and as the `--tree` (total,depth,topk), at fixed widths, so the
-figures are the head's own acceptance rather than the adaptive loop's choice. `--multi-round` adds round
+figures are the head's own acceptance rather than the adaptive loop's choice. The tree is dynamic (each
+depth's nodes the head's likeliest paths, EAGLE-2); `--static-tree` adds the same template with fixed
+ranks (EAGLE-1) beside it. `--multi-round` adds round
 2 (review the round-1 answer): `ar` and the hybrid (suffix match, else the head) on each head, also at
 fixed widths (on a CPU where the adaptive loop declines to draft, it would hide the heads' difference).
 Reported per configuration: tokens, tok/s, speedup against `ar` in the same run, mean accepted tokens
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--chain", type=int, default=4, help="chain length")
     p.add_argument("--tree", default="16,5,3", help="tree as total,depth,topk ('': no tree)")
+    p.add_argument("--static-tree", action="store_true", help="also the tree with the template's fixed ranks")
     p.add_argument("--multi-round", action="store_true", help="also round 2 with the hybrid on each head")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--json", help="also write the figures to this file")
@@ -82,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                         {"head": head, "topk": 1, "depth": args.chain, "adaptive": False}))
         if args.tree:
             total, depth, topk = (int(v) for v in args.tree.split(","))
-            configs.append((f"eagle tree {args.tree} (head{i + 1})", "eagle",
-                            {"head": head, "total": total, "depth": depth, "topk": topk, "adaptive": False}))
+            tree = {"head": head, "total": total, "depth": depth, "topk": topk, "adaptive": False}
+            configs.append((f"eagle tree {args.tree} (head{i + 1})", "eagle", tree))
+            if args.static_tree:
+                configs.append((f"eagle static tree (head{i + 1})", "eagle", {**tree, "dynamic": False}))
     results = {"model": args.model, "matmul_dtype": args.matmul_dtype, "heads": heads, "rounds": {}}
     prompts = [ROUND1.format(q=q.question) for q in questions]
     ar = run_round(model, args, "round 1", prompts, configs, results)

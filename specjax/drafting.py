@@ -8,6 +8,7 @@ it without an import running back up the layers. One builder per tree shape:
   and chains below; a chain (`()`), the full top-k tree (`(w,) * depth`) and n chains from the root
   (`(n,)`, laid out by `chains_to_tree`) are special cases;
 * `eagle_tree(total, depth, topk)`: the `total` nodes most likely reached under a fixed acceptance prior;
+* `dynamic_tree_shape(total, depth)`: the shape of a tree whose drafts set their own parents;
 * `lookahead_tree(k, window, guesses)`: verification chains, then a Jacobi window.
 """
 
@@ -69,6 +70,11 @@ class Draft:
     confidence: Float[Array, "B"] | None = None  # proposer-specific, e.g. suffix match length
     source: Int[Array, "B"] | None = None  # which sub-proposer drafted (hybrid); 0 otherwise
     valid: Bool[Array, "B K"] | None = None  # tree drafts: which nodes are real (None: the first `num`)
+    # a dynamic tree (EAGLE-2): each draft node's parent as a tree node (0: the pending token), per row; the
+    # template fixes the node count and its narrower sub-trees (`TreeTemplate.subtrees`: root, first-ranked
+    # chain), whose nodes keep their template parents and depths; the other nodes' depths follow from their
+    # parents, at most the template's `max_depth`. None: the template's parents
+    parents: Int[Array, "B K"] | None = None
 
 
 # ---------------------------------------------------------------- row gathers and shape checks
@@ -101,6 +107,24 @@ def pending_tokens(ctx: Context) -> Int[Array, "B"]:
     return at(ctx.tokens, ctx.lengths - 1).astype(jnp.int32)
 
 
+def tree_depths(mask: Bool[Array, "B T T"]) -> Int[Array, "B T"]:
+    """Each node's depth (0: the root) from a per-row ancestor mask (`ancestor_mask`)."""
+    return (jnp.sum(mask, axis=-1) - 1).astype(jnp.int32)
+
+
+def ancestor_mask(parents: Int[Array, "B T"], max_depth: int) -> Bool[Array, "B T T"]:
+    """Per-row tree attention: node i sees its ancestors and itself, from each node's parent (tree-node
+    indices, the root's -1 or 0), closed over `max_depth` levels. `TreeTemplate.attention_mask` per row,
+    for trees whose parents differ between rows (a dynamic draft tree)."""
+    b, t = parents.shape
+    par = jnp.clip(parents, 0, t - 1)
+    has_parent = (jnp.arange(t) > 0)[None, :, None]
+    mask = jnp.broadcast_to(jnp.eye(t, dtype=bool)[None], (b, t, t))
+    for _ in range(max_depth):
+        mask = mask | (jnp.take_along_axis(mask, par[:, :, None], axis=1) & has_parent)
+    return mask
+
+
 def check_context(ctx: Context) -> int:
     """Shape-checks the fields every drafter reads; returns the batch size."""
     chex.assert_rank(ctx.tokens, 2)
@@ -117,6 +141,8 @@ def check_draft(draft: Draft, batch: int, width: int) -> Draft:
         chex.assert_shape(draft.confidence, (batch,))
     if draft.valid is not None:
         chex.assert_shape(draft.valid, (batch, width))
+    if draft.parents is not None:
+        chex.assert_shape(draft.parents, (batch, width))
     return draft
 
 
@@ -255,6 +281,16 @@ def eagle_tree(total: int, depth: int, topk: int) -> TreeTemplate:
     chosen.sort(key=lambda p: (len(p), p))
     index = {p: i + 1 for i, p in enumerate(chosen)}
     return TreeTemplate((-1, *(index.get(p[:-1], 0) for p in chosen)))
+
+
+@functools.cache
+def dynamic_tree_shape(total: int, depth: int) -> TreeTemplate:
+    """The static shape of a dynamic draft tree (`Draft.parents`, EAGLE-2): `total` nodes, nodes 1..depth a
+    chain (each drafter's first-ranked path: the sub-tree an adaptive loop verifies alone), the others
+    hung from the root here and placed by each draft's own parents."""
+    if not 1 <= depth <= total:
+        raise ValueError(f"a dynamic tree needs 1 <= depth <= total, got total={total}, depth={depth}")
+    return TreeTemplate((-1, *range(depth), *(0,) * (total - depth)))
 
 
 @functools.cache

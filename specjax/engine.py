@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from specjax import adapt_memory, programs, sampling, sharding
 from specjax.config import ModelConfig, SamplingConfig
-from specjax.drafting import Context, Draft, TreeTemplate, at, gather_rows, run_if
+from specjax.drafting import Context, Draft, TreeTemplate, ancestor_mask, at, gather_rows, run_if, tree_depths
 from specjax.models import cache as kv
 from specjax.models import transformer
 from specjax.models.cache import KVCache
@@ -68,6 +68,7 @@ class Adapt:
     # per row, a draft the width decision cut, scored against the tokens later steps emit (`_shadow`)
     shadow_tokens: Int[Array, "B K"]
     shadow_valid: Bool[Array, "B K"]  # its nodes; none: no shadow pending
+    shadow_parents: Int[Array, "B K"]  # each node's parent node (-1: the pending token; a dynamic tree's own)
     shadow_start: Int[Array, "B"]  # the history length when it was drafted: depth i predicts position start + i - 1
     shadow_scored: Int[Array, "B"]  # its leading positions already counted
     shadow_row: Int[Array, "B"]  # its counts' row (source) and confidence bucket
@@ -121,6 +122,7 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
     nodes = _shadow_shape(proposer)[0].shape[0]
     return Adapt(tried=tried, hit=hit, streak=rows, backoff=jnp.ones((), jnp.int32),
                  shadow_tokens=jnp.zeros((batch, nodes), jnp.int32), shadow_valid=jnp.zeros((batch, nodes), bool),
+                 shadow_parents=jnp.broadcast_to(jnp.asarray(_shadow_shape(proposer)[0], jnp.int32), (batch, nodes)),
                  shadow_start=rows, shadow_scored=rows, shadow_row=rows, shadow_bucket=rows,
                  wait=jnp.zeros((), jnp.int32), saving=jnp.full((), jnp.inf, jnp.float32),
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
@@ -332,15 +334,16 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     vocabulary per position) cost a 1-token step at batch 8 as much as its LM head. A chain is cut to
     the branch's width (every row's draft fits: the width covers `longest`); a tree runs the root
     alone, one of its sub-trees (`index`, the adaptive loop's choice: the draft is already cut to it)
-    or all its nodes, with the (sub-)tree's attention mask and depths as positions, its nodes'
+    or all its nodes, with the (sub-)tree's attention mask (a dynamic tree's own, per row: `Draft.parents`)
+    and depths as positions, its nodes'
     keys/values at their whole-tree slots. Outputs are padded back to K+1 positions (a sub-tree's at
     its nodes' places); the rest lies outside every row's draft and is unused. Returns (verification,
     hidden [B, K+1, D], the `hidden_layers` outputs, the cache with the new keys/values, the top-`topk`
     token ids of each position's logits or None, the index of the width that ran).
     """
     k1 = inputs.shape[1]
-    tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
-                                        "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
+    static_tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),
+                                               "pos_offsets": jnp.asarray(template.depth, jnp.int32)}
     pad = lambda x: jnp.pad(x, ((0, 0), (0, k1 - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
     def branch(width: int):
@@ -369,6 +372,13 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
 
         def run(inputs, cache, draft, valid, rng):
             whole_tree = template is not None and width == k1
+            parents = None
+            if whole_tree and draft.parents is not None:  # a dynamic tree: its own parents in every row
+                parents = jnp.concatenate([jnp.full_like(draft.parents[:, :1], -1), draft.parents], axis=1)
+                mask = ancestor_mask(parents, template.max_depth)
+                tree = {"tree_mask": mask, "pos_offsets": tree_depths(mask)}
+            else:
+                tree = static_tree
             out = transformer.forward(params, cfg, inputs[:, :width], cache, hidden_layers=hidden_layers,
                                       write_cache=False, **(tree if whole_tree else {}))
             # the barrier keeps XLA:CPU from fusing the verification's slices and gathers of the logits
@@ -376,7 +386,7 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
             # head took 41 instead of 17 ms a step); top-k's consumers did the same (lookahead's window)
             logits = jax.lax.optimization_barrier(out.logits)
             if whole_tree:
-                res = verify_tree(logits, inputs, valid, template, sampling_cfg, rng)
+                res = verify_tree(logits, inputs, valid, template, sampling_cfg, rng, parents)
             else:
                 cut = draft.replace(tokens=draft.tokens[:, :width - 1], num=jnp.minimum(draft.num, width - 1),
                                     probs=None if draft.probs is None else draft.probs[:, :width - 1],
@@ -946,19 +956,23 @@ def _shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], l
     greedy verification accepts a token iff it is the target's choice, and sampled verification iff it
     is the target's own draw for that position (`position_keys`), which is what the row emitted. A
     shadow ends at its first miss, at its deepest node, or when its row is done."""
-    parents, node_depth, members = _shadow_shape(proposer)
+    _, _, members = _shadow_shape(proposer)
     valid, start, scored = adapt.shadow_valid, adapt.shadow_start, adapt.shadow_scored
+    parents = jnp.maximum(adapt.shadow_parents, 0)
     d = adapt.tried.shape[-1]
+    node_depth = jnp.ones_like(parents)  # [B, K]: each node's depth, from its row's parents (a dynamic tree's own)
+    for _ in range(d - 1):
+        node_depth = jnp.where(adapt.shadow_parents < 0, 1, jnp.take_along_axis(node_depth, parents, axis=1) + 1)
     known = (lengths - start)[:, None]  # tokens emitted since: positions 0 .. known - 1
     emitted = gather_rows(tokens, start[:, None] + jnp.arange(d)[None])  # [B, D]
     matched = jnp.zeros(valid.shape, bool)
     for depth in range(1, d + 1):  # a node is on the accepted path if its token was emitted under its parent
-        parent_ok = jnp.ones_like(matched) if depth == 1 else jnp.take(matched, np.maximum(parents, 0), axis=1)
-        here = jnp.asarray(node_depth == depth)[None] & (depth <= known)
+        parent_ok = jnp.ones_like(matched) if depth == 1 else jnp.take_along_axis(matched, parents, axis=1)
+        here = (node_depth == depth) & (depth <= known)
         matched = matched | (here & valid & parent_ok & (adapt.shadow_tokens == emitted[:, depth - 1:depth]))
     sub = jnp.asarray(members)[None]  # [1, G, K]
-    a = jnp.max(jnp.where(matched[:, None] & sub, node_depth[None, None], 0), axis=2)  # [B, G] accepted depth
-    reach = jnp.max(jnp.where(valid[:, None] & sub, node_depth[None, None], 0), axis=2)  # [B, G] drafted depth
+    a = jnp.max(jnp.where(matched[:, None] & sub, node_depth[:, None], 0), axis=2)  # [B, G] accepted depth
+    reach = jnp.max(jnp.where(valid[:, None] & sub, node_depth[:, None], 0), axis=2)  # [B, G] drafted depth
     pos = jnp.arange(d)[None, None]
     on = pos >= scored[:, None, None]
     tried = (on & (pos < known[:, :, None]) & (pos <= a[..., None]) & (pos < reach[..., None])).astype(jnp.float32)
@@ -988,10 +1002,13 @@ def _shadow(adapt: Adapt, proposer: Proposer, proposed, cut: Bool[Array, "B"], v
     valid = fit(jnp.arange(proposed.tokens.shape[1])[None] < proposed.num[:, None] if proposed.valid is None
                 else proposed.valid)
     drafted = fit(proposed.tokens.astype(jnp.int32))
+    parents = adapt.shadow_parents if proposed.parents is None else fit(proposed.parents.astype(jnp.int32) - 1)
     source = jnp.zeros_like(start) if proposed.source is None else proposed.source
     pick = lambda new, old: jnp.where(take.reshape(take.shape + (1,) * (old.ndim - 1)), new, old)
     adapt = adapt.replace(shadow_tokens=pick(drafted, adapt.shadow_tokens),
-                          shadow_valid=pick(valid, adapt.shadow_valid), shadow_start=pick(start, adapt.shadow_start),
+                          shadow_valid=pick(valid, adapt.shadow_valid),
+                          shadow_parents=pick(parents, adapt.shadow_parents),
+                          shadow_start=pick(start, adapt.shadow_start),
                           shadow_scored=pick(verified, adapt.shadow_scored),
                           shadow_row=pick(source, adapt.shadow_row), shadow_bucket=pick(bucket, adapt.shadow_bucket))
     return _shadow_score(adapt, proposer, tokens, lengths, done)  # the step's own last token scores the first cut one

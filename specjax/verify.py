@@ -26,7 +26,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from specjax.config import SamplingConfig
-from specjax.drafting import Draft, TreeTemplate, at
+from specjax.drafting import Draft, TreeTemplate, ancestor_mask, at, tree_depths
 from specjax.sampling import argmax, process_logits
 
 
@@ -110,7 +110,7 @@ def _draw(keys: jax.Array, weights: Float[Array, "B V"], fallback: Float[Array, 
 
 
 def _target_draws(target_logits: Float[Array, "B T V"], cfg: SamplingConfig, keys: jax.Array,
-                  depth: Int[Array, "T"]) -> Int[Array, "B T"]:
+                  depth: Int[Array, "T"] | Int[Array, "B T"]) -> Int[Array, "B T"]:
     """At every node, the token the target samples there: an inverse-CDF draw from the processed target
     with the uniform of the node's position (`keys[:, depth]`). A deterministic draft's token is accepted
     when it equals this draw, which accepts x with probability p(x), as rejection sampling with a
@@ -119,7 +119,7 @@ def _target_draws(target_logits: Float[Array, "B T V"], cfg: SamplingConfig, key
     same seed the output is plain sampling's token for token, whatever was drafted."""
     p = jnp.exp(process_logits(target_logits, cfg))
     u = _uniforms(keys)  # [B, D + 1]
-    return inverse_cdf(p, jnp.take(u, depth, axis=1))
+    return inverse_cdf(p, jnp.take(u, depth, axis=1) if depth.ndim == 1 else jnp.take_along_axis(u, depth, axis=1))
 
 
 def _emit(accepted: Int[Array, "B K"], n: Int[Array, "B"], new: Int[Array, "B"]) -> Int[Array, "B K+1"]:
@@ -184,6 +184,7 @@ def verify_tree(
     template: TreeTemplate,
     cfg: SamplingConfig,
     rng: jax.Array,
+    parents: Int[Array, "B T"] | None = None,
 ) -> TreeVerifyResult:
     """Accepts one root-to-node path of a deterministic draft tree and appends one target token.
 
@@ -193,30 +194,48 @@ def verify_tree(
     the probability SpecInfer's recursive rejection over siblings gives it, and where no child matches,
     the draw is p conditioned on matching none of them, which is what that rejection leaves). The
     deepest accepted node wins (ties: the lowest index; duplicate siblings emit the same tokens), and
-    the bonus is the target's pick there.
+    the bonus is the target's pick there. `parents` (a dynamic tree, `Draft.parents`): each node's
+    parent per row (the root's -1), node depths following from them (at most the template's max_depth);
+    None: the template's parents.
     """
     b, t = tree_tokens.shape
     chex.assert_shape(target_logits, (b, t, None))
     chex.assert_shape(valid, (b, t))
     if t != template.size:
         raise ValueError(f"tree of {t} nodes does not match a template of {template.size}")
-    depth_of = jnp.asarray(template.depth, jnp.int32)
     d = template.max_depth
+    if parents is None:
+        depth_of = jnp.asarray(template.depth, jnp.int32)
+    else:  # per row: [B, T]
+        chex.assert_shape(parents, (b, t))
+        depth_of = tree_depths(ancestor_mask(parents, d))
 
     if cfg.greedy:
         best = argmax(target_logits).astype(jnp.int32)
     else:  # node i's draw is for position depth(i) after the pending token
         best = _target_draws(target_logits, cfg, _keys(rng, b, d + 1), depth_of)
-    parent = np.maximum(np.asarray(template.parents), 0)
-    match = (valid & (tree_tokens == best[:, parent])).at[:, 0].set(True)
+    if parents is None:
+        parent = np.maximum(np.asarray(template.parents), 0)
+        of_parent = lambda x: x[:, parent]
+    else:
+        parent = jnp.clip(parents, 0, t - 1)
+        of_parent = lambda x: jnp.take_along_axis(x, parent, axis=1)
+    match = (valid & (tree_tokens == of_parent(best))).at[:, 0].set(True)
     accepted = match
     for _ in range(d):  # acceptance flows one level down per pass
-        accepted = match & accepted[:, parent]
+        accepted = match & of_parent(accepted)
     last = jnp.argmax(jnp.where(accepted, depth_of, -1), axis=1).astype(jnp.int32)  # first maximum
     new = at(best, last)
 
-    n = depth_of[last]
-    path = jnp.asarray(template.paths)[last]
+    n = depth_of[last] if parents is None else at(depth_of, last)
+    if parents is None:
+        path = jnp.asarray(template.paths)[last]
+    else:  # walk up from the deepest accepted node, each ancestor at its depth's column
+        path, node = jnp.zeros((b, d), jnp.int32), last
+        for _ in range(d):
+            level = at(depth_of, node)
+            path = jnp.where(jnp.arange(d)[None] == (level - 1)[:, None], node[:, None], path)
+            node = at(parent, node)
     return TreeVerifyResult(
         tokens=_emit(jnp.take_along_axis(tree_tokens, path, axis=1), n, new),
         num_accepted=n,

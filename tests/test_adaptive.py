@@ -906,25 +906,14 @@ def test_a_turned_down_tree_is_scored_per_sub_tree_along_the_emitted_path():
     tried, missed); its first-ranked chain, whose depth-1 token was not emitted, none. Each sub-tree's
     counts get what it would have accepted."""
     from specjax.drafting import Draft
-    from specjax.engine import _shadow, _shadow_score, init_adapt
 
     prop = make_proposer("recycling")
     parents = prop.template.parents
     assert parents[2] == 0 and parents[5] == 2 and 5 not in (1, 3, 7, 11)  # node 2 is not on the chain
     k = prop.template.size - 1
-    adapt = init_adapt(prop)
     draft = Draft(tokens=jnp.arange(100, 100 + k, dtype=jnp.int32)[None], num=jnp.asarray([k], jnp.int32),
                   valid=jnp.ones((1, k), bool))
-    tokens = jnp.zeros((1, 16), jnp.int32)
-    done = jnp.zeros((1,), bool)
-    for i, tok in enumerate([100 + 2 - 1, 100 + 5 - 1, 999]):  # draft node j holds template node j + 1
-        tokens = tokens.at[0, 3 + i].set(tok)
-        length = jnp.asarray([4 + i], jnp.int32)
-        if i == 0:
-            adapt = _shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
-                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
-        else:
-            adapt = _shadow_score(adapt, prop, tokens, length, done)
+    adapt = _turned_down_then_emitted(prop, draft, [100 + 2 - 1, 100 + 5 - 1, 999])  # node j + 1 at draft j
     chain, whole = np.asarray(adapt.tried[0, 0]), np.asarray(adapt.tried[1, 0])
     assert chain.tolist() == [1, 0, 0, 0] and np.asarray(adapt.hit[0, 0]).tolist() == [0, 0, 0, 0]
     assert whole.tolist() == [1, 1, 1, 0] and np.asarray(adapt.hit[1, 0]).tolist() == [1, 1, 0, 0]
@@ -972,3 +961,39 @@ def test_lean_steps_leave_what_full_steps_leave(tiny_model, monkeypatch, method,
         keys = ("width_hist", "verified_hist", "drafted_share", "predicted_tokens", "predicted_decode_s")
         assert [outs[0].stats[k] for k in keys] == [outs[1].stats[k] for k in keys]
         assert 0 < outs[0].stats["drafted_share"] < 1  # some steps proposed, and some (the lean ones) did not
+
+
+def test_a_turned_down_dynamic_tree_is_scored_along_its_own_parents():
+    """A dynamic tree (EAGLE-2: each draft sets its nodes' parents) turned down, then the row emits its
+    chain's depth-1 token, then the tokens of node 4 (the draft put it under node 1, where the static
+    shape hangs it from the root) and of node 5 (under node 4): the whole tree would have accepted all
+    three, its chain sub-tree one."""
+    from specjax.drafting import Draft
+
+    prop = make_proposer("eagle", total=6, depth=3, topk=2)
+    assert prop.template.parents == (-1, 0, 1, 2, 0, 0, 0)
+    draft = Draft(tokens=jnp.arange(100, 106, dtype=jnp.int32)[None], num=jnp.asarray([6], jnp.int32),
+                  valid=jnp.ones((1, 6), bool), parents=jnp.asarray([[0, 1, 2, 1, 4, 0]], jnp.int32))
+    adapt = _turned_down_then_emitted(prop, draft, [100, 103, 104, 999])  # tree node j + 1 at draft j
+    assert np.asarray(adapt.tried[0, 0]).tolist() == [1, 1, 0] and np.asarray(adapt.hit[0, 0]).tolist() == [1, 0, 0]
+    assert np.asarray(adapt.tried[1, 0]).tolist() == [1, 1, 1] and np.asarray(adapt.hit[1, 0]).tolist() == [1, 1, 1]
+    assert not bool(adapt.shadow_valid.any())
+
+
+def _turned_down_then_emitted(prop, draft, emitted: list[int]):
+    """A one-row loop's estimate after `draft` was turned down at history length 3 (and kept as a shadow)
+    and the row then emitted `emitted`, one token a step."""
+    from specjax.engine import _shadow, _shadow_score, init_adapt
+
+    adapt = init_adapt(prop)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    done = jnp.zeros((1,), bool)
+    for i, tok in enumerate(emitted):
+        tokens = tokens.at[0, 3 + i].set(tok)
+        length = jnp.asarray([4 + i], jnp.int32)
+        if i == 0:
+            adapt = _shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
+                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
+        else:
+            adapt = _shadow_score(adapt, prop, tokens, length, done)
+    return adapt

@@ -87,8 +87,75 @@ def test_drafts_equal_the_training_unroll(tiny_model, head_dir):
     assert tdraft.valid.shape == (1, 7) and int(tdraft.num[0]) == 7
 
 
+def test_a_dynamic_tree_keeps_the_likeliest_paths_the_expansion_scores(tiny_model, head_dir):
+    """EAGLE-2's tree, against a reference built path by path from the head's distributions: each depth's
+    `topk` likeliest nodes (the first-ranked chain always among them) are expanded by their `topk`
+    likeliest children, and the draft keeps the first-ranked chain (nodes 1..depth) and then the likeliest
+    of all scored paths, each under its own parent; on contexts where it differs from the static tree."""
+    k, depth, total = 3, 4, 10
+    dynamic, w = Eagle(head=head_dir, total=total, depth=depth, topk=k).bind(tiny_model, SamplingConfig())
+    static, _ = Eagle(head=head_dir, total=total, depth=depth, topk=k, dynamic=False).bind(tiny_model,
+                                                                                          SamplingConfig())
+    chain, _ = Eagle(head=head_dir, depth=depth).bind(tiny_model, SamplingConfig())
+    ids = np.asarray(w["ids"])
+    differs = 0
+    for history in ([5, 6, 7, 8, 9, 10, 5, 6, 7, 11], [3, 4], [30, 31, 32, 33, 34, 40, 41, 42, 43, 44, 45]):
+        ctx = _context(tiny_model, w, dynamic, history)
+        _, d = dynamic.propose(dynamic.init(ctx), ctx, jax.random.PRNGKey(0))
+        _, c = chain.propose(chain.init(ctx), ctx, jax.random.PRNGKey(0))
+        paths = _node_paths(np.asarray(d.parents[0]), np.asarray(d.tokens[0]))
+        assert paths[:depth] == [tuple(np.asarray(c.tokens[0, :i + 1]).tolist()) for i in range(depth)]
+        assert all(len(p) <= depth for p in paths) and len(set(paths)) == total
+        # the reference expansion: path -> probability, depth by depth
+        scored, beam = {}, [()]
+        for level in range(1, depth + 1):
+            found = {}
+            for par in beam:
+                nxt = _next_probs(dynamic, w, ctx, par)
+                for i in np.argsort(-nxt, kind="stable")[:k]:
+                    found[par + (int(ids[i]),)] = (scored[par] if par else 1.0) * float(nxt[i])
+            scored.update(found)
+            first = paths[level - 1]  # the chain's node at this depth, then the likeliest
+            beam = [first] + sorted((p for p in found if p != first), key=lambda p: -found[p])[:k - 1]
+        rest = [p for p in paths[depth:]]
+        assert all(p in scored for p in rest)
+        left = [scored[p] for p in scored if p not in paths]
+        assert min(scored[p] for p in rest) >= max(left) - 1e-6, history
+        _, st = static.propose(static.init(ctx), ctx, jax.random.PRNGKey(0))
+        differs += int(paths != _node_paths(np.asarray(static.template.parents[1:]), np.asarray(st.tokens[0])))
+    assert differs > 0  # the contexts exercise trees other than the static one
+
+
+def _node_paths(parents: np.ndarray, tokens: np.ndarray) -> list[tuple[int, ...]]:
+    """Each draft node's tokens from the root down (parents: tree nodes, 0 the pending token)."""
+    paths = {0: ()}
+    for node in range(1, len(tokens) + 1):  # a parent comes before its children in every tree here
+        paths[node] = paths[int(parents[node - 1])] + (int(tokens[node - 1]),)
+    return [paths[n] for n in range(1, len(tokens) + 1)]
+
+
+def _next_probs(prop: Eagle, w, ctx: Context, path: tuple[int, ...]) -> np.ndarray:
+    """The head's next-token distribution over the draft vocabulary after drafting `path` from ctx (fed
+    as a chain: each token paired with the head's output at the token before)."""
+    from specjax.heads.eagle import EagleHead
+
+    state = prop.init(ctx)
+    out = state.last[:, None]
+    if path:
+        cache = state.cache.with_lengths(ctx.lengths - 1)
+        u = state.last[:, None]
+        for i in range(len(path)):
+            g, _ = prop._step(w, cache, jnp.asarray([path[: i + 1]]), u, jnp.arange(i + 1), None, state.skipped,
+                              write=False)
+            u = jnp.concatenate([state.last[:, None], g], axis=1)
+        out = g[:, -1:]
+    return np.asarray(jax.nn.softmax(prop._run(w, EagleHead.logits, out, w["lm_draft"])[0, 0]))
+
+
 @pytest.mark.parametrize("opts", [{}, {"topk": 1, "depth": 4}, {"topk": 1, "depth": 3, "min_prob": 0.2},
-                                  {"total": 10, "depth": 3, "topk": 3}])
+                                  {"total": 10, "depth": 3, "topk": 3},
+                                  {"total": 10, "depth": 3, "topk": 3, "dynamic": False},
+                                  {"total": 10, "depth": 3, "topk": 3, "adaptive": True}])
 def test_greedy_eagle_equals_ar_mixed_batch(tiny_model, head_dir, opts):
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 20, 21]]
     ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=40)
@@ -100,6 +167,9 @@ def test_greedy_eagle_equals_ar_mixed_batch(tiny_model, head_dir, opts):
     again = specjax.generate(tiny_model, prompts, "eagle", head=head_dir, max_new_tokens=20, temperature=0.8,
                              seed=3, **opts)
     assert sampled.tokens == again.tokens and all(len(t) > 0 for t in sampled.tokens)
+    # drafts are judged by the target's own draw at each position: plain sampling's tokens, exactly
+    assert sampled.tokens == specjax.generate(tiny_model, prompts, "ar", max_new_tokens=20, temperature=0.8,
+                                              seed=3).tokens
 
 
 def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):

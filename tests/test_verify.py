@@ -296,3 +296,36 @@ def test_tree_sampling_is_lossless(cfg, wrong, monkeypatch):
     if wrong:
         _skew_target_draws(monkeypatch)
     _check(*_tree_trials(cfg), cfg, wrong)
+
+
+def test_a_dynamic_tree_verifies_each_row_as_its_own_template():
+    """Per-row parents (`Draft.parents`, a dynamic draft tree): each row is verified, greedy or sampled,
+    exactly as a static template of that shape would verify it (node depths following from the
+    parents), and `ancestor_mask` is each shape's attention mask."""
+    from specjax.drafting import ancestor_mask
+
+    shapes = [TreeTemplate((-1, 0, 0, 1, 1, 3)), TreeTemplate((-1, 0, 1, 2, 0, 4))]  # node depths differ too
+    assert shapes[0].depth != shapes[1].depth and shapes[0].max_depth == shapes[1].max_depth
+    parents = jnp.asarray([t.parents for t in shapes], jnp.int32)
+    np.testing.assert_array_equal(ancestor_mask(parents, 3), [t.attention_mask for t in shapes])
+    rng = np.random.default_rng(0)
+    accepted = set()
+    for trial in range(40):
+        logits = jnp.asarray(rng.normal(size=(2, 6, 3)) * 3, jnp.float32)  # 3 tokens: drafts often match
+        tokens = jnp.asarray(rng.integers(0, 3, size=(2, 6)), jnp.int32)
+        valid = jnp.asarray(rng.random((2, 6)) < 0.9).at[:, 0].set(True)
+        key = jax.random.PRNGKey(trial)
+        for cfg in (SamplingConfig(), SamplingConfig(temperature=1.0)):
+            mixed = verify_tree(logits, tokens, valid, shapes[0], cfg, key, parents)
+            for row, t in enumerate(shapes):
+                if cfg.greedy:  # a row's greedy result does not depend on the other rows
+                    own = verify_tree(logits[row:row + 1], tokens[row:row + 1], valid[row:row + 1], t, cfg, key)
+                    for field in ("tokens", "num_accepted", "path", "last_node"):
+                        np.testing.assert_array_equal(getattr(mixed, field)[row], getattr(own, field)[0])
+                    accepted.add(int(mixed.num_accepted[row]))
+                both = jnp.broadcast_to(parents[row], (2, 6))  # sampled: the same keys for the batch
+                dyn = verify_tree(logits, tokens, valid, shapes[0], cfg, key, both)
+                ref = verify_tree(logits, tokens, valid, t, cfg, key)
+                for field in ("tokens", "num_accepted", "path", "last_node"):
+                    np.testing.assert_array_equal(getattr(dyn, field), getattr(ref, field))
+    assert accepted == {0, 1, 2, 3}  # every depth was reached

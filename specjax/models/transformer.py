@@ -207,8 +207,8 @@ def forward(
     tokens: Int[Array, "B T"],
     cache: kv.KVCache | None = None,
     *,
-    tree_mask: Bool[Array, "T T"] | None = None,
-    pos_offsets: Int[Array, "T"] | None = None,
+    tree_mask: Bool[Array, "T T"] | Bool[Array, "B T T"] | None = None,
+    pos_offsets: Int[Array, "T"] | Int[Array, "B T"] | None = None,
     logit_positions: Int[Array, "B P"] | None = None,
     hidden_layers: tuple[int, ...] = (),
     num_layers: int | None = None,
@@ -240,7 +240,7 @@ def forward(
         chex.assert_shape(cache.lengths, (b,))
         start, num_slots = cache.lengths, cache.max_len
         slots = start[:, None] + jnp.arange(t)[None, :]
-    positions = start[:, None] + offsets[None, :]
+    positions = start[:, None] + (offsets[None, :] if offsets.ndim == 1 else offsets)
     new_mask = new_token_mask(t, tree_mask, cfg.sliding_window)
     ctx_mask = None if cache is None or cache_is_empty else context_mask(start, t, num_slots, cfg.sliding_window)
     rope = rope_tables(positions, rope_inv_freq(cfg))

@@ -2,8 +2,9 @@
 
 Per step, inside the jitted loop: the head's output at the last committed slot gives the depth-1
 candidates (its top-k); for each further depth the head runs once on all drafted nodes so far (tree
-attention over its own cache plus each node's ancestors), and the top-k of each frontier node fill
-the next depth of a static template (`total` nodes, `depth` deep, `topk` children at most). After
+attention over its own cache plus each node's ancestors), and the next depth of a template (`total`
+nodes, `depth` deep, `topk` children at most) is filled with the likeliest paths among the top-k
+children of the depth above, per row (`dynamic`, EAGLE-2's tree), or with the template's fixed ranks. After
 verification the head absorbs the accepted tokens with the target features the verify forward
 produced (`feature_layers`), so its cache matches the committed history whenever it drafts. While the
 loop will not propose (an adaptive loop backing off), the features wait in a small buffer and are
@@ -28,10 +29,11 @@ from typing import Any, ClassVar
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from specjax.config import ModelConfig
-from specjax.drafting import Context, Draft, TreeTemplate, eagle_tree, run_if
+from specjax.drafting import Context, Draft, TreeTemplate, ancestor_mask, dynamic_tree_shape, eagle_tree, run_if
 from specjax.heads.eagle import params_dtype
 from specjax.models import transformer
 from specjax.models.cache import KVCache
@@ -63,6 +65,9 @@ class Eagle(Proposer):
     depth: int = option(4, min=1)  # most draft tokens per step
     topk: int = option(1, min=1)  # children per node at most; 1 = a chain of `depth` tokens
     min_prob: float = option(0.0, min=0)  # chain mode: draft only the leading guesses at least this sure
+    # trees: the `total` likeliest paths the head's top-k expansion reaches, per row and step (EAGLE-2's
+    # dynamic tree, `_propose_dynamic`); False: the fixed ranks of `eagle_tree` (EAGLE-1's static tree)
+    dynamic: bool = True
     lazy: bool = True  # absorb accepted tokens only before a proposal (False: every step, as drafted)
     forget: bool = True  # a wait longer than the lag buffer skips its oldest positions (False: absorbs them)
     k: int = option(0, min=0)  # set by bind
@@ -70,14 +75,22 @@ class Eagle(Proposer):
     layers: tuple[int, ...] = bound(())  # target layers fused
 
     def __post_init__(self):
-        if self.topk > 1:
+        if self.topk > 1 and self.dynamic:
+            reach = self.topk + (self.depth - 1) * self.topk ** 2  # the paths the expansion scores
+            if not self.depth <= self.total <= reach:
+                raise ValueError(f"a dynamic tree of depth {self.depth} and topk {self.topk} holds {self.depth} to "
+                                 f"{reach} nodes, got total={self.total}: set total in that range")
+        elif self.topk > 1:
             eagle_tree(self.total, self.depth, self.topk)  # validates the budget
         elif self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
 
     @property
     def template(self) -> TreeTemplate | None:
-        return None if self.topk == 1 else eagle_tree(self.total, self.depth, self.topk)
+        if self.topk == 1:
+            return None
+        return dynamic_tree_shape(self.total, self.depth) if self.dynamic else eagle_tree(self.total, self.depth,
+                                                                                          self.topk)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -225,16 +238,74 @@ class Eagle(Proposer):
         index = jnp.where(overflow, jnp.where(ctx.proposes_next, at["flush_absorb"], flush), index)
         return jax.lax.switch(index, list(branches.values()))
 
+    def _propose_dynamic(self, state: EagleState, ctx: Context, cache: KVCache) -> Draft:
+        """EAGLE-2's dynamic tree, per row: expand the `topk` likeliest nodes of each depth (a beam; the
+        first-ranked chain always in it) by their `topk` likeliest children, one head forward per depth
+        over every beam node so far, then keep the `total` likeliest paths of all that were scored (a
+        path's probability is the product of the head's along it). Nodes 1..depth are the first-ranked
+        chain (the tree's static chain sub-tree, `dynamic_tree_shape`), the rest by probability; a node's
+        parent is likelier, or as likely and scored earlier, so every kept node's parent is kept."""
+        from specjax.heads.eagle import EagleHead
+
+        w, k, depth = ctx.weights, self.topk, self.depth
+        b = ctx.tokens.shape[0]
+        rows = jnp.arange(b)[:, None]
+        top = lambda out: jax.lax.top_k(jax.nn.softmax(self._run(w, EagleHead.logits, out, w["lm_draft"]), -1), k)
+        p, i = top(state.last[:, None])  # [B, 1, k]: depth 1, the root's children
+        scores, tokens = [p[:, 0]], [jnp.take(w["ids"], i[:, 0])]  # per depth, [B, k] then [B, k * k]
+        parents = [jnp.full((b, k), -1, jnp.int32)]  # each scored path's parent, as an index into all scored
+        beam = jnp.broadcast_to(jnp.arange(k), (b, k))  # the depth's beam, as indices into its scored paths
+        # the head's inputs so far: every beam node, with its parent's output and its position among them
+        fed_tokens, fed_u = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0, state.last.shape[-1]), state.last.dtype)
+        fed_parent = jnp.zeros((b, 0), jnp.int32)  # 0: the root; j: fed input j - 1
+        beam_u = jnp.broadcast_to(state.last[:, None], (b, k, state.last.shape[-1]))
+        beam_parent = jnp.zeros((b, k), jnp.int32)
+        start = 0  # index of this depth's first scored path among all
+        for level in range(2, depth + 1):
+            n_fed = fed_tokens.shape[1]
+            fed_tokens = jnp.concatenate([fed_tokens, jnp.take_along_axis(tokens[-1], beam, axis=1)], axis=1)
+            fed_u = jnp.concatenate([fed_u, beam_u.astype(fed_u.dtype)], axis=1)
+            fed_parent = jnp.concatenate([fed_parent, beam_parent], axis=1)
+            mask = ancestor_mask(jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), fed_parent], axis=1),
+                                 level)[:, 1:, 1:]
+            offsets = jnp.repeat(jnp.arange(level - 1), k)  # a depth-d node sits d - 1 after the pending token
+            g, _ = self._step(w, cache, fed_tokens, fed_u, offsets, mask, state.skipped, write=False)
+            p, i = top(g[:, n_fed:])  # [B, k, k]: each beam node's likeliest children
+            beam_score = jnp.take_along_axis(scores[-1], beam, axis=1)
+            path_p = (beam_score[:, :, None] * p).reshape(b, k * k)
+            tokens.append(jnp.take(w["ids"], i.reshape(b, k * k)))
+            scores.append(path_p)
+            parents.append(start + jnp.repeat(beam, k, axis=1))
+            start += scores[-2].shape[1]
+            if level < depth:  # the next beam: the likeliest children, the chain's next node first
+                _, beam = jax.lax.top_k(path_p.at[:, 0].set(2.0), k)
+                beam_u = jnp.take_along_axis(g[:, n_fed:], (beam // k)[:, :, None], axis=1)
+                beam_parent = n_fed + 1 + beam // k
+        scores, tokens, parents = (jnp.concatenate(x, axis=1) for x in (scores, tokens, parents))
+        # the chain (candidate 0 of each depth: depth 1's first, then each chain node's first child) first,
+        # in depth order; then the likeliest paths, ties to the one scored first (never a child before its parent)
+        firsts = np.cumsum([0, k] + [k * k] * max(depth - 2, 0))[:depth]
+        ranked = scores.at[:, firsts].set(3.0 - 0.01 * np.arange(depth))
+        _, keep = jax.lax.top_k(ranked, self.total)  # [B, total] indices into the scored paths
+        node_of = jnp.zeros(scores.shape, jnp.int32).at[rows, keep].set(jnp.arange(1, self.total + 1)[None])
+        parent = jnp.take_along_axis(parents, keep, axis=1)
+        node_parent = jnp.where(parent < 0, 0, jnp.take_along_axis(node_of, jnp.maximum(parent, 0), axis=1))
+        num = jnp.where(ctx.active, self.total, 0).astype(jnp.int32)
+        return Draft(tokens=jnp.take_along_axis(tokens, keep, axis=1), num=num, confidence=scores[:, 0],
+                     valid=jnp.broadcast_to(ctx.active[:, None], (b, self.total)), parents=node_parent)
+
     def propose(self, state: EagleState, ctx: Context, rng: jax.Array) -> tuple[EagleState, Draft]:
         from specjax.heads.eagle import EagleHead
 
         self._module()
         w = ctx.weights
         b = ctx.tokens.shape[0]
+        cache = state.cache.with_lengths(ctx.lengths - 1)
+        if self.dynamic and self.topk > 1:
+            return state, self._propose_dynamic(state, ctx, cache)
         tree = eagle_tree(self.total, self.depth, self.topk) if self.topk > 1 else eagle_tree(self.depth, self.depth, 1)
         size, depths, parents, ranks = tree.size, tree.depth, tree.parents, tuple(int(r) for r in tree.ranks)
         upto = [sum(1 for d in depths[1:] if d <= level) for level in range(self.depth + 1)]  # nodes 1..upto[d]
-        cache = state.cache.with_lengths(ctx.lengths - 1)
         tokens = jnp.zeros((b, size), jnp.int32)
         probs = jnp.ones((b, size), jnp.float32)
         outs = jnp.zeros((b, size, self.cfg.hidden_size), state.last.dtype).at[:, 0].set(state.last)
