@@ -320,6 +320,7 @@ def test_train_cli_refuses_bad_input_before_loading(tmp_path, capsys, no_load):
     _refused(draft_head.main, head + out + ["--samples-per-prompt", "4"], capsys, "identical answers",
              "--temperature > 0")
     _refused(draft_head.main, head + out + ["--eval-tree", "16,5"], capsys, "--eval-tree", "total,depth,topk")
+    _refused(draft_head.main, head + out + ["--eval-tree", "3,5,2"], capsys, "total=3", "set total in that range")
     _refused(draft_head.main, head + out + ["--features", "ram"], capsys, "--features", "invalid choice")
     _refused(draft_head.main, ["--head", "eagle2"] + out, capsys, "--head 'eagle2' is not available")
     _refused(draft_head.main, head + out + ["--extra-data", str(tmp_path / "none")], capsys, "--extra-data",

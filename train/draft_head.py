@@ -477,9 +477,9 @@ def eval_tree(args) -> dict[str, int]:
     except ValueError:
         raise ValueError(f"--eval-tree {args.eval_tree!r} must be three integers total,depth,topk, "
                          "e.g. 16,5,3") from None
-    from specjax.drafting import eagle_tree
+    from specjax.proposers.eagle import Eagle
 
-    eagle_tree(total, depth, topk)  # a tree that cannot be built fails here, not after the training
+    Eagle(total=total, depth=depth, topk=topk)  # a tree that cannot be built fails here, not after the training
     return {"total": total, "depth": depth, "topk": topk}
 
 
