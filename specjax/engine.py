@@ -334,12 +334,12 @@ def _verify(params, cfg: ModelConfig, inputs: Int[Array, "B K1"], draft: Draft, 
     vocabulary per position) cost a 1-token step at batch 8 as much as its LM head. A chain is cut to
     the branch's width (every row's draft fits: the width covers `longest`); a tree runs the root
     alone, one of its sub-trees (`index`, the adaptive loop's choice: the draft is already cut to it)
-    or all its nodes, with the (sub-)tree's attention mask (a dynamic tree's own, per row: `Draft.parents`)
-    and depths as positions, its nodes'
-    keys/values at their whole-tree slots. Outputs are padded back to K+1 positions (a sub-tree's at
-    its nodes' places); the rest lies outside every row's draft and is unused. Returns (verification,
-    hidden [B, K+1, D], the `hidden_layers` outputs, the cache with the new keys/values, the top-`topk`
-    token ids of each position's logits or None, the index of the width that ran).
+    or all its nodes, with the (sub-)tree's attention mask and depths as positions (a dynamic tree's
+    own, per row: `Draft.parents`), its nodes' keys/values at their whole-tree slots. Outputs are
+    padded back to K+1 positions (a sub-tree's at its nodes' places); the rest lies outside every
+    row's draft and is unused. Returns (verification, hidden [B, K+1, D], the `hidden_layers`
+    outputs, the cache with the new keys/values, the top-`topk` token ids of each position's logits
+    or None, the index of the width that ran).
     """
     k1 = inputs.shape[1]
     static_tree = {} if template is None else {"tree_mask": jnp.asarray(template.attention_mask),

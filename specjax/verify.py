@@ -204,22 +204,22 @@ def verify_tree(
     if t != template.size:
         raise ValueError(f"tree of {t} nodes does not match a template of {template.size}")
     d = template.max_depth
-    if parents is None:
+    if parents is None:  # the template's, for every row
         depth_of = jnp.asarray(template.depth, jnp.int32)
-    else:  # per row: [B, T]
+        parent = np.maximum(np.asarray(template.parents), 0)
+        of_parent = lambda x: x[:, parent]
+        depth_at = lambda node: depth_of[node]
+    else:  # each row's own, depths following from them
         chex.assert_shape(parents, (b, t))
-        depth_of = tree_depths(ancestor_mask(parents, d))
+        depth_of = tree_depths(ancestor_mask(parents, d))  # [B, T]
+        parent = jnp.clip(parents, 0, t - 1)
+        of_parent = lambda x: jnp.take_along_axis(x, parent, axis=1)
+        depth_at = lambda node: at(depth_of, node)
 
     if cfg.greedy:
         best = argmax(target_logits).astype(jnp.int32)
     else:  # node i's draw is for position depth(i) after the pending token
         best = _target_draws(target_logits, cfg, _keys(rng, b, d + 1), depth_of)
-    if parents is None:
-        parent = np.maximum(np.asarray(template.parents), 0)
-        of_parent = lambda x: x[:, parent]
-    else:
-        parent = jnp.clip(parents, 0, t - 1)
-        of_parent = lambda x: jnp.take_along_axis(x, parent, axis=1)
     match = (valid & (tree_tokens == of_parent(best))).at[:, 0].set(True)
     accepted = match
     for _ in range(d):  # acceptance flows one level down per pass
@@ -227,14 +227,13 @@ def verify_tree(
     last = jnp.argmax(jnp.where(accepted, depth_of, -1), axis=1).astype(jnp.int32)  # first maximum
     new = at(best, last)
 
-    n = depth_of[last] if parents is None else at(depth_of, last)
+    n = depth_at(last)
     if parents is None:
         path = jnp.asarray(template.paths)[last]
     else:  # walk up from the deepest accepted node, each ancestor at its depth's column
         path, node = jnp.zeros((b, d), jnp.int32), last
         for _ in range(d):
-            level = at(depth_of, node)
-            path = jnp.where(jnp.arange(d)[None] == (level - 1)[:, None], node[:, None], path)
+            path = jnp.where(jnp.arange(d)[None] == (depth_at(node) - 1)[:, None], node[:, None], path)
             node = at(parent, node)
     return TreeVerifyResult(
         tokens=_emit(jnp.take_along_axis(tree_tokens, path, axis=1), n, new),
