@@ -776,12 +776,13 @@ def test_best_of_n_groups_greedy_adaptive_equals_ar(tiny_model):
 
 @pytest.mark.real
 def test_real_model_adaptive_equals_ar_with_the_shipped_heads(real_model):
-    """The trained-head methods (and the hybrid's suffix/head sources) under the adaptive loop, on the
-    real model, a mixed-length batch: ar's tokens exactly."""
+    """The trained-head methods (and the hybrid's suffix/head sources, and the EAGLE head's dynamic tree)
+    under the adaptive loop, on the real model, a mixed-length batch: ar's tokens exactly."""
     prompts = ["What is 12 + 30? Answer briefly.", "Name three prime numbers greater than 10 and explain why."]
     ar = specjax.generate(real_model, prompts, "ar", max_new_tokens=40)
-    for method in ("eagle", "medusa", "hybrid"):
-        out = specjax.generate(real_model, prompts, method, max_new_tokens=40, adaptive=True)
+    for method, opts in (("eagle", {}), ("eagle", {"total": 16, "depth": 5, "topk": 3}), ("medusa", {}),
+                         ("hybrid", {})):
+        out = specjax.generate(real_model, prompts, method, max_new_tokens=40, adaptive=True, **opts)
         assert out.tokens == ar.tokens, method
         assert out.stats["adaptive"] and sum(out.stats["width_hist"]) == out.stats["decode_steps"], method
 

@@ -1,10 +1,10 @@
 """`eagle`: a trained EAGLE-3 style head drafts a token tree from the target's fused features.
 
 Per step, inside the jitted loop: the head's output at the last committed slot gives the depth-1
-candidates (its top-k); for each further depth the head runs once on all drafted nodes so far (tree
-attention over its own cache plus each node's ancestors), and the next depth of a template (`total`
-nodes, `depth` deep, `topk` children at most) is filled with the likeliest paths among the top-k
-children of the depth above, per row (`dynamic`, EAGLE-2's tree), or with the template's fixed ranks. After
+candidates (its top-k); for each further depth the head runs once on the nodes drafted so far (tree
+attention over its own cache plus each node's ancestors). A tree of `total` nodes, `depth` deep, keeps
+per row the likeliest paths that expanding each depth's `topk` likeliest nodes reaches (`dynamic`,
+EAGLE-2's tree, `_propose_dynamic`), or fills `eagle_tree`'s static template with fixed ranks. After
 verification the head absorbs the accepted tokens with the target features the verify forward
 produced (`feature_layers`), so its cache matches the committed history whenever it drafts. While the
 loop will not propose (an adaptive loop backing off), the features wait in a small buffer and are
