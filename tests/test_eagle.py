@@ -155,7 +155,8 @@ def _next_probs(prop: Eagle, w, ctx: Context, path: tuple[int, ...]) -> np.ndarr
 @pytest.mark.parametrize("opts", [{}, {"topk": 1, "depth": 4}, {"topk": 1, "depth": 3, "min_prob": 0.2},
                                   {"total": 10, "depth": 3, "topk": 3},
                                   {"total": 10, "depth": 3, "topk": 3, "dynamic": False},
-                                  {"total": 10, "depth": 3, "topk": 3, "adaptive": True}])
+                                  {"total": 10, "depth": 3, "topk": 3, "adaptive": True},
+                                  {"total": 3, "depth": 1, "topk": 4}, {"total": 4, "depth": 4, "topk": 2}])
 def test_greedy_eagle_equals_ar_mixed_batch(tiny_model, head_dir, opts):
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 20, 21]]
     ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=40)
