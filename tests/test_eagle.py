@@ -117,7 +117,7 @@ def test_a_dynamic_tree_keeps_the_likeliest_paths_the_expansion_scores(tiny_mode
             scored.update(found)
             first = paths[level - 1]  # the chain's node at this depth, then the likeliest
             beam = [first] + sorted((p for p in found if p != first), key=lambda p: -found[p])[:k - 1]
-        rest = [p for p in paths[depth:]]
+        rest = paths[depth:]
         assert all(p in scored for p in rest)
         left = [scored[p] for p in scored if p not in paths]
         assert min(scored[p] for p in rest) >= max(left) - 1e-6, history
