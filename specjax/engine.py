@@ -119,10 +119,11 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
     shape = (len(proposer.sources) * _groups(proposer), 2 * NUM_BUCKETS, max(proposer.depth, 1))
     tried, hit = (jnp.zeros(shape, jnp.float32),) * 2 if counts is None else counts
     rows = jnp.zeros((batch,), jnp.int32)
-    nodes = _shadow_shape(proposer)[0].shape[0]
+    parents = _shadow_shape(proposer)[0]
+    nodes = parents.shape[0]
     return Adapt(tried=tried, hit=hit, streak=rows, backoff=jnp.ones((), jnp.int32),
                  shadow_tokens=jnp.zeros((batch, nodes), jnp.int32), shadow_valid=jnp.zeros((batch, nodes), bool),
-                 shadow_parents=jnp.broadcast_to(jnp.asarray(_shadow_shape(proposer)[0], jnp.int32), (batch, nodes)),
+                 shadow_parents=jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (batch, nodes)),
                  shadow_start=rows, shadow_scored=rows, shadow_row=rows, shadow_bucket=rows,
                  wait=jnp.zeros((), jnp.int32), saving=jnp.full((), jnp.inf, jnp.float32),
                  width_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
@@ -960,9 +961,9 @@ def _shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], l
     valid, start, scored = adapt.shadow_valid, adapt.shadow_start, adapt.shadow_scored
     parents = jnp.maximum(adapt.shadow_parents, 0)
     d = adapt.tried.shape[-1]
-    node_depth = jnp.ones_like(parents)  # [B, K]: each node's depth, from its row's parents (a dynamic tree's own)
-    for _ in range(d - 1):
-        node_depth = jnp.where(adapt.shadow_parents < 0, 1, jnp.take_along_axis(node_depth, parents, axis=1) + 1)
+    # [B, K]: each node's depth, from its row's parents (a dynamic tree's own); as tree nodes, the root first
+    as_tree = jnp.concatenate([jnp.full_like(parents[:, :1], -1), adapt.shadow_parents + 1], axis=1)
+    node_depth = tree_depths(ancestor_mask(as_tree, d))[:, 1:]
     known = (lengths - start)[:, None]  # tokens emitted since: positions 0 .. known - 1
     emitted = gather_rows(tokens, start[:, None] + jnp.arange(d)[None])  # [B, D]
     matched = jnp.zeros(valid.shape, bool)
