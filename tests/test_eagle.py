@@ -12,7 +12,7 @@ from conftest import save_random_eagle_head
 import specjax
 from specjax.config import SamplingConfig
 from specjax.drafting import Context, eagle_tree
-from specjax.heads.eagle import EagleHead, draft_vocab, head_config, ttt_mask, unroll
+from specjax.heads.eagle import EagleHead, draft_vocab, feature_layers, head_config, init_head, params_dtype, unroll
 from specjax.heads.io import load_head, save_head
 from specjax.models import transformer
 from specjax.proposers.eagle import Eagle
@@ -39,13 +39,78 @@ def test_template_is_breadth_first_within_budget():
         eagle_tree(total=6, depth=6, topk=4)  # rank-1 children take the budget before depth 6
 
 
+def _ttt_mask(anchors: jax.Array, length: int, steps: int) -> jax.Array:
+    """The unroll's attention as one mask [B, T, T] over the whole unrolled sequence, T = length +
+    (steps - 1) * P: tokens 0..length-1 are step 1 (causal); per step s >= 2 one token per anchor, which
+    sees step-1 tokens up to its anchor and its own anchor's tokens of steps 2..s."""
+    b, p = anchors.shape
+    i = jnp.arange(length)
+    base = jnp.broadcast_to(i[None, :, None] >= i[None, None, :], (b, length, length))
+    rows = [jnp.concatenate([base, jnp.zeros((b, length, (steps - 1) * p), bool)], axis=-1)]
+    eye = jnp.eye(p, dtype=bool)
+    for s in range(2, steps + 1):
+        hist = i[None, None, :] <= anchors[:, :, None]  # [B, P, length]
+        own = [jnp.broadcast_to(eye if t <= s else jnp.zeros_like(eye), (b, p, p)) for t in range(2, steps + 1)]
+        rows.append(jnp.concatenate([hist] + own, axis=-1))
+    return jnp.concatenate(rows, axis=1)
+
+
+def _unroll_whole(module, params, target_params, features, tokens, anchors, steps, lm_draft):
+    """A reference unroll: every step re-runs the whole sequence with all earlier steps' tokens under
+    `_ttt_mask` (no keys or values carried between steps)."""
+    cfg = module.cfg
+    b, length = tokens.shape
+    run = lambda *a, **kw: module.apply({"params": params}, *a, **kw)
+    emb_of = lambda t: transformer.embed(target_params, cfg, t).astype(params_dtype(params))
+    take = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 2)), axis=1)
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    embs, us = [emb_of(nxt)], [run(features, method=EagleHead.fuse)]
+    positions = [jnp.broadcast_to(jnp.arange(length), (b, length))]
+    inv = transformer.rope_inv_freq(cfg)
+    logits, prev = [], None
+    for s in range(1, steps + 1):
+        if s > 1:
+            embs.append(emb_of(take(tokens, jnp.clip(anchors + s, 0, length - 1))))
+            us.append(prev)
+            positions.append(anchors + s - 1)
+        rope = transformer.rope_tables(jnp.concatenate(positions, axis=1), inv)
+        g, _ = run(jnp.concatenate(embs, axis=1), jnp.concatenate(us, axis=1), rope, _ttt_mask(anchors, length, s))
+        prev = take(g, anchors) if s == 1 else g[:, -anchors.shape[1]:]
+        logits.append(run(prev, lm_draft, method=EagleHead.logits))
+    return jnp.stack(logits)
+
+
 def test_ttt_mask_worked_example():
-    m = np.asarray(ttt_mask(jnp.asarray([[1]]), 3, 2))[0]
+    m = np.asarray(_ttt_mask(jnp.asarray([[1]]), 3, 2))[0]
     assert m.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
-    m3 = np.asarray(ttt_mask(jnp.asarray([[0, 2]]), 3, 3))[0]  # T = 3 + 2 * 2
+    m3 = np.asarray(_ttt_mask(jnp.asarray([[0, 2]]), 3, 3))[0]  # T = 3 + 2 * 2
     # step 3, anchor 2 (row 6): step-1 tokens 0..2, its step-2 token (col 4), itself (col 6)
     assert m3[6].astype(int).tolist() == [1, 1, 1, 0, 1, 0, 1]
     assert m3[5].astype(int).tolist() == [1, 0, 0, 0, 1, 0, 1][:3] + [1, 0, 1, 0]  # step 3, anchor 0
+
+
+def test_the_unroll_over_step_one_keys_equals_the_whole_sequence_rerun(tiny_model):
+    """Training's unroll runs only each step's nodes over step 1's keys and values; the logits and their
+    gradients equal a reference that re-runs the whole sequence with every step under one mask."""
+    cfg = tiny_model.config
+    module = EagleHead(head_config(cfg))
+    params = init_head(tiny_model, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    b, length, p, steps = 2, 24, 5, 4
+    features = jnp.asarray(rng.standard_normal((b, length, len(feature_layers(cfg.num_layers)) * cfg.hidden_size)),
+                           jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, length)), jnp.int32)
+    anchors = jnp.asarray(np.sort(rng.choice(length - 2, (b, p)), axis=1), jnp.int32)
+    target = {k: tiny_model.params[k] for k in ("lm_head", "embed") if k in tiny_model.params}
+    lm_draft = tiny_model.params["lm_head"][:, :40]
+    run = lambda fn, q: fn(module, q, target, features, tokens, anchors, steps, lm_draft)
+    ours, ref = run(unroll, params), run(_unroll_whole, params)
+    assert ours.shape == (steps, b, p, 40)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    loss = lambda fn: lambda q: jnp.mean(jax.nn.log_softmax(run(fn, q))[..., 3])
+    grads = [jax.tree.leaves(jax.grad(loss(fn))(params)) for fn in (unroll, _unroll_whole)]
+    for x, y in zip(*grads):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(y))))
 
 
 def test_draft_vocab_takes_the_most_frequent_tokens():

@@ -159,8 +159,8 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     new_mask [T, T] or [B, T, T] (which new tokens see each other); ctx_mask/cache_kv/slots: the cache
     context (None without a cache). Returns (x, (k, v) buffers with the new entries written, or None,
     distinct experts activated: a scalar for sparse layers, None for dense ones). `write=False` returns
-    the new entries themselves ([B, T, KV, hd]) instead: the context is read from the unwritten buffers,
-    which is the same (the context mask covers committed slots only).
+    the new entries themselves ([B, T, KV, hd]) instead, with or without a cache: the context is read
+    from the unwritten buffers, which is the same (the context mask covers committed slots only).
     """
     b, t, _ = x.shape
     hd = cfg.head_dim
@@ -178,7 +178,7 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     q = apply_rope(q, *rope)
     k = apply_rope(k, *rope)
     if cache_kv is None:
-        ctx, new_kv = None, None
+        ctx, new_kv = None, (None if write else (k, v))
     elif not write:
         new_kv = (k, v)
         ctx = None if ctx_mask is None else (cache_kv[0], cache_kv[1], ctx_mask)
