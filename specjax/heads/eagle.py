@@ -141,4 +141,3 @@ def unroll(module: EagleHead, params, target_params, features, tokens, anchors, 
         values.append(heads_first(v))
         logits.append(run(prev, lm_draft, method=EagleHead.logits))
     return jnp.stack(logits)
-
