@@ -57,6 +57,9 @@ def test_a_killed_generation_resumes_at_the_shard_boundary_with_the_same_data(fu
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
     # sampled answers: two per prompt, which differ (the shard seed drives the sampling, not the run)
     assert not np.array_equal(a.tokens[0], a.tokens[1])
+    shards = json.loads((tmp_path / "manifest.json").read_text())["shards"]
+    assert [s["name"] for s in shards] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert all(s["sample_s"] > 0 and s["label_s"] > 0 for s in shards)  # each shard's own seconds
 
 
 def test_labels_are_the_targets_greedy_next_tokens(full, tiny_chat_model):

@@ -55,9 +55,14 @@ def test_kill_and_restart_resumes_with_the_same_next_loss(trained, tiny_chat_che
     shutil.copytree(trained / "data", out / "data")  # same data, no regeneration
     assert _run(tiny_chat_checkpoint, out, 8, "--stop-after", "5") == 0  # "killed" after step 5
     assert not (out / "head.json").exists()
+    before = _records(out)
+    assert [r["step"] for r in before] == [1, 2, 3, 4, 5] and before[4]["elapsed_s"] > before[0]["elapsed_s"] > 0
+    before[4]["elapsed_s"] = 1000.0  # as if the first run had taken 1000 s to step 5
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in before))
     assert _run(tiny_chat_checkpoint, out, 8) == 0  # restart: resumes at 5
     resumed = _losses(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert 1000.0 < resumed[5]["elapsed_s"] <= resumed[6]["elapsed_s"] <= resumed[7]["elapsed_s"]  # goes on
     full = {r["step"]: r["loss"] for r in _losses(trained)}
     ref = tmp_path / "reference"
     ref.mkdir()

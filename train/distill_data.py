@@ -174,8 +174,11 @@ def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, 
         t0 = time.perf_counter()
         for shard in range(done, spec.num_shards):
             chunk = prompts[shard * spec.shard_size : (shard + 1) * spec.shard_size]
+            started = time.perf_counter()
             tokens, mask = generate_rows(sampler, chunk, spec, shard)
+            sampled = time.perf_counter()
             feats, labels = target_outputs(model, tokens, spec.feature_layers, run=run)
+            labelled = time.perf_counter()
             name = f"shard-{shard:05d}"
             tmp = folder / f"{name}.partial"
             tmp.mkdir()
@@ -188,7 +191,9 @@ def build_shards(model, spec: DataSpec, questions: Sequence[Any], folder: Path, 
                 shutil.rmtree(folder / name)
             os.replace(tmp, folder / name)
             manifest["shards"].append({"name": name, "prompts": len(chunk), "rows": len(tokens),
-                                       "tokens": int(mask.sum())})
+                                       "tokens": int(mask.sum()),  # seconds: where a recipe's time goes
+                                       "sample_s": round(sampled - started, 2),
+                                       "label_s": round(labelled - sampled, 2)})
             _write_json(folder / "manifest.json", manifest)
             total = sum(s["tokens"] for s in manifest["shards"])
             rate = sum(s["tokens"] for s in manifest["shards"][done:]) / (time.perf_counter() - t0)

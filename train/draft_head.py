@@ -367,6 +367,21 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
+def elapsed_at(metrics_path: Path, step: int) -> float:
+    """Training seconds (evaluations and checkpoints included) up to `step` of earlier runs of this
+    folder, from its step record (0 without one): a resumed run's `elapsed_s` goes on from there."""
+    if step == 0 or not metrics_path.is_file():
+        return 0.0
+    for line in reversed(metrics_path.read_text().splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step") == step and "elapsed_s" in record:
+            return float(record["elapsed_s"])
+    return 0.0
+
+
 def train(args, task: HeadTask, folder: Path, log=print,
           on_eval: Callable[[int, Any], dict] | None = None) -> tuple[Any, list[dict]]:
     """Runs (or resumes) the optimisation; `on_eval(step, params)` every --eval-every steps gives the
@@ -406,6 +421,7 @@ def train(args, task: HeadTask, folder: Path, log=print,
         log(f"resuming from step {start} ({folder / 'checkpoints'})")
     history = []
     truncate_metrics(folder / "metrics.jsonl", start)  # the steps after `start` are about to be written again
+    began = time.perf_counter() - elapsed_at(folder / "metrics.jsonl", start)
     metrics = (folder / "metrics.jsonl").open("a")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
@@ -413,7 +429,8 @@ def train(args, task: HeadTask, folder: Path, log=print,
         bar = progress.add_task(f"train {args.head}", total=args.steps, completed=start, info="")
         for step in range(start, args.steps):
             state, loss, acc = train_step(state, task.consts, task.batch(step))
-            record = {"step": step + 1, "loss": float(loss), task.metric: [round(float(a), 4) for a in acc]}
+            record = {"step": step + 1, "loss": float(loss), task.metric: [round(float(a), 4) for a in acc],
+                      "elapsed_s": round(time.perf_counter() - began, 2)}
             history.append(record)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
