@@ -128,7 +128,8 @@ def unroll(module: EagleHead, params, target_params, features, tokens, anchors, 
                     write=False)
     keys, values = [heads_first(k)], [heads_first(v)]
     history = jnp.arange(length)[None, None, :] <= anchors[:, :, None]  # [B, P, L]: step 1 up to the anchor
-    own = jnp.broadcast_to(jnp.eye(p, dtype=bool), (b, p, p))  # each node: its own anchor's earlier nodes
+    eye = jnp.eye(p, dtype=bool)  # node i of a step sees node i of each earlier step (its own anchor's) and itself
+    own = jnp.broadcast_to(eye, (b, p, p))
     prev = take(g, anchors)
     logits = [run(prev, lm_draft, method=EagleHead.logits)]
     for s in range(2, steps + 1):
@@ -136,7 +137,7 @@ def unroll(module: EagleHead, params, target_params, features, tokens, anchors, 
         ctx_mask = jnp.concatenate([history] + [own] * (s - 2), axis=-1)
         cache = (jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2))
         prev, (k, v) = run(emb_of(take(tokens, jnp.clip(anchors + s, 0, length - 1))), prev, rope,
-                           jnp.eye(p, dtype=bool), ctx_mask, cache, write=False)
+                           eye, ctx_mask, cache, write=False)
         keys.append(heads_first(k))
         values.append(heads_first(v))
         logits.append(run(prev, lm_draft, method=EagleHead.logits))
