@@ -144,7 +144,12 @@ def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     new_k, new_v = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     parts = [masked(scores_of(new_k), new_mask if new_mask.ndim == 3 else new_mask[None])]
     if ctx is not None:
-        parts.insert(0, masked(scores_of(ctx[0]), ctx[2]))
+        if t == 1 and 0 < cfg.reduce_scores_from <= b:  # see models/attention_form.py
+            keys = ctx[0][:, :, None].astype(jnp.float32)  # [B, KV, 1, S, hd] against [B, KV, G, 1, hd]
+            ctx_scores = jnp.sum(qg[:, :, :, None, :].astype(jnp.float32) * keys, -1) * (1.0 / math.sqrt(hd))
+        else:
+            ctx_scores = scores_of(ctx[0])
+        parts.insert(0, masked(ctx_scores, ctx[2]))
     probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(q.dtype)
     pv = lambda p, v: jax.lax.dot_general(p, v.astype(q.dtype), (((3,), (2,)), ((0, 1), (0, 1))))
     out = pv(probs[..., -t:], new_v)
