@@ -6,7 +6,7 @@ query rows (the heads of a group) with S keys. XLA:CPU runs these degenerate pro
 machine's bandwidth once B grows: on a 2-core AMD EPYC, 64 rows over 512 slots read their keys and
 values at about 6 GB/s, and as a multiply-and-reduce the same scores came 1.5x faster, while at one
 row the dots were faster (docs/decode_profile.md). Where the two cross differs between CPUs, so `load`
-times both forms at a few batch sizes (about a second, once per machine and model: the result is kept
+times both forms at a few batch sizes (a few seconds, once per machine and model: the result is kept
 in `<cache>/step_costs.json` beside the step costs) and sets `ModelConfig.reduce_scores_from` to the
 smallest timed batch from which the reduce form wins by MARGIN at every larger one (0: never).
 `SPECJAX_REDUCE_SCORES_FROM=N` sets it instead (0 turns it off). Both forms give the same scores up
@@ -30,9 +30,11 @@ from specjax.config import ModelConfig
 from specjax.models import transformer
 
 ENV = "SPECJAX_REDUCE_SCORES_FROM"
-BATCHES = (1, 4, 16, 64)
+# not 1: one row's caches of a few layers fit in the CPU's caches, where the timing favoured the reduce
+# form, while in the decode loop (whose weights evict them) one row ran 7% slower with it
+BATCHES = (4, 16, 64)
 SLOTS = 512  # a cache of a long answer's size; the crossing moves little with it
-LAYERS = 4  # distinct caches chained, so that each layer's keys come from memory as in a step
+LAYERS = 8  # distinct caches chained (25 MB at 4 rows), so that keys come from memory as in a step
 # the reduce form is kept only where it is this much faster: below it, timing noise on a shared machine
 # would flip the choice between processes (and with it the compiled programs and sampled outputs)
 MARGIN = 0.05
@@ -117,7 +119,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Calla
 
 
 def step_key(model: str, batch: int, form: str) -> str:
-    return step_cost.step_key("attention-scores", model, batch, SLOTS, form)
+    return step_cost.step_key("attention-scores", model, batch, SLOTS, f"{form}-{LAYERS}layers")
 
 
 def configure(cfg: ModelConfig, params: Any, mesh: Any = None,
