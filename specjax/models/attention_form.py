@@ -4,7 +4,7 @@ instead of batched dots. Chosen by timing on the machine at hand, never assumed.
 A decode step's attention over a [B, KV, S, hd] cache is, as batched dots, B x KV products of a few
 query rows (the heads of a group) with S keys. XLA:CPU runs these degenerate products far below the
 machine's bandwidth once B grows: on a 2-core AMD EPYC, 64 rows over 512 slots read their keys and
-values at about 6 GB/s, and as a multiply-and-reduce the same scores came 1.5x faster, while at one
+values at about 6 GB/s, and as a multiply-and-reduce the same scores came 2.6x faster, while at one
 row the dots were faster (docs/decode_profile.md). Where the two cross differs between CPUs, so `load`
 times both forms at a few batch sizes (a few seconds, once per machine and model: the result is kept
 in `<cache>/step_costs.json` beside the step costs) and sets `ModelConfig.reduce_scores_from` to the
@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from specjax import step_cost
 from specjax.config import ModelConfig
@@ -68,14 +67,14 @@ def _attention(cfg: ModelConfig, q: jax.Array, caches: tuple, mask: jax.Array) -
 
 def measure(cfg: ModelConfig, dtype: Any, batches: tuple[int, ...] = BATCHES) -> dict[tuple[int, str], float]:
     """Seconds of LAYERS one-token attentions at each batch size, as dots and as multiply-and-reduce."""
-    rng = np.random.default_rng(0)
+    keys = iter(jax.random.split(jax.random.key(0), len(batches) * (2 * LAYERS + 1)))
+    normal = lambda shape: jax.random.normal(next(keys), shape, dtype)  # made by XLA: quick at 400 MB
     runs = {}
     for b in batches:
         shape = (b, cfg.num_kv_heads, SLOTS, cfg.head_dim)
-        caches = tuple((jnp.asarray(rng.standard_normal(shape), dtype), jnp.asarray(rng.standard_normal(shape), dtype))
-                       for _ in range(LAYERS))
-        q = jnp.asarray(rng.standard_normal((b, 1, cfg.num_heads, cfg.head_dim)), dtype)
-        mask = jnp.asarray(np.arange(SLOTS)[None, None, :] < SLOTS // 2).repeat(b, 0)
+        caches = tuple((normal(shape), normal(shape)) for _ in range(LAYERS))
+        q = normal((b, 1, cfg.num_heads, cfg.head_dim))
+        mask = jnp.broadcast_to(jnp.arange(SLOTS) < SLOTS // 2, (b, 1, SLOTS))
         for form, start in (("dots", 0), ("reduce", b)):
             form_cfg = dataclasses.replace(cfg, reduce_scores_from=start)
             runs[(b, form)] = functools.partial(_attention, form_cfg, q, caches, mask)
