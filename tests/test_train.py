@@ -174,6 +174,42 @@ def test_eagle_head_learns_its_data_and_drafts_it_back(tiny_chat_checkpoint, tin
                                    eos_token_ids=(), **opts)
             assert got.tokens == ar.tokens
             assert got.stats["mean_accepted_tokens"] > 2.5, opts
+    # warm start: a second run begins from this head (its own data copied in, so none is generated)
+    warm = tmp_path / "warm"
+    shutil.copytree(out / "data", warm / "data")
+    assert draft_head.main(["--model", str(tiny_chat_checkpoint), "--out", str(warm), "--steps", "1", *EAGLE_ARGS,
+                            "--init-head", str(out), "--lr", "1e-9"]) == 0
+    assert _losses(warm)[0]["loss"] < 0.5 * records[0]["loss"]  # the same first batch, learnt weights
+    from specjax.heads.io import load_head
+
+    (_, before), (config, after) = load_head(out, "eagle"), load_head(warm, "eagle")
+    assert (after["draft_vocab"] == before["draft_vocab"]).all()  # the head's vocabulary, not a recount
+    assert config["init_head"]["path"] == str(out) and config["init_head"]["steps"] == 16
+    got = specjax.generate(tiny_chat_model, [tokens[0][:26].tolist()], "eagle", head=str(warm), max_new_tokens=20,
+                           eos_token_ids=())
+    assert got.stats["mean_accepted_tokens"] > 2.5
+
+
+def test_warm_start_flags_are_checked_before_the_model_loads(trained, tmp_path, monkeypatch, capsys):
+    from train import draft_head
+
+    monkeypatch.setattr(specjax, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    cases = [(["--init-head", str(tmp_path / "none")], "no trained head in"),
+             (["--init-head", str(trained), "--num-heads", "3"], "has 2 Medusa heads: pass --num-heads 2"),
+             (["--init-head", "default", "--model", str(tmp_path)], "no medusa head ships for"),
+             (["--init-head", str(trained), "--head", "eagle"], "holds a 'medusa' head, not a 'eagle' one")]
+    for extra, message in cases:
+        assert draft_head.main([*ARGS, "--out", str(tmp_path / "o"), *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def test_warm_started_medusa_begins_where_its_head_left_off(trained, tiny_chat_checkpoint, tmp_path):
+    warm = tmp_path / "warm"
+    shutil.copytree(trained / "data", warm / "data")
+    assert _run(tiny_chat_checkpoint, warm, 1, "--init-head", str(trained), "--eval-prompts", "0") == 0
+    fresh, trained_first = _losses(trained)[0]["loss"], _losses(warm)[0]["loss"]  # the same first batch
+    assert trained_first < 0.8 * fresh, (fresh, trained_first)
+    assert json.loads((warm / "head.json").read_text())["init_head"]["steps"] == 12
 
 
 def test_more_prompts_than_the_datasets_hold_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):

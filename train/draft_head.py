@@ -39,6 +39,7 @@ import numpy as np
 from train import distill_data
 
 HEADS = ("medusa", "eagle")
+DRAFT_VOCAB = 8192  # EAGLE draft vocabulary of a fresh head
 
 
 def parse_args(argv):
@@ -78,8 +79,13 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--num-heads", type=int, default=3, help="medusa: heads (tokens drafted per step)")
     p.add_argument("--ttt-steps", type=int, default=4, help="eagle: training-time-test depth (draft steps trained)")
-    p.add_argument("--draft-vocab", type=int, default=8192,
-                   help="eagle: draft vocabulary (most frequent tokens of the data; EAGLE-3's reduced LM head)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="eagle: draft vocabulary (most frequent tokens of the data; EAGLE-3's reduced LM head; "
+                        f"default {DRAFT_VOCAB}, or the --init-head's)")
+    p.add_argument("--init-head", default=None, metavar="DIR",
+                   help="start from a trained head of the same kind (a folder, or 'default': the one shipped for "
+                        "--model) instead of a fresh one: more data for a head without its training run; an "
+                        "EAGLE head keeps its draft vocabulary. A run that resumes from its checkpoints ignores it")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -239,7 +245,7 @@ def batch_features(data: distill_data.ArrayData, model, layers: tuple[int, ...])
     return lambda arrays: run(model.params, jnp.asarray(arrays["tokens"]))[0].astype(jnp.float32)
 
 
-def medusa_task(args, model, data: distill_data.ArrayData) -> HeadTask:
+def medusa_task(args, model, data: distill_data.ArrayData, warm: tuple[str, dict, dict] | None = None) -> HeadTask:
     import jax
     import jax.numpy as jnp
 
@@ -247,6 +253,8 @@ def medusa_task(args, model, data: distill_data.ArrayData) -> HeadTask:
 
     heads = MedusaHeads(args.num_heads, model.config.hidden_size)
     params = heads.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, model.config.hidden_size)))["params"]
+    if warm is not None:
+        params = _warm_params(params, warm[2], warm[0])
     features = batch_features(data, model, ())
 
     def batch(step):
@@ -287,14 +295,20 @@ def eagle_loss(params, module, consts, features, tokens, mask, labels, anchors, 
     return loss, acc
 
 
-def eagle_task(args, model, data: distill_data.ArrayData) -> HeadTask:
+def eagle_task(args, model, data: distill_data.ArrayData, warm: tuple[str, dict, dict] | None = None) -> HeadTask:
     import jax
     import jax.numpy as jnp
 
     from specjax.heads.eagle import EagleHead, draft_vocab, feature_layers, head_config, init_head
 
     cfg = model.config
-    ids = draft_vocab(data.token_counts(cfg.vocab_size), args.draft_vocab)
+    params = init_head(model, jax.random.PRNGKey(args.seed))
+    if warm is None:
+        ids = draft_vocab(data.token_counts(cfg.vocab_size), args.draft_vocab or DRAFT_VOCAB)
+    else:  # the head's own vocabulary: its LM-head rows stand for those ids
+        loaded = dict(warm[2])
+        ids = np.asarray(loaded.pop("draft_vocab"), np.int32)
+        params = _warm_params(params, loaded, warm[0])
     t2d = np.full(cfg.vocab_size, -1, np.int32)
     t2d[ids] = np.arange(len(ids))
     module = EagleHead(head_config(cfg))
@@ -310,7 +324,7 @@ def eagle_task(args, model, data: distill_data.ArrayData) -> HeadTask:
                 jnp.asarray(arrays["labels"]), jnp.asarray(pos, jnp.int32))
 
     loss = lambda p, c, b: eagle_loss(p, module, c, *b, steps=args.ttt_steps)
-    return HeadTask(params=init_head(model, jax.random.PRNGKey(args.seed)), loss=loss, consts=consts, batch=batch,
+    return HeadTask(params=params, loss=loss, consts=consts, batch=batch,
                     metric="top1_per_step",
                     config={"draft_vocab_size": len(ids), "feature_layers": list(layers),
                             "ttt_steps": args.ttt_steps},
@@ -483,6 +497,7 @@ def check_args(args) -> None:
                 raise ValueError(f"{flag} file {name!r} not found; pass a JSONL path, a built-in name (arith, "
                                  "spectts) or a Hugging Face dataset id")
     cli.output_dir(args.out, "--out")
+    warm_start(args)
     for folder in args.extra_data:  # the target layers are checked once the model has loaded
         distill_data.extra_data(Path(folder), data_spec(args, None))
 
@@ -508,6 +523,42 @@ def eval_configs(args) -> dict[str, dict]:
     return {"heads": {}}
 
 
+def warm_start(args) -> tuple[str, dict, dict] | None:
+    """(folder, config, params) of --init-head, checked against the other flags before the model loads, or
+    None for a fresh head."""
+    if not args.init_head:
+        return None
+    from specjax.heads.io import default_head, load_head
+
+    folder = args.init_head
+    if folder == "default":
+        folder = default_head(Path(args.model).name if Path(args.model).is_dir() else args.model, args.head)
+        if not folder:
+            raise ValueError(f"--init-head default: no {args.head} head ships for {args.model!r}; pass a head "
+                             "folder, or leave --init-head out to train a fresh head")
+    config, params = load_head(folder, kind=args.head)  # a missing folder or another kind of head fails here
+    if args.head == "medusa" and config["num_heads"] != args.num_heads:
+        raise ValueError(f"--init-head {folder} has {config['num_heads']} Medusa heads: pass --num-heads "
+                         f"{config['num_heads']}")
+    if args.head == "eagle" and args.draft_vocab not in (None, config["draft_vocab_size"]):
+        raise ValueError(f"--init-head {folder} drafts from {config['draft_vocab_size']} tokens: pass --draft-vocab "
+                         f"{config['draft_vocab_size']} or leave it out (the head keeps its vocabulary)")
+    return str(folder), config, params
+
+
+def _warm_params(fresh, loaded, folder: str):
+    """The loaded head's weights as float32 arrays shaped like a fresh head's, or an error naming the head."""
+    import jax
+    import jax.numpy as jnp
+
+    shapes = lambda tree: {jax.tree_util.keystr(k, simple=True, separator="/"): np.shape(a)
+                           for k, a in jax.tree_util.tree_leaves_with_path(tree)}
+    if shapes(fresh) != shapes(loaded):
+        raise ValueError(f"--init-head {folder} does not fit this model and head (its weights are shaped "
+                         f"differently): pass a head trained for this --model, or leave --init-head out")
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), dict(loaded))
+
+
 def _main(args) -> int:
     import jax
 
@@ -515,6 +566,7 @@ def _main(args) -> int:
     from specjax.heads.io import save_head
 
     check_args(args)
+    warm = warm_start(args)
     folder = Path(args.out)
     distill_data.read_manifest(folder / "data")  # unreadable folders fail before the model loads
     questions = check_question_count(args)  # before the model loads: a count that cannot be met fails now
@@ -530,12 +582,14 @@ def _main(args) -> int:
         spec = data_spec(args, layers)
         data = distill_data.ConcatData([data] + [distill_data.extra_data(Path(d), spec) for d in args.extra_data])
     print(f"data: {data.num_rows} sequences, {data.num_tokens} tokens ({time.perf_counter() - t0:.1f}s)")
-    task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data)
+    task = (eagle_task if args.head == "eagle" else medusa_task)(args, model, data, warm)
     config = {"kind": args.head, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
               "target": args.model, "steps": args.steps, "dataset": args.dataset, "data_tokens": data.num_tokens,
               "extra_data": [{**{k: part.key[k] for k in ("dataset", "skip", "samples_per_prompt", "temperature")},
                               "tokens": part.num_tokens} for part in data.parts[1:]] if args.extra_data else [],
               **task.config}
+    if warm is not None:  # what the head had learnt before this run
+        config["init_head"] = {"path": warm[0], **{k: warm[1].get(k) for k in ("steps", "data_tokens", "init_head")}}
     export = lambda where, params, **extra: save_head(where, {**config, **extra},
                                                       {**jax.tree.map(np.asarray, dict(params)), **task.extra})
     prompts = [q.question for q in held_out_questions(args)] if args.eval_prompts else []
