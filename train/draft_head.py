@@ -589,7 +589,8 @@ def _main(args) -> int:
                               "tokens": part.num_tokens} for part in data.parts[1:]] if args.extra_data else [],
               **task.config}
     if warm is not None:  # what the head had learnt before this run
-        config["init_head"] = {"path": warm[0], **{k: warm[1].get(k) for k in ("steps", "data_tokens", "init_head")}}
+        config["init_head"] = {"path": args.init_head,  # as given: 'default' names the shipped head
+                               **{k: warm[1].get(k) for k in ("steps", "data_tokens", "init_head")}}
     export = lambda where, params, **extra: save_head(where, {**config, **extra},
                                                       {**jax.tree.map(np.asarray, dict(params)), **task.extra})
     prompts = [q.question for q in held_out_questions(args)] if args.eval_prompts else []
