@@ -197,7 +197,9 @@ def test_warm_start_flags_are_checked_before_the_model_loads(trained, tmp_path, 
     cases = [(["--init-head", str(tmp_path / "none")], "no trained head in"),
              (["--init-head", str(trained), "--num-heads", "3"], "has 2 Medusa heads: pass --num-heads 2"),
              (["--init-head", "default", "--model", str(tmp_path)], "no medusa head ships for"),
-             (["--init-head", str(trained), "--head", "eagle"], "holds a 'medusa' head, not a 'eagle' one")]
+             (["--init-head", str(trained), "--head", "eagle"], "holds a 'medusa' head, not a 'eagle' one"),
+             (["--head", "eagle", "--init-head", "default", "--draft-vocab", "7"],  # the shipped head's, found
+              "drafts from 8192 tokens: pass --draft-vocab 8192 or leave it out")]
     for extra, message in cases:
         assert draft_head.main([*ARGS, "--out", str(tmp_path / "o"), *extra]) == 2
         assert message in capsys.readouterr().err, extra
