@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(parse_args, _main, argv)
 
 
-def check_args(args) -> None:
+def check_args(args) -> tuple[str, dict, dict] | None:
     """Every flag, the datasets' files and the output folder, before the model loads and data is generated
-    (tens of seconds that a bad --out would waste)."""
+    (tens of seconds that a bad --out would waste). Returns the --init-head, loaded while checking it."""
     from eval import cli
     from specjax import validation
 
@@ -497,9 +497,10 @@ def check_args(args) -> None:
                 raise ValueError(f"{flag} file {name!r} not found; pass a JSONL path, a built-in name (arith, "
                                  "spectts) or a Hugging Face dataset id")
     cli.output_dir(args.out, "--out")
-    warm_start(args)
+    warm = warm_start(args)
     for folder in args.extra_data:  # the target layers are checked once the model has loaded
         distill_data.extra_data(Path(folder), data_spec(args, None))
+    return warm
 
 
 def eval_tree(args) -> dict[str, int]:
@@ -565,8 +566,7 @@ def _main(args) -> int:
     import specjax
     from specjax.heads.io import save_head
 
-    check_args(args)
-    warm = warm_start(args)
+    warm = check_args(args)
     folder = Path(args.out)
     distill_data.read_manifest(folder / "data")  # unreadable folders fail before the model loads
     questions = check_question_count(args)  # before the model loads: a count that cannot be met fails now
