@@ -58,6 +58,11 @@ class Context:
     # at propose, for proposers with a `cheap_part`: False while an adaptive loop backs off from the
     # costly part, which then must not run (None or True: the whole proposal)
     full_draft: Bool[Array, ""] | None = None
+    # at init, when rows share a prompt (Best-of-N branches): each row's prompt (`prompt_of`, [B]) and each
+    # prompt's first row (`prompt_rows`, [Q], Q < B). A proposer whose start reads the whole prompt may do
+    # that once per prompt and copy it to the branches. None: every row has a prompt of its own
+    prompt_of: Int[Array, "B"] | None = None
+    prompt_rows: Int[Array, "Q"] | None = None
 
 
 @struct.dataclass

@@ -443,13 +443,15 @@ def _context(s: LoopState, group: Int[Array, "B"], weights: Any, sampling_cfg: S
 @partial(jax.jit, static_argnames=("proposer",), donate_argnums=(0,))
 def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"], weights: Any = None,
                    feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
-                   sampling_cfg: Sampling | None = None, acceptance: tuple[Any, Any] | None = None, *,
+                   sampling_cfg: Sampling | None = None, acceptance: tuple[Any, Any] | None = None,
+                   prompt_of: Int[Array, "B"] | None = None, prompt_rows: Int[Array, "Q"] | None = None, *,
                    proposer: Proposer) -> LoopState:
     """The loop's initial state from `prefill`'s outputs, with the proposer's own state.
 
     The prefill's features [B, F, .] (positions from `feature_start`) are what it computed of
     `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
-    from a continued Session.
+    from a continued Session. `prompt_of` / `prompt_rows` (Best-of-N: rows share prompts): `init` sees
+    them in its context (`Context.prompt_of`).
     """
     tokens, lengths, cache, hidden, done, features, rng = prefilled
     batch = tokens.shape[0]
@@ -461,7 +463,8 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32),
         verify_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
         source_counts=jnp.zeros((len(proposer.sources),), jnp.int32), adapt=init_adapt(proposer, acceptance, batch))
-    ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start)
+    ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start,
+                                                                 prompt_of=prompt_of, prompt_rows=prompt_rows)
     pstate = proposer.init(ctx)
     if prev is not None:
         pstate = proposer.resume(pstate, ctx, prev_state, prev)
@@ -1169,10 +1172,14 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     t1 = time.perf_counter()
     carry = session is not None and session.proposer == proposer
     feature_start = (plan.start if plan.start is not None else np.zeros(plan.num_prompts, np.int32))[rows]
+    firsts = np.unique(np.asarray(rows), return_index=True)[1].astype(np.int32)
+    shared = len(firsts) < batch and not carry  # Best-of-N: a proposer may start each prompt once (`init`)
     state = programs.call(
         start_proposer, (prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
                          session.proposer_state if carry else None, session.context if carry else None,
-                         traced, session.acceptance if carry else None), dict(proposer=proposer))
+                         traced, session.acceptance if carry else None,
+                         np.asarray(rows, np.int32) if shared else None, firsts if shared else None),
+        dict(proposer=proposer))
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
     # a call of the same kind as an earlier one starts from what that one learned (`adapt_memory`); a

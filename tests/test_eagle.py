@@ -129,6 +129,47 @@ def _context(model, weights, prop, history, size=32):
                    feature_start=jnp.zeros(1, jnp.int32))
 
 
+def test_rows_sharing_a_prompt_start_as_rows_that_absorb_it_each(tiny_model, head_dir):
+    """Best-of-N: each prompt's pairs are absorbed once and copied to its rows (`Context.prompt_rows`),
+    then each row its last pair with its own first token; the head's start equals every row absorbing
+    its whole prompt, for prompts of two lengths and rows whose first tokens differ."""
+    prop, w = Eagle(head=head_dir, topk=1, depth=3).bind(tiny_model, SamplingConfig())
+    prompts, rows, first = [[5, 6, 7, 8, 9, 10, 5, 6], [11, 12, 13]], [0, 0, 0, 1, 1], [21, 22, 23, 24, 21]
+    ctxs = [_context(tiny_model, w, prop, prompts[q] + [t]) for q, t in zip(rows, first)]
+    pad = lambda xs: jnp.concatenate(xs, axis=0)
+    ctx = ctxs[0].replace(tokens=pad([c.tokens for c in ctxs]), lengths=pad([c.lengths for c in ctxs]),
+                          group=jnp.asarray(rows, jnp.int32), active=jnp.ones(len(rows), bool),
+                          features=pad([c.features for c in ctxs]), feature_start=jnp.zeros(len(rows), jnp.int32))
+    shared = ctx.replace(prompt_of=jnp.asarray(rows, jnp.int32), prompt_rows=jnp.asarray([0, 3], jnp.int32))
+    each, once = jax.jit(prop.init)(ctx), jax.jit(prop.init)(shared)
+    np.testing.assert_array_equal(once.cache.lengths, each.cache.lengths)
+    np.testing.assert_array_equal(once.cache.lengths, [8, 8, 8, 3, 3])
+    for b, n in enumerate(np.asarray(each.cache.lengths)):
+        for mine, theirs in ((once.cache.k[0], each.cache.k[0]), (once.cache.v[0], each.cache.v[0])):
+            np.testing.assert_allclose(np.asarray(mine)[b, :, :n], np.asarray(theirs)[b, :, :n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(once.last, each.last, rtol=1e-4, atol=1e-4)  # (one pass, or two: float order)
+    assert not np.allclose(each.last[0], each.last[1])  # the rows' own first tokens reach the head
+    drafts = [prop.propose(x, ctx, jax.random.PRNGKey(0))[1] for x in (once, each)]
+    np.testing.assert_array_equal(drafts[0].tokens, drafts[1].tokens)
+
+
+@pytest.mark.parametrize("method", ["eagle", "hybrid"])
+def test_best_of_n_branches_draft_as_prompts_of_their_own(tiny_model, head_dir, method):
+    """Branches that share a prompt's start (`Context.prompt_rows`) draft exactly as the same prompts
+    given once per row, which start each on its own; sampled, they emit plain sampling's tokens."""
+    head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0}
+    prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
+    kw = dict(max_new_tokens=24, eos_token_ids=(), adaptive=False, **head)
+    shared = specjax.generate(tiny_model, prompts, method, num_samples=3, **kw)
+    each = specjax.generate(tiny_model, [p for p in prompts for _ in range(3)], method, **kw)
+    assert shared.tokens == each.tokens
+    assert shared.stats["accepted_hist"] == each.stats["accepted_hist"]
+    assert shared.stats["mean_accepted_tokens"] > 1.0
+    sampled = dict(num_samples=3, max_new_tokens=16, eos_token_ids=(), temperature=0.8, seed=5)
+    assert (specjax.generate(tiny_model, prompts, method, **head, **sampled).tokens
+            == specjax.generate(tiny_model, prompts, "ar", **sampled).tokens)
+
+
 def test_drafts_equal_the_training_unroll(tiny_model, head_dir):
     """What the head drafts through its cache at inference is exactly what training's unrolled
     training-time test predicts at that anchor: training and inference read the same pairs."""

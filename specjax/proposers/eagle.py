@@ -183,7 +183,28 @@ class Eagle(Proposer):
         lag = jnp.zeros((b, LAG_STEPS * (self.depth + 1), ctx.features.shape[-1]), ctx.features.dtype)
         state = EagleState(cache=cache, last=jnp.zeros((b, self.cfg.hidden_size), jnp.float32), lag=lag,
                            skipped=jnp.zeros((b, cache.max_len), bool))
-        return self._absorb(state, ctx)
+        if ctx.prompt_rows is None or ctx.prompt_rows.shape[0] == b:
+            return self._absorb(state, ctx)
+        return self._absorb_shared(state, ctx)
+
+    def _absorb_shared(self, state: EagleState, ctx: Context) -> EagleState:
+        """`_absorb` for rows that share prompts (Best-of-N): every pair but the last holds prompt tokens
+        only, so each prompt's are absorbed once and copied to its rows; then each row absorbs its last
+        pair (the prompt's last features, the row's own first token). At batch 8 absorbing a 128-token
+        prompt in every row cost 74 ms a call on a 2-core CPU, most of a best-of-8 head's overhead."""
+        first, of = ctx.prompt_rows, ctx.prompt_of
+        chex.assert_shape(of, (ctx.tokens.shape[0],))
+        pick = lambda x: jnp.take(x, first, axis=0)
+        once = EagleState(cache=KVCache.init(self.cfg, first.shape[0], state.cache.max_len, state.cache.k[0].dtype),
+                          last=pick(state.last), skipped=pick(state.skipped))
+        once = self._absorb(once, ctx.replace(tokens=pick(ctx.tokens), lengths=pick(ctx.lengths) - 1,
+                                              features=pick(ctx.features), feature_start=pick(ctx.feature_start)))
+        spread = jax.tree.map(lambda x: jnp.take(x, of, axis=0), once)
+        last = ctx.lengths - 2  # each row's last pair: position lengths - 2, paired with the pending token
+        feats = jnp.take_along_axis(ctx.features, jnp.clip(last - ctx.feature_start, 0, ctx.features.shape[1] - 1)
+                                    [:, None, None], axis=1)
+        state = state.replace(cache=spread.cache, skipped=spread.skipped)
+        return self._absorb(state, ctx.replace(features=feats, feature_start=jnp.maximum(last, ctx.feature_start)))
 
     def catch_up(self, state: EagleState, ctx: Context) -> EagleState:
         """Absorbs whatever the lag buffer holds (nothing changes when it holds nothing): the head cache
