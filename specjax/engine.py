@@ -476,7 +476,8 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
 def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Array, ""], sampling_cfg: Sampling,
            max_new: Int[Array, ""], speculate_max_rows: Int[Array, ""], weights: Any = None,
            costs: Float[Array, "W"] | None = None, drafter_s: Float[Array, ""] | None = None,
-           verify_floor: Int[Array, ""] | None = None, cheap_s: Float[Array, ""] | None = None, *, cfg: ModelConfig,
+           verify_floor: Int[Array, ""] | None = None, cheap_s: Float[Array, ""] | None = None,
+           wake_s: Float[Array, ""] | None = None, *, cfg: ModelConfig,
            proposer: Proposer, eos_ids: tuple[int, ...], mesh: Mesh | None = None, gated: bool = False,
            adaptive: bool = False, lean_steps: bool = True) -> LoopState:
     """The whole decode: one while loop, three reasons to stop (budget, all rows done, no cache room).
@@ -498,7 +499,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     `idle_wait` steps (its cost over 2% of a step) after drafts not worth verifying. A proposer with a
     `cheap_part` (the hybrid's suffix match) proposes that part on every step while the rest backs off,
     and its drafts go through the same width decision, as long as its own `cheap_s` (calibrated) is
-    under 2% of a step; a dearer one backs off with the rest. The width decision reads only what is known
+    under 2% of a step; a dearer one backs off with the rest. Probes and the waits after fruitless
+    proposals are priced at `drafter_s` plus `wake_s`, what a proposal after a wait first catches up on
+    (a lazy EAGLE head's lag: at batch 8 on a 2-core CPU 14 ms on top of a 16 ms proposal, which priced
+    alone had probes take twice their share). The width decision reads only what is known
     before the verify forward; the backoff, what the verify yielded. A step that does not propose and has
     no cut draft left to score (`idle`) runs a lean body (`lean_steps`): a 1-token forward, the
     proposer's `update`, and the few counters such a step moves, so a backed-off drafter's steps cost
@@ -535,6 +539,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
     # a cheap part that costs 2% of a step or more (as calibrated, `cheap_s`) is due with the rest
     split = adaptive and proposer.cheap_part
     cheap_pays = jnp.ones((), bool) if cheap_s is None or not split else idle_wait(costs, cheap_s) == 0
+
+    # what a proposal after a wait costs: the proposal and what it first catches up on (`Proposer.waking`)
+    woken_s = drafter_s if wake_s is None or drafter_s is None else drafter_s + wake_s
 
     # a calibration or warm-up run (`verify_floor` >= 0): the forced costs name the width; no probe, no backoff
     forced = jnp.zeros((), bool) if verify_floor is None else verify_floor >= 0
@@ -573,13 +580,13 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         scored = draft.probs is None
         drafting_before = drafting
         # ... so a drafter that costs next to nothing neither probes nor backs off: its estimate sees every draft
-        free = jnp.zeros((), bool) if not (adaptive and scored) else idle_wait(costs, drafter_s) == 0
+        free = jnp.zeros((), bool) if not (adaptive and scored) else idle_wait(costs, woken_s) == 0
         if adaptive and lean:
-            adapt, best = _idle_decision(s.adapt, costs, drafter_s, active), jnp.zeros((), jnp.int32)
+            adapt, best = _idle_decision(s.adapt, costs, woken_s, active), jnp.zeros((), jnp.int32)
         elif adaptive:
             draft, drafting, adapt, best, bucket = _choose_width(
                 draft, drafting, active, want, s.adapt, costs, drafter_s, widths, node_depth, proposer, s.steps,
-                max_new - (s.lengths - s.prompt_lengths), ~forced & ~free, runs)
+                max_new - (s.lengths - s.prompt_lengths), ~forced & ~free, runs, woken_s)
         pending = at(s.tokens, s.lengths - 1).astype(jnp.int32)
         inputs = jnp.concatenate([pending[:, None], draft.tokens.astype(jnp.int32)], axis=1)  # [B, K+1]
         longest = jnp.max(draft.num) if verify_floor is None else jnp.maximum(jnp.max(draft.num), verify_floor)
@@ -636,7 +643,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
                          jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer)),
                 _batch_progress(s, new, num_new, max_new), jnp.sum(num_new) / jnp.maximum(jnp.sum(active), 1),
-                best, costs, drafter_s, ~forced, free))
+                best, costs, drafter_s, ~forced, free, woken_s))
             if scored:  # a draft cut short, or turned down, whose verified part was all accepted
                 if template is None:
                     cut, verified = drafting & (res.num_accepted >= draft.num) & (proposed.num > draft.num), draft.num
@@ -709,18 +716,20 @@ def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
 
 def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
                   step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True,
-                  runs: Bool[Array, ""] | None = None):
+                  runs: Bool[Array, ""] | None = None, woken_s: Float[Array, ""] | float | None = None):
     """The adaptive decision of one step (see `decode`): the width and the truncated draft; whether to
     keep proposing is `_settle`'s, from what the step yields. `want`: the whole proposal ran (it is
     judged, may probe, and pays the drafter's cost); `runs` (default `want`): some of it ran (a
     proposer's `cheap_part` alone), so its drafts may be verified. `remaining`: each row's tokens left
     in its budget (None: the same for every row). `probes` False: no probe overrides the decision (a
-    calibration or warm-up run, whose forced costs name the width it times)."""
+    calibration or warm-up run, whose forced costs name the width it times). `woken_s` (default
+    `drafter_s`): a proposal's price after a wait, what probes are paid at."""
     runs = want if runs is None else runs
+    woken_s = drafter_s if woken_s is None else woken_s
     batch = draft.num.shape[0]
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
-    credit, full = probe_credit(adapt.credit, costs, drafter_s, adapt.probe_misses)
+    credit, full = probe_credit(adapt.credit, costs, woken_s, adapt.probe_misses)
     bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
     # a bucket starts from its source's rate over all its buckets (or a lower bucket's, if better:
     # `confidence_prior`), not from PRIOR_MEAN: a confidence level seldom seen (a long match, a high head
@@ -770,7 +779,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         if node_depth is not None:
             probed = jnp.where(step % 2 == 0, len(widths) - 1, probed)
         # every probe is paid from the credit (`probe_credit`), so that probes cost at most PROBE_SHARE
-        price = probe_price(costs, drafter_s, probed)
+        price = probe_price(costs, woken_s, probed)
         after_backoff = adapt.probe_due & gain & (credit >= price)
         probe = (full & gain | after_backoff) & probes & want
         best = jnp.where(probe, probed, best)
@@ -831,7 +840,8 @@ def _batch_progress(before: LoopState, after: LoopState, num_new: Int[Array, "B"
 
 
 def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, ""], best: Int[Array, ""], costs,
-            drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False) -> Adapt:
+            drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False,
+            woken_s: Float[Array, ""] | float | None = None) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`_batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
     on while the moving average of that saving (`SAVING_DECAY`) stays above the drafter's own cost, else it
@@ -850,7 +860,8 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     step only clears its flags (a calibration run proposes every step). `free`: the drafter costs under
     `PROBE_SHARE` of a step and its estimate sees every draft (`_shadow`): it never waits, and the width
     decision alone says what is verified (waits after drafts that fell short left `pld` blind to the
-    repeats that followed, 2 to 60 steps at a time)."""
+    repeats that followed, 2 to 60 steps at a time). `woken_s` (default `drafter_s`) prices the waits:
+    the proposal that ends one first catches up (`Proposer.waking`)."""
     saved = progress * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
@@ -864,12 +875,13 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # a paid probe resumes proposing but keeps its wait: only the average restores short waits. Resetting
     # them there let a drafter that pays on the rows' mean and not on the batch's progress (EAGLE at
     # batch 8) cycle probe, a few proposals, a wait of 2, and propose on 64% of steps at 0.81x `ar`
-    longer = jnp.minimum(2 * adapt.backoff, probe_interval(costs, drafter_s))
+    woken_s = drafter_s if woken_s is None else woken_s  # waits are priced at a proposal after a wait
+    longer = jnp.minimum(2 * adapt.backoff, probe_interval(costs, woken_s))
     # a proposal whose drafts were not worth verifying lost the drafter's cost only, and says nothing of
     # whether verified drafts pay: it keeps the backoff and waits as long as the drafter's cost allows
     idle = (best == 0) & ~adapt.probing
     backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
-    wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, drafter_s, adapt.idle_misses), backoff))
+    wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, woken_s, adapt.idle_misses), backoff))
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
@@ -1028,6 +1040,7 @@ class _DeviceRun:
     costs: np.ndarray | None = None  # seconds of each static verify width (adaptive runs)
     drafter_s: float = 0.0  # seconds of one propose (adaptive runs)
     cheap_s: float = 0.0  # seconds of the proposer's `cheap_part` alone (adaptive runs of such proposers)
+    wake_s: float = 0.0  # seconds a proposal after a wait first spends catching up (`Proposer.waking`)
     learned: bool = False  # the loop started from an earlier call's estimate and backoff (`adapt_memory`)
 
 
@@ -1042,14 +1055,16 @@ PROPOSE_REPEATS = 15  # timed runs of the proposal alone (a millisecond or two e
 SKIP = -1  # the calibration's configuration that proposes nothing (an adaptive loop backing off)
 PROPOSE = -2  # not a configuration: the seconds one `propose` adds to a step (width 1 with it, less SKIP)
 CHEAP = -3  # not a configuration: the seconds of a proposer's `cheap_part` alone, as a program of its own
+WAKE = -4  # not a configuration: the seconds of a proposer's catch-up after a wait (`Proposer.waking`)
 
 
 def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig,
                eos_ids: tuple[int, ...] = (), speculate_max_rows: int | None = None
-               ) -> tuple[np.ndarray, np.float32, np.float32, float]:
+               ) -> tuple[np.ndarray, np.float32, np.float32, np.float32, float]:
     """This machine's seconds for a decode step at each of the proposer's static verify widths, for one
-    `propose`, and for its `cheap_part` alone (0 without one), on the run's own shapes: measured the
-    first time, then read back (`step_cost`).
+    `propose`, for its `cheap_part` alone (0 without one), and for what a proposal after a wait first
+    catches up on (`Proposer.waking`; 0 for proposers that keep up on every step), on the run's own
+    shapes: measured the first time, then read back (`step_cost`).
 
     They are measured in the decode loop itself, the program the run is about to use: on a dummy prompt
     that every drafter matches (`warm_start.dummy_plan`), `CALIBRATION_STEPS` steps at a time with the
@@ -1057,7 +1072,7 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     costs[w] + the drafter's seconds, a skipped step costs[0]: what the loop's decision assumes. Timing
     the loop rather than a standalone forward compiles nothing more and counts each method's own
     proposal and update as the loop pays them. Returns the seconds of the widths, of `propose`, of the
-    cheap part, and the seconds spent measuring."""
+    cheap part, of the catch-up, and the seconds spent measuring."""
     from specjax import step_cost, warm_start
 
     widths = loop_widths(proposer)
@@ -1066,8 +1081,9 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     # verify (a softmax and a draw per position) where a greedy one was timed, must not meet old seconds
     detail = hashlib.sha1(repr((proposer, eos_ids, speculate_max_rows is not None, sampling_cfg.mode,
                                 programs.source_digest())).encode()).hexdigest()[:16]
+    wakes = proposer.catches_up
     names = {SKIP: "skip", PROPOSE: "propose", **({CHEAP: "cheap"} if proposer.cheap_part else {}),
-             **{i: f"w{w}" for i, w in enumerate(widths)}}
+             **({WAKE: "wake"} if wakes else {}), **{i: f"w{w}" for i, w in enumerate(widths)}}
     keys = {step_cost.step_key("loop", detail=f"{detail}:{name}", **shape): i for i, name in names.items()}
 
     def measure(_: list[str]) -> dict[str, float]:
@@ -1077,13 +1093,14 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
             prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
             tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups])
         if dummy is None:  # no room in the cache to measure: every width costs the same
-            return {k: 0.0 if i in (PROPOSE, CHEAP) else 1.0 for k, i in keys.items()}
+            return {k: 0.0 if i in (PROPOSE, CHEAP, WAKE) else 1.0 for k, i in keys.items()}
         seconds = _run(model, dummy, proposer, weights, sampling_cfg, 0, eos_ids, None, None, 32, speculate_max_rows,
                        adaptive=True, warm_up="measure")
         return {k: seconds[i][0] for k, i in keys.items()}
 
     measured, spent = step_cost.cached_seconds(list(keys), measure)
     cheap = measured.pop(2) if proposer.cheap_part else 0.0
+    wake = measured.pop(2) if wakes else 0.0
     skip, drafter, chosen = measured[0], max(measured[1], 0.0), np.asarray(measured[2:])
     costs = np.maximum(chosen - drafter, 1e-9)
     costs[0] = skip
@@ -1091,7 +1108,8 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
     # a narrower width timed dearer than a wider one was slowed, and costs at most what the wider one did
     # (a 3-token verify timed at 2.0x a 1-token step, a 5-token one at 1.9x, on a shared 2-core CPU)
     costs = np.minimum.accumulate(costs[::-1])[::-1]
-    return costs.astype(np.float32), np.float32(drafter), np.float32(max(cheap, 0.0)), spent
+    return (costs.astype(np.float32), np.float32(drafter), np.float32(max(cheap, 0.0)), np.float32(max(wake, 0.0)),
+            spent)
 
 
 @jax.jit
@@ -1102,7 +1120,8 @@ def _copy(state: LoopState) -> LoopState:
 
 def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
                  propose_alone: Callable[[LoopState], Any] | None = None,
-                 cheap_alone: Callable[[LoopState], Any] | None = None) -> dict[int, tuple[float, list, int]]:
+                 cheap_alone: Callable[[LoopState], Any] | None = None,
+                 wake_alone: Callable[[LoopState], Any] | None = None) -> dict[int, tuple[float, list, int]]:
     """Seconds per decode step of each forced width (and of `SKIP`), each run from a copy of `state`,
     with the widths its verify forwards ran (`LoopState.verify_hist`, relative to `state`) and how many
     steps proposed: what the timing really measured. `PROPOSE`: the median over rounds of width 1's
@@ -1113,7 +1132,8 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
     lower quartile of `PROPOSE_REPEATS` runs): on a shared 2-core CPU the paired rounds of `suffix` at
     batch 8 came out at -3.8 to +2.4 ms in three calibrations, one priced it at -0.1 ms, and it proposed
     on every step (0.94x `ar`), where its proposal alone takes about 1.4 ms, over 2% of a step.
-    `CHEAP`: `cheap_alone(state)`'s seconds, timed the same way (a proposer's `cheap_part`)."""
+    `CHEAP`: `cheap_alone(state)`'s seconds, timed the same way (a proposer's `cheap_part`); `WAKE`:
+    `wake_alone(state)`'s (`Proposer.waking`)."""
     from specjax import step_cost
 
     alone = 0.0 if propose_alone is None else step_cost.timed_seconds(lambda: propose_alone(state), PROPOSE_REPEATS)
@@ -1146,6 +1166,8 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
     out[PROPOSE] = (max(float(np.median(per_step[0] - per_step[SKIP])), alone), [], 0)
     if cheap_alone is not None:
         out[CHEAP] = (step_cost.timed_seconds(lambda: cheap_alone(state), PROPOSE_REPEATS), [], 0)
+    if wake_alone is not None:
+        out[WAKE] = (step_cost.timed_seconds(lambda: wake_alone(state), PROPOSE_REPEATS), [], 0)
     return out
 
 
@@ -1189,12 +1211,13 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     learned = adapt_memory.recall(model, memory_key) if adaptive and not warm_up and not carry else None
     if learned is not None:  # copies: the loop donates its state, and the memory keeps its own
         state = state.replace(adapt=state.adapt.replace(**jax.tree.map(jnp.copy, learned)))
-    costs, drafter_s, cheap_s, calibration_s, setup_s = np.ones(1, np.float32), np.float32(0), np.float32(0), 0.0, 0.0
+    costs, drafter_s, cheap_s, wake_s = np.ones(1, np.float32), np.float32(0), np.float32(0), np.float32(0)
+    calibration_s, setup_s = 0.0, 0.0
     if adaptive and warm_up:
         costs = np.ones(len(loop_widths(proposer)), np.float32)
     elif adaptive:
         t_cal = time.perf_counter()
-        costs, drafter_s, cheap_s, calibration_s = step_costs(model, plan, proposer, weights, sampling_cfg,
+        costs, drafter_s, cheap_s, wake_s, calibration_s = step_costs(model, plan, proposer, weights, sampling_cfg,
                                                               eos_ids, speculate_max_rows)
         setup_s = time.perf_counter() - t_cal
     static = dict(cfg=cfg, proposer=proposer, eos_ids=eos_ids, mesh=mesh, gated=speculate_max_rows is not None,
@@ -1207,7 +1230,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     if warm_up == "measure":
         def forced_run(s, limit, forced, floor):
             return run(s, plan.groups, limit, traced, max_new, gate, weights, forced, np.float32(0), floor,
-                       np.float32(0))
+                       np.float32(0), np.float32(0))
 
         propose = jax.jit(lambda p_state, ctx: proposer.propose(p_state, ctx, jax.random.PRNGKey(0)))
         alone = lambda s: propose(s.proposer_state, _context(s, plan.groups, weights, traced))
@@ -1215,24 +1238,28 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
         if proposer.cheap_part:  # the cheap part alone: what a step that backs off from the rest runs
             cheap = lambda s: propose(s.proposer_state, _context(s, plan.groups, weights, traced).replace(
                 full_draft=jnp.zeros((), bool)))
-        return _time_widths(forced_run, state, loop_widths(proposer), alone, cheap)
+        wake = None
+        if proposer.catches_up:  # a full catch-up alone: what a proposal after a wait runs first
+            waking = jax.jit(proposer.waking)
+            wake = lambda s: waking(s.proposer_state, _context(s, plan.groups, weights, traced))
+        return _time_widths(forced_run, state, loop_widths(proposer), alone, cheap, wake)
     if warm_up:  # one step at each verify width: the floor makes it, forced costs make an adaptive loop pick it
         for i, width in enumerate(loop_widths(proposer)):
             forced = np.where(np.arange(len(costs)) == min(i, len(costs) - 1), np.float32(1e-6), costs)
             state = run(state, plan.groups, np.int32(i + 1), traced, max_new, gate, weights, forced.astype(np.float32),
-                        drafter_s, np.int32(width - 1), cheap_s)
+                        drafter_s, np.int32(width - 1), cheap_s, wake_s)
         jax.block_until_ready(state.tokens)
         return None
     if stop_rows is None:
         state = run(state, plan.groups, max_new, traced, max_new, gate, weights, costs, drafter_s, np.int32(-1),
-                    cheap_s)
+                    cheap_s, wake_s)
     else:  # pause every `check_every` steps: one host sync per pause, never per token
         limit = 0
         row_starts = plan.row_prompt_lengths
         while True:
             limit += check_every
             state = run(state, plan.groups, np.int32(limit), traced, max_new, gate, weights, costs, drafter_s,
-                        np.int32(-1), cheap_s)
+                        np.int32(-1), cheap_s, wake_s)
             toks, lens, done, steps = jax.device_get((state.tokens, state.lengths, state.done, state.steps))
             if steps < limit or done.all():  # stopped for a reason of its own: budget, all done, cache full
                 break
@@ -1247,7 +1274,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0,  # measuring step costs is not decoding
                       decode_s=time.perf_counter() - t1 - setup_s, calibration_s=calibration_s,
                       costs=costs if adaptive else None, drafter_s=float(drafter_s), cheap_s=float(cheap_s),
-                      learned=learned is not None)
+                      wake_s=float(wake_s), learned=learned is not None)
 
 
 def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: int) -> dict[str, Any]:
@@ -1255,7 +1282,7 @@ def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: in
         return {}
     return dict(adaptive=True, widths=list(loop_widths(proposer)), width_hist=adapt.width_hist.tolist(),
                 step_costs_s=[float(c) for c in run.costs], propose_s=run.drafter_s,
-                cheap_part_s=run.cheap_s,
+                cheap_part_s=run.cheap_s, wake_s=run.wake_s,
                 predicted_tokens=float(adapt.predicted_tokens),
                 predicted_decode_s=float(adapt.predicted_s), drafted_share=int(adapt.drafted_steps) / max(steps, 1),
                 calibration_s=run.calibration_s, from_earlier_call=run.learned)

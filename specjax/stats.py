@@ -59,6 +59,7 @@ class GenerationStats(Mapping):
     step_costs_s: list[float] = dataclasses.field(default_factory=list)  # calibrated seconds of each width
     propose_s: float = 0.0  # calibrated seconds of one `propose`
     cheap_part_s: float = 0.0  # calibrated seconds of the proposer's `cheap_part` alone (the hybrid's suffix match)
+    wake_s: float = 0.0  # calibrated seconds a proposal after a wait first spends catching up (a lazy EAGLE head)
     predicted_tokens: float = 0.0  # expected tokens of the chosen widths, summed over steps (vs emitted_tokens)
     predicted_decode_s: float = 0.0  # calibrated seconds of the chosen widths + drafting (vs decode_s)
     drafted_share: float = 0.0  # share of steps that ran `propose`

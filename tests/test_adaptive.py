@@ -25,7 +25,7 @@ def cpu_like_costs(monkeypatch):
     def costs(model, plan, proposer, *rest):
         widths = engine.loop_widths(proposer)
         return (np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4),
-                np.float32(0), 0.0)
+                np.float32(0), np.float32(0), 0.0)
 
     monkeypatch.setattr(engine, "step_costs", costs)
 
@@ -104,7 +104,7 @@ def test_a_tree_verifies_its_first_ranked_chain_where_the_whole_tree_is_dear(mon
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=512, eos_token_ids=(2,))
     cyclic = Model(config=cfg, params=init_params(cfg, jax.random.PRNGKey(0)), tokenizer=None, name="cyclic")
     monkeypatch.setattr(engine, "step_costs", lambda *a: (np.asarray([1.0, 1.5, 10.0], np.float32) * 1e-3,
-                                                          np.float32(2e-4), np.float32(0), 0.0))
+                                                          np.float32(2e-4), np.float32(0), np.float32(0), 0.0))
     ar = specjax.generate(cyclic, REPEATING, "ar", max_new_tokens=64, eos_token_ids=())
     out = specjax.generate(cyclic, REPEATING, "recycling", max_new_tokens=64, eos_token_ids=(), adaptive=True)
     assert out.tokens == ar.tokens and out.stats["widths"] == [1, 5, 15]
@@ -147,7 +147,7 @@ def test_a_narrower_width_timed_dearer_than_a_wider_one_costs_what_the_wider_did
     monkeypatch.setattr(step_cost, "cached_seconds", lambda keys, measure: (list(timed), 0.0))
     plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=1, prompt_bucket=64,
                                  cache_len=256, tokens=8)
-    costs, drafter, _, _ = engine.step_costs(tiny_model, plan, proposer, weights, SamplingConfig())
+    costs, drafter, _, _, _ = engine.step_costs(tiny_model, plan, proposer, weights, SamplingConfig())
     assert drafter == pytest.approx(0.1)
     expected = [1.0, 1.9, 1.9, *[2.9 + i for i in range(len(widths) - 3)]]  # w3 at w5's 2.0 - 0.1
     np.testing.assert_allclose(costs, expected, rtol=1e-6)
@@ -678,7 +678,7 @@ def test_a_costly_drafter_that_starts_pessimistic_learns_its_drafts_pay(tiny_mod
     from specjax.analysis.oracle import Oracle
 
     def costs(model, plan, proposer, *rest):
-        return np.asarray([1.0, 1.9, 2.2, 3.0], np.float32) * 1e-3, np.float32(2e-4), np.float32(0), 0.0
+        return np.asarray([1.0, 1.9, 2.2, 3.0], np.float32) * 1e-3, np.float32(2e-4), np.float32(0), np.float32(0), 0.0
 
     monkeypatch.setattr(engine, "step_costs", costs)
     prompt = [[3, 17, 41, 29, 11, 60, 7]]
@@ -707,7 +707,7 @@ def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, n
     ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
     free = lambda model, plan, proposer, *rest: (
         np.asarray(costs or [1.0] * len(engine.loop_widths(proposer)), np.float32), np.float32(0), np.float32(0),
-        0.0)
+        np.float32(0), 0.0)
     monkeypatch.setattr(engine, "step_costs", free)
     out = specjax.generate(tiny_model, [prompt], method, seed=2, adaptive=True, **opts, **kw)
     assert out.stats["adaptive"] and sum(out.stats["width_hist"][1:]) > 0  # some steps verified drafts
@@ -938,7 +938,7 @@ def test_lean_steps_leave_what_full_steps_leave(tiny_model, monkeypatch, method,
     def costs(model, plan, proposer, *rest):
         widths = engine.loop_widths(proposer)
         return (np.asarray([1.0 + 0.3 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4),
-                np.float32(0), 0.0)
+                np.float32(0), np.float32(0), 0.0)
 
     monkeypatch.setattr(engine, "step_costs", costs)
     finals, run = [], engine._run

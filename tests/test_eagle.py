@@ -293,17 +293,39 @@ def test_eagle_session_continues_like_a_fresh_call(tiny_model, head_dir):
     assert cont.stats["mean_accepted_tokens"] == pytest.approx(fresh.stats["mean_accepted_tokens"])
 
 
-def _price_proposals_at_a_step(monkeypatch, cheap_s: float = 0.0) -> None:
+def _price_proposals_at_a_step(monkeypatch, cheap_s: float = 0.0, wake_s: float = 0.0) -> None:
     """Calibrated costs where proposing costs a whole 1-token step: drafts rarely pay, the loop backs off.
-    `cheap_s`: the seconds of a proposer's cheap part (the hybrid's suffix match) alone."""
+    `cheap_s`: the seconds of a proposer's cheap part (the hybrid's suffix match) alone; `wake_s`: of the
+    catch-up a proposal after a wait runs first."""
     from specjax import engine
 
     def costs(model, plan, proposer, *rest):
         widths = engine.loop_widths(proposer)
         return (np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3),
-                np.float32(cheap_s), 0.0)
+                np.float32(cheap_s), np.float32(wake_s), 0.0)
 
     monkeypatch.setattr(engine, "step_costs", costs)
+
+
+def test_probes_and_waits_are_priced_with_the_catch_up_after_a_wait(tiny_model, head_dir, monkeypatch, tmp_path):
+    """A lazy head's proposal after a wait first absorbs its lag (`Proposer.waking`): the calibration times
+    that (an n-gram lookup has none), and a dearer catch-up spaces probes and waits further apart."""
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
+    kw = dict(max_new_tokens=8, adaptive=True, max_len=384)
+    assert specjax.generate(tiny_model, [[5, 6, 7]], "eagle", head=head_dir, **kw).stats["wake_s"] > 0
+    assert ":wake" in (tmp_path / "step_costs.json").read_text()
+    assert specjax.generate(tiny_model, [[5, 6, 7]], "pld", **kw).stats["wake_s"] == 0
+    prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
+    kw = dict(max_new_tokens=200, eos_token_ids=(), adaptive=True, head=head_dir)
+    ar = specjax.generate(tiny_model, prompts, "ar", max_new_tokens=200, eos_token_ids=())
+    shares = []
+    for wake_s in (0.0, 1e-2):
+        _price_proposals_at_a_step(monkeypatch, wake_s=wake_s)
+        monkeypatch.setenv("SPECJAX_ADAPTIVE_MEMORY", "0")
+        out = specjax.generate(tiny_model, prompts, "eagle", **kw)
+        assert out.tokens == ar.tokens
+        shares.append(out.stats["drafted_share"])
+    assert 0 < shares[1] < 0.7 * shares[0], shares
 
 
 @pytest.mark.parametrize("method", ["eagle", "hybrid"])

@@ -144,6 +144,17 @@ class Proposer:
         """Called after acceptance: `ctx` holds the new history; `prev_lengths` the lengths before."""
         return state
 
+    @property
+    def catches_up(self) -> bool:
+        """Whether `waking` does any work: a proposal after a wait first catches up on what it put off."""
+        return type(self).waking is not Proposer.waking
+
+    def waking(self, state: State, ctx: Context) -> State:
+        """What the first proposal after a long wait runs before drafting, from `state` (for the step-cost
+        calibration, which prices probes and waits with it): a lazy EAGLE head absorbs a full lag buffer.
+        Default: nothing, for proposers whose `update` keeps up on every step."""
+        return state
+
     def resume(self, state: State, ctx: Context, prev_state: State, prev: Context) -> State:
         """Continuing a session (next round): `state` is a fresh `init(ctx)`; `prev_state` and `prev` are
         this proposer's final state and history from the previous call. Returns what persists; default

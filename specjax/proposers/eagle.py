@@ -211,6 +211,17 @@ class Eagle(Proposer):
         then ends where ctx's history does."""
         return self._absorb(state, ctx.replace(features=state.lag, feature_start=state.cache.lengths))
 
+    @property
+    def catches_up(self) -> bool:
+        return self.lazy
+
+    def waking(self, state: EagleState, ctx: Context) -> EagleState:
+        """A full lag absorbed: the catch-up a proposal after a wait of `LAG_STEPS` or more steps runs."""
+        if not self.lazy:
+            return state
+        size = state.lag.shape[1]
+        return self.catch_up(state.replace(cache=state.cache.with_lengths(jnp.maximum(ctx.lengths - 1 - size, 0))), ctx)
+
     def resume(self, state: EagleState, ctx: Context, prev_state: EagleState, prev: Context) -> EagleState:
         """Next round: the previous head cache holds the shared prefix; redo only the new part on it."""
         return self._absorb(self.catch_up(prev_state, prev).replace(last=state.last), ctx)

@@ -120,6 +120,13 @@ class Hybrid(Proposer):
         return (self.suffix.resume(state[0], ctx, prev_state[0], prev),
                 self._head().resume(state[1], ctx, prev_state[1], prev))
 
+    @property
+    def catches_up(self) -> bool:
+        return self.head_proposer is not None and self.head_proposer.catches_up
+
+    def waking(self, state, ctx: Context):
+        return state[0], self._head().waking(state[1], ctx)
+
     def propose(self, state, ctx: Context, rng: jax.Array) -> tuple[Any, Draft]:
         head = self._head()
         s_state, h_state = state
