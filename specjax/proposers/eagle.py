@@ -191,7 +191,8 @@ class Eagle(Proposer):
         """`_absorb` for rows that share prompts (Best-of-N): every pair but the last holds prompt tokens
         only, so each prompt's are absorbed once and copied to its rows; then each row absorbs its last
         pair (the prompt's last features, the row's own first token). At batch 8 absorbing a 128-token
-        prompt in every row cost 74 ms a call on a 2-core CPU, most of a best-of-8 head's overhead."""
+        prompt in every row cost 74 ms a call on a 2-core CPU (0.6 ms a step of a 128-token best-of-8
+        run); absorbed once, 12 ms."""
         first, of = ctx.prompt_rows, ctx.prompt_of
         chex.assert_shape(of, (ctx.tokens.shape[0],))
         pick = lambda x: jnp.take(x, first, axis=0)
