@@ -155,8 +155,10 @@ def test_rows_sharing_a_prompt_start_as_rows_that_absorb_it_each(tiny_model, hea
 
 @pytest.mark.parametrize("method", ["eagle", "hybrid"])
 def test_best_of_n_branches_draft_as_prompts_of_their_own(tiny_model, head_dir, method):
-    """Branches that share a prompt's start (`Context.prompt_rows`) draft exactly as the same prompts
-    given once per row, which start each on its own; sampled, they emit plain sampling's tokens."""
+    """End to end through `generate`: branches that share a prompt's start (`Context.prompt_rows`) emit
+    and accept what the same prompts given once per row do, and sampled, plain sampling's tokens. (The
+    tiny random head accepts alike even with a wrong start; the start itself is checked exactly by
+    `test_rows_sharing_a_prompt_start_as_rows_that_absorb_it_each`.)"""
     head = {"head": head_dir} if method == "eagle" else {"head_path": head_dir, "head_min_prob": 0.0}
     prompts = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [11, 12, 13]]
     kw = dict(max_new_tokens=24, eos_token_ids=(), adaptive=False, **head)
