@@ -7,11 +7,14 @@ accelerators, and on a CPU only if its matmuls stay memory-bound. For each preci
 float32 activations with bf16 matmul weights, `load(matmul_dtype="bfloat16")`) and each batch size
 it times one jitted target forward of W tokens per row over a KV cache of --context tokens (median of
 --repeats, after a compile call), in one process, and prints ms and the ratio to float32's 1-token step.
+Where `load` chose to read the layer matrices as [out, in] from some number of rows on
+(`specjax/models/weight_layout.py`), a "f32 [in,out]" row times the same weights read as [in, out] alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from eval.cli import int_list
 
@@ -31,10 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import specjax
     from eval.moe_sweep import forward_time
+    from specjax.models import weight_layout
 
-    models = {"float32": specjax.load(args.model, tokenizer=False),
-              "bf16 matmul": specjax.load(args.model, tokenizer=False, matmul_dtype="bfloat16")}
-    print(f"{args.model}, context {args.context}, jax {jax.__version__} on {jax.devices()[0].platform}")
+    f32 = specjax.load(args.model, tokenizer=False)
+    models = {"float32": f32}
+    if f32.config.transposed_from:  # the same weights read as [in, out] alone, for comparison
+        models["f32 [in,out]"] = dataclasses.replace(
+            f32, config=dataclasses.replace(f32.config, transposed_from=0), params=weight_layout.plain(f32.params))
+    models["bf16 matmul"] = specjax.load(args.model, tokenizer=False, matmul_dtype="bfloat16")
+    print(f"{args.model}, context {args.context}, jax {jax.__version__} on {jax.devices()[0].platform}; "
+          f"float32 reads layer matrices as [out, in] from {f32.config.transposed_from or 'no'} rows "
+          f"(`{weight_layout.ENV}`)")
     print(f"{'precision':<13}{'batch':>6}{'width':>6}{'ms':>9}{'x f32 1-token':>15}")
     for b in batches:
         base = None

@@ -61,6 +61,9 @@ class ModelConfig:
     # one-token attention scores the cache's keys as a multiply-and-reduce instead of batched dots from
     # this many rows on (0: never), chosen by timing at load (models/attention_form.py)
     reduce_scores_from: int = 0
+    # products of at least this many rows read the dense layers' matrices as [out, in] (`<name>_t`), fewer
+    # as [in, out] (0: never), chosen by timing at load (models/weight_layout.py)
+    transposed_from: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -69,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.gemv_blocks < 1:
             raise ValueError(f"gemv_blocks must be at least 1, got {self.gemv_blocks}")
+        if self.transposed_from < 0:
+            raise ValueError(f"transposed_from must be 0 (never) or a number of rows, got {self.transposed_from}")
         if self.reduce_scores_from < 0:
             raise ValueError(f"reduce_scores_from must be 0 (never) or a number of rows, got {self.reduce_scores_from}")
         if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:

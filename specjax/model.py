@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from specjax import programs, sharding, validation, warm_start
 from specjax.config import ModelConfig
-from specjax.models import attention_form, gemv_blocks, loading, transformer
+from specjax.models import attention_form, gemv_blocks, loading, transformer, weight_layout
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -83,6 +83,7 @@ def load(name: str, dtype: Any = "float32", tokenizer: bool = True, mesh: Mesh |
 
     # timed once per machine and model (with no other work of ours running), then cached
     cfg = gemv_blocks.configure(cfg, params, mesh, before_timing=programs.settle)
+    cfg, params = weight_layout.configure(cfg, params, mesh, before_timing=programs.settle)
     cfg = attention_form.configure(cfg, params, mesh, before_timing=programs.settle)
     reader = threading.Thread(target=load_tokenizer, name="specjax-tokenizer", daemon=True) if tokenizer else None
     if reader is not None:

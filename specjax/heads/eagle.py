@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig
-from specjax.models import transformer
+from specjax.models import transformer, weight_layout
 from specjax.models.linear import matmul
 
 
@@ -31,7 +31,8 @@ def feature_layers(num_layers: int) -> tuple[int, ...]:
 
 
 def head_config(cfg: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(cfg, num_layers=1)
+    """The head's one-layer config; its layer holds its matrices as [in, out] whatever the target's layout."""
+    return dataclasses.replace(cfg, num_layers=1, transposed_from=0)
 
 
 class EagleHead(nn.Module):
@@ -84,7 +85,8 @@ def init_head(model, rng: jax.Array) -> dict:
     params = EagleHead(hcfg).init(rng, jnp.zeros((1, 2, n * d)), jnp.zeros((1, 2, d)), jnp.zeros((d, 4)),
                                   method=EagleHead.init_all)["params"]
     params = jax.tree.map(jnp.asarray, dict(params))
-    params["layer"] = jax.tree.map(lambda x: jnp.array(x, jnp.float32), dict(model.params["layers"][-1]))  # a copy
+    last = weight_layout.standard(dict(model.params["layers"][-1]))  # [in, out], as the head's layer holds it
+    params["layer"] = jax.tree.map(lambda x: jnp.array(x, jnp.float32), last)  # a copy
     return params
 
 

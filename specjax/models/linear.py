@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -32,6 +33,24 @@ def matmul(x: Array, w: Array, out_dtype=None, blocks: int = 1) -> Array:
         rows = jnp.pad(rows, ((0, MIN_LOW_PRECISION_ROWS - m), (0, 0)))
     y = jnp.dot(rows, w, preferred_element_type=jnp.float32)[:m]
     return y.reshape(*lead, w.shape[-1]).astype(out_dtype)
+
+
+def matmul_t(x: Array, wt: Array, out_dtype=None) -> Array:
+    """`x @ wt.T` over the last axis: `matmul` for a matrix held as [out, in] (`models/weight_layout.py`),
+    contracted over both last axes, with the same precision rule (float32 accumulation of lower-precision
+    weights, rows padded up to MIN_LOW_PRECISION_ROWS)."""
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    low = wt.dtype != x.dtype
+    if low:
+        rows = rows.astype(wt.dtype)
+        if m < MIN_LOW_PRECISION_ROWS:
+            rows = jnp.pad(rows, ((0, MIN_LOW_PRECISION_ROWS - m), (0, 0)))
+    acc = jnp.float32 if low else (out_dtype if out_dtype != x.dtype else None)
+    y = jax.lax.dot_general(rows, wt, (((1,), (1,)), ((), ())), preferred_element_type=acc)[:m]
+    return y.reshape(*lead, wt.shape[0]).astype(out_dtype)
 
 
 def split_gemv(x: Array, w: Array, blocks: int) -> Array:

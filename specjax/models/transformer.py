@@ -4,7 +4,8 @@ and the sparse Mixtral, Qwen2-MoE, Qwen3-MoE: their layers swap the MLP for `moe
 Params are a plain pytree; `forward` is a pure function of (params, cfg, tokens, cache). The same code
 serves the target, a draft model, a layer-skip self-draft and the features that draft heads read.
 
-Param tree (weights stored [in, out] so every matmul is `x @ W`, the fastest form on CPU):
+Param tree (weights stored [in, out], every matmul `x @ W`, and a layer's matrices also or instead as
+[out, in] where `models/weight_layout.py` timed products of many rows faster that way):
 
     lm_head     [D, V]        (tied models: the embedding table is lm_head's columns)
     embed       [V, D]        (untied models only)
@@ -13,6 +14,8 @@ Param tree (weights stored [in, out] so every matmul is `x @ W`, the fastest for
         attn_norm [D], wqkv [D, (H + 2 KV) hd], bqkv [(H + 2 KV) hd] (qkv-bias families),
         q_norm [hd], k_norm [hd] (Qwen3), wo [H hd, D], mlp_norm [D], w_gate_up [D, 2 F], w_down [F, D]
         (sparse layers, `cfg.moe_layers`: router, we_gate_up, we_down [, shared_*] instead: see moe.py)
+        (and/or wqkv_t, wo_t, w_gate_up_t, w_down_t: the same matrices as [out, in], read by products
+        of `cfg.transposed_from` rows or more, where `models/weight_layout.py` found that faster)
 
 q/k/v and gate/up are fused into one matmul each: at batch 1 per-op overhead, not FLOPs, dominates
 small matrices on CPU.
@@ -32,7 +35,7 @@ from jaxtyping import Array, Bool, Float, Int
 from specjax.config import ModelConfig
 from specjax.models import cache as kv
 from specjax.models import moe
-from specjax.models.linear import matmul
+from specjax.models.linear import matmul, matmul_t
 
 Params = dict[str, Any]
 
@@ -158,6 +161,16 @@ def _attend(q, k_new, v_new, new_mask, ctx, cfg: ModelConfig) -> jax.Array:
     return out.reshape(b, nkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * hd)
 
 
+def _dense(x: jax.Array, lp: Params, name: str, cfg: ModelConfig) -> jax.Array:
+    """x times the layer's matrix `name`: read as [out, in] (`name + "_t"`) in products of at least
+    `cfg.transposed_from` rows, where that multiplies faster on this machine (`models/weight_layout.py`),
+    else as [in, out] (a layer may hold both)."""
+    rows = math.prod(x.shape[:-1])
+    if name + "_t" in lp and (name not in lp or 0 < cfg.transposed_from <= rows):
+        return matmul_t(x, lp[name + "_t"])
+    return matmul(x, lp[name], blocks=cfg.gemv_blocks)
+
+
 def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cache_kv, slots, write: bool = True):
     """One pre-norm decoder layer; shared by every model and by the EAGLE head.
 
@@ -170,7 +183,7 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     b, t, _ = x.shape
     hd = cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    qkv = matmul(h, lp["wqkv"], blocks=cfg.gemv_blocks)
+    qkv = _dense(h, lp, "wqkv", cfg)
     if "bqkv" in lp:
         qkv = qkv + lp["bqkv"]
     nq, nk = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -190,14 +203,14 @@ def decoder_layer(lp: Params, cfg: ModelConfig, x, rope, new_mask, ctx_mask, cac
     else:
         new_kv = (kv.write(cache_kv[0], k, slots), kv.write(cache_kv[1], v, slots))
         ctx = None if ctx_mask is None else (new_kv[0], new_kv[1], ctx_mask)
-    x = x + matmul(_attend(q, k, v, new_mask, ctx, cfg), lp["wo"], blocks=cfg.gemv_blocks)
+    x = x + _dense(_attend(q, k, v, new_mask, ctx, cfg), lp, "wo", cfg)
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "router" in lp:
         y, activated = moe.moe_mlp(lp, cfg, h)
         return x + y, new_kv, activated
-    gate_up = matmul(h, lp["w_gate_up"], blocks=cfg.gemv_blocks)
+    gate_up = _dense(h, lp, "w_gate_up", cfg)
     f = gate_up.shape[-1] // 2
-    x = x + matmul(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], lp["w_down"], blocks=cfg.gemv_blocks)
+    x = x + _dense(jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:], lp, "w_down", cfg)
     return x, new_kv, None
 
 
