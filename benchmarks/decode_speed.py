@@ -66,8 +66,14 @@ def measure_bandwidth(mbytes: int = 512, repeats: int = 10) -> dict:
 
 
 def weight_bytes(params) -> int:
-    streamed = {k: v for k, v in params.items() if k != "embed"}
-    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(streamed)))
+    """A step's weight bytes: a layer that holds a matrix in both layouts (`ModelConfig.transposed_from`)
+    reads one of them."""
+    streamed = {k: v for k, v in params.items() if k not in ("embed", "layers")}
+    total = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(streamed))
+    for lp in params.get("layers", ()):
+        total += sum(leaf.nbytes for k, v in lp.items() if not (k.endswith("_t") and k[:-2] in lp)
+                     for leaf in jax.tree_util.tree_leaves(v))
+    return int(total)
 
 
 def bench_specjax(model, batch: int, new_tokens: int, repeats: int) -> dict:

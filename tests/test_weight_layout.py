@@ -99,3 +99,12 @@ def test_a_bad_override_names_the_fix(tiny_model, monkeypatch):
         weight_layout.choose(tiny_model.config, tiny_model.params)
     monkeypatch.setenv(weight_layout.ENV, "1")  # set: even a model too small to time
     assert weight_layout.configure(tiny_model.config, tiny_model.params)[0].transposed_from == 1
+
+
+@pytest.mark.parametrize("rows_from", [1, 4])
+def test_the_bandwidth_bound_counts_the_copy_a_step_reads(tiny_model, rows_from):
+    """`benchmarks.decode_speed` bounds decoding by the bytes a step streams: a layer holding both
+    layouts reads one of them."""
+    from benchmarks.decode_speed import weight_bytes
+
+    assert weight_bytes(_arranged(tiny_model, rows_from).params) == weight_bytes(tiny_model.params)

@@ -7,7 +7,7 @@ XLA:CPU lowers a float32 product of more than one row differently for the two la
 Xeon with AMX, the default model's whole forward took, [in, out] against [out, in]: 22.4 / 26.9 ms
 at one row, 51.7 / 53.0 at 5, 63.9 / 57.5 at 9, and at batch 8: 57.0 / 53.9 ms at 1 token, 77.1 /
 67.2 at 3, 114.8 / 86.3 at 5. So one-row steps want [in, out] and verifies of 8 rows or more want
-[out, in]. `load` times the forward at 1, 2, 4, 8, 16 and 32 rows in both layouts (about 15 s for the
+[out, in]. `load` times the forward at 1, 2, 4, 8, 16 and 32 rows in both layouts (about 11 s for the
 default model on a 2-core CPU, once per machine and model: kept in `<cache>/step_costs.json`) and sets
 `ModelConfig.transposed_from` to the fewest timed rows from which [out, in] wins by MARGIN at every
 larger count (0: never). Products of fewer rows keep [in, out]: where both are used the layer holds
