@@ -99,6 +99,7 @@ def test_a_bad_override_names_the_fix(tiny_model, monkeypatch):
         weight_layout.choose(tiny_model.config, tiny_model.params)
     monkeypatch.setenv(weight_layout.ENV, "1")  # set: even a model too small to time
     assert weight_layout.configure(tiny_model.config, tiny_model.params)[0].transposed_from == 1
+    assert weight_layout.choose(tiny_model.config, tiny_model.params, mesh=object()) == 0  # sharded: never
 
 
 @pytest.mark.parametrize("rows_from", [1, 4])

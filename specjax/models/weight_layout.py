@@ -13,8 +13,8 @@ default model on a 2-core CPU, once per machine and model: kept in `<cache>/step
 larger count (0: never). Products of fewer rows keep [in, out]: where both are used the layer holds
 both copies (`<name>` and `<name>_t`), one more copy of the layer matrices in memory, which is held
 only where it takes at most MAX_MEMORY_SHARE of the machine's memory; from 1 row on, the [out, in]
-copy alone. `SPECJAX_TRANSPOSED_FROM=N` sets it instead (0 turns it off). The two layouts give the same
-products up to float32 rounding.
+copy alone. `SPECJAX_TRANSPOSED_FROM=N` sets it instead (0 turns it off; a sharded model keeps
+[in, out]). The two layouts give the same products up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -120,16 +120,18 @@ def _memory_bytes() -> int:
 
 
 def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Callable[[], None] | None = None) -> int:
-    """`transposed_from` for this model on this machine: the env value, else 0 where the choice does
-    not arise (a sharded model, an accelerator, weights in another dtype than activations, a small
-    model), else the timed choice (from the cache folder when measured before), 0 where both copies
+    """`transposed_from` for this model on this machine: 0 for a sharded model, else the env value, else
+    0 where the choice does not arise (an accelerator, weights in another dtype than activations, a
+    small model), else the timed choice (from the cache folder when measured before), 0 where both copies
     would take more than MAX_MEMORY_SHARE of the memory. `before_timing` runs first when the layouts
     must be timed (the caller's own background work must be over)."""
     layers = [lp for lp in params.get("layers", ()) if all(k in lp for k in NAMES)]
-    chosen = from_env()
+    chosen = from_env()  # checked first: a bad value is an error wherever it would apply
+    if not layers or mesh is not None:  # (the sharding rules place [in, out] matrices only)
+        return 0
     if chosen is not None:
-        return chosen if layers else 0
-    if not layers or mesh is not None or jax.devices()[0].platform != "cpu":
+        return chosen
+    if jax.devices()[0].platform != "cpu":
         return 0
     act = transformer.compute_dtype(params)
     mats = [lp[k] for lp in layers for k in NAMES]
