@@ -47,6 +47,19 @@ def device_name() -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{os.cpu_count()}"
 
 
+def env_rows(name: str, meaning: str) -> int | None:
+    """A row-count override of a timed choice (`SPECJAX_REDUCE_SCORES_FROM`, `SPECJAX_TRANSPOSED_FROM`):
+    None when unset, else a whole number, or an error that says what to set (`meaning`: what the values
+    mean)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r}: set a whole number of rows ({meaning}), or unset it to let "
+                         f"specjax time the choice")
+    return int(value)
+
+
 def model_key(cfg: Any, params: Any) -> str:
     """What a timing depends on in the model: its shapes and the dtypes of its weights."""
     dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})

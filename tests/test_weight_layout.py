@@ -37,6 +37,14 @@ def test_layers_read_as_out_in_give_the_same_logits_and_tokens(tiny_model, rows_
         np.testing.assert_allclose(transformer.forward(model.params, model.config, tokens).logits,
                                    transformer.forward(tiny_model.params, tiny_model.config, tokens).logits,
                                    rtol=1e-5, atol=1e-5)
+    if rows_from > 1:  # each product reads the copy its rows call for: blank the [out, in] one to see which
+        blank = dict(model.params, layers=tuple({k: (jnp.zeros_like(v) if k.endswith("_t") else v)
+                                                 for k, v in lp.items()} for lp in model.params["layers"]))
+        for rows, reads_t in ((1, False), (rows_from - 1, False), (rows_from, True)):
+            tokens = jnp.arange(5, 5 + rows)[None]
+            same = np.allclose(transformer.forward(blank, model.config, tokens).logits,
+                               transformer.forward(tiny_model.params, tiny_model.config, tokens).logits, atol=1e-5)
+            assert same != reads_t, rows
     prompts = [[5, 6, 7, 8, 9, 10] * 3, [11, 12, 13]]
     kw = dict(max_new_tokens=24, eos_token_ids=())
     ar = specjax.generate(tiny_model, prompts, "ar", **kw)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -45,13 +44,7 @@ MIN_MODEL_BYTES = 64 << 20
 
 def from_env() -> int | None:
     """`SPECJAX_REDUCE_SCORES_FROM`, checked, or None when unset."""
-    value = os.environ.get(ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"{ENV}={value!r}: set a whole number of rows (0 = never), or unset it to let "
-                         f"specjax time the choice")
-    return int(value)
+    return step_cost.env_rows(ENV, "0 = never")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -26,13 +26,19 @@ def matmul(x: Array, w: Array, out_dtype=None, blocks: int = 1) -> Array:
         if blocks > 1 and rows == 1 and out_dtype == x.dtype and w.shape[0] % blocks == 0:
             return split_gemv(x, w, blocks)
         return jnp.dot(x, w, preferred_element_type=out_dtype) if out_dtype != x.dtype else x @ w
+    return _low_precision(x, w, out_dtype, 0)
+
+
+def _low_precision(x: Array, w: Array, out_dtype, w_in: int) -> Array:
+    """x (cast to w's dtype) times w over w's axis `w_in`, accumulated in float32, the rows padded up to
+    MIN_LOW_PRECISION_ROWS."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1]).astype(w.dtype)
     m = rows.shape[0]
     if m < MIN_LOW_PRECISION_ROWS:
         rows = jnp.pad(rows, ((0, MIN_LOW_PRECISION_ROWS - m), (0, 0)))
-    y = jnp.dot(rows, w, preferred_element_type=jnp.float32)[:m]
-    return y.reshape(*lead, w.shape[-1]).astype(out_dtype)
+    y = jax.lax.dot_general(rows, w, (((1,), (w_in,)), ((), ())), preferred_element_type=jnp.float32)[:m]
+    return y.reshape(*lead, y.shape[-1]).astype(out_dtype)
 
 
 def matmul_t(x: Array, wt: Array, out_dtype=None) -> Array:
@@ -40,17 +46,10 @@ def matmul_t(x: Array, wt: Array, out_dtype=None) -> Array:
     contracted over both last axes, with the same precision rule (float32 accumulation of lower-precision
     weights, rows padded up to MIN_LOW_PRECISION_ROWS)."""
     out_dtype = out_dtype or x.dtype
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    low = wt.dtype != x.dtype
-    if low:
-        rows = rows.astype(wt.dtype)
-        if m < MIN_LOW_PRECISION_ROWS:
-            rows = jnp.pad(rows, ((0, MIN_LOW_PRECISION_ROWS - m), (0, 0)))
-    acc = jnp.float32 if low else (out_dtype if out_dtype != x.dtype else None)
-    y = jax.lax.dot_general(rows, wt, (((1,), (1,)), ((), ())), preferred_element_type=acc)[:m]
-    return y.reshape(*lead, wt.shape[0]).astype(out_dtype)
+    if wt.dtype != x.dtype:
+        return _low_precision(x, wt, out_dtype, 1)
+    acc = out_dtype if out_dtype != x.dtype else None
+    return jax.lax.dot_general(x, wt, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
 
 
 def split_gemv(x: Array, w: Array, blocks: int) -> Array:

@@ -76,13 +76,7 @@ def plain(params: Any) -> Any:
 
 def from_env() -> int | None:
     """`SPECJAX_TRANSPOSED_FROM`, checked, or None when unset."""
-    value = os.environ.get(ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"{ENV}={value!r}: set a number of rows (0 = never read layer matrices as [out, in], "
-                         f"1 = always), or unset it to let specjax time the choice")
-    return int(value)
+    return step_cost.env_rows(ENV, "0 = never read layer matrices as [out, in], 1 = always")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
