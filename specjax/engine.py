@@ -885,9 +885,12 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
     due = jnp.where(pays, False, jnp.where(idle, adapt.probe_due, True))
-    # a probe that did not pay halves the probing share (`probe_credit`); a paid one, or proposals whose
-    # average pays, restore it
-    misses = jnp.where(adapt.probed & ~paid, jnp.minimum(adapt.probe_misses + 1, MAX_PROBE_MISSES),
+    # a probe that did not move the batch by its price halves the probing share (`probe_credit`); one that
+    # did, or proposals whose average pays, restore it. The batch's progress here, not the rows' mean that
+    # decides whether proposing resumes: EAGLE in a sampled best-of-8 batch passed nearly every probe on the
+    # mean, its estimate then turned the next drafts down, and probing kept its full 2% of the time
+    moved = progress * costs[0] - costs[best] > drafter_s
+    misses = jnp.where(adapt.probed & ~moved, jnp.minimum(adapt.probe_misses + 1, MAX_PROBE_MISSES),
                        jnp.where(adapt.probed | pays & ~idle, 0, adapt.probe_misses))
     # a wait after a fruitless proposal halves the share of such proposals for the next one; a verified
     # draft restores it
