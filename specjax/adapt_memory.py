@@ -5,14 +5,15 @@ again and again with the same method, sampling settings and batch. Started afres
 again for the probes and fruitless proposals that taught the previous one what does not pay (a
 costly drafter on text it cannot draft proposed on 22% of the steps of a first call on the tests'
 tiny model, 3% of a second that started from the first's state). So the loop's policy state (the
-decayed acceptance counts, the saving average, the backoff, the wait and the probe budget) is kept
+decayed acceptance counts, the saving average, the backoff and the probe budget) is kept
 per model for each (method, sampling settings, batch, cache size) and the next call of the same kind
 starts from it. Outputs never depend on it: the width decision only cuts drafts, and
 any prefix of a draft verifies exactly.
 
-The counts decay by `engine.DECAY` per step, so text of another kind overrides a remembered estimate
-within some 50 steps, and probes keep testing it. `SPECJAX_ADAPTIVE_MEMORY=0` turns the memory off
-(every call starts fresh, as a `Session` aside); `forget(model)` clears it.
+The counts decay by `engine.DECAY` per step that proposes, so text of another kind overrides a
+remembered estimate within some 50 such steps, and probes keep testing it. The wait is not carried:
+it counts down through the text the last call wrote, not the next one's. `SPECJAX_ADAPTIVE_MEMORY=0`
+turns the memory off (every call starts fresh, as a `Session` aside); `forget(model)` clears it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import jax.numpy as jnp
 
 ENV = "SPECJAX_ADAPTIVE_MEMORY"
 # the fields of `engine.Adapt` that describe the method on this kind of run, not one call's rows or record
-POLICY = ("tried", "hit", "backoff", "wait", "saving", "probe_due", "credit", "probe_misses", "idle_misses")
+# (not the wait: a call that started inside the last answer's closing backoff waited through most of a
+# fresh 100-token answer that a fixed EAGLE chain drafted at 2.7 tokens a forward)
+POLICY = ("tried", "hit", "backoff", "saving", "probe_due", "credit", "probe_misses", "idle_misses")
 
 _memory: "weakref.WeakKeyDictionary[Any, dict[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
 _lock = threading.Lock()

@@ -85,11 +85,14 @@ class Adapt:
     probe_misses: Int[Array, ""] = 0
     # proposals in a row with nothing worth verifying: each halves the share of time such proposals take
     idle_misses: Int[Array, ""] = 0
+    # the chosen width's expected progress of the batch (`_batch_worth`), known before the verify: what a
+    # single row's saving is averaged on (`_settle`)
+    expected: Float[Array, ""] = 1.0
 
 
 NUM_BUCKETS = 6  # confidence buckets per source
 PRIOR_MEAN, PRIOR_COUNT = 0.5, 2.0  # Beta prior of the first position's acceptance (deeper: the one before)
-DECAY = 0.98  # per-step forgetting of the counts (an effective memory of ~50 steps)
+DECAY = 0.98  # forgetting of the counts per step that proposes or scores a shadow (a memory of ~50 such steps)
 # share of decode time that probing may cost where drafts do not pay: a probe (proposing, then verifying at
 # the widest width) is priced from the calibrated costs, and probes are spaced so they cost about this much.
 # Fixed intervals ignored the price: a 16-wide tree probed every 16 steps took 9% of a best-of-8 run
@@ -131,7 +134,7 @@ def init_adapt(proposer: Proposer, counts: tuple[Array, Array] | None = None, ba
                  drafted_steps=jnp.zeros((), jnp.int32), probing=jnp.zeros((), bool), proposing=jnp.zeros((), bool),
                  probe_due=jnp.zeros((), bool), credit=jnp.full((), jnp.inf, jnp.float32),
                  probed=jnp.zeros((), bool), probe_misses=jnp.zeros((), jnp.int32),
-                 idle_misses=jnp.zeros((), jnp.int32))
+                 idle_misses=jnp.zeros((), jnp.int32), expected=jnp.ones((), jnp.float32))
 
 
 def probe_price(costs: Float[Array, "W"], drafter_s: Float[Array, ""] | float = 0.0,
@@ -550,6 +553,12 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         """Whether `propose` runs at all this step (`split`: its cheap part)."""
         return gate_open(s) & (cheap_pays | will_propose(s)) if split else will_propose(s)
 
+    def idle(s: LoopState) -> Bool[Array, ""]:
+        """A step with no proposal and nothing to score: a backed-off or gated loop's usual step. (A forced
+        width, `verify_floor` > 0, is a calibration's drafting step.)"""
+        no_floor = jnp.ones((), bool) if verify_floor is None else verify_floor <= 0
+        return ~proposal_runs(s) & ~jnp.any(s.adapt.shadow_valid) & no_floor
+
     def step(s: LoopState, lean: bool = False) -> LoopState:
         """One decode step. `lean` (static): a step on which `propose` does not run and nothing is left to
         score (`idle`), traced without what such a step would compute only to discard: the drafter's call,
@@ -641,9 +650,9 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         elif adaptive:
             new = new.replace(adapt=_settle(
                 _observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
-                         jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer)),
+                         jnp.maximum(best - 1, 0) if template is not None else 0, _groups(proposer), ~idle(s)),
                 _batch_progress(s, new, num_new, max_new), jnp.sum(num_new) / jnp.maximum(jnp.sum(active), 1),
-                best, costs, drafter_s, ~forced, free, woken_s))
+                best, costs, drafter_s, ~forced, free, woken_s, jnp.sum(active) <= 1))
             if scored:  # a draft cut short, or turned down, whose verified part was all accepted
                 if template is None:
                     cut, verified = drafting & (res.num_accepted >= draft.num) & (proposed.num > draft.num), draft.num
@@ -660,12 +669,6 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
 
     if not (adaptive or gated) or not lean_steps:  # `propose` runs on every step (or `step` serves all)
         return jax.lax.while_loop(cond, step, state)
-
-    def idle(s: LoopState) -> Bool[Array, ""]:
-        """A step with no proposal and nothing to score: a backed-off or gated loop's usual step. (A forced
-        width, `verify_floor` > 0, is a calibration's drafting step.)"""
-        no_floor = jnp.ones((), bool) if verify_floor is None else verify_floor <= 0
-        return ~proposal_runs(s) & ~jnp.any(s.adapt.shadow_valid) & no_floor
 
     def body(s: LoopState) -> LoopState:
         # each step kind in a while loop run once or not at all (not a `lax.cond`): a loop carries the
@@ -804,7 +807,7 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
         predicted_tokens=adapt.predicted_tokens + jnp.where(best > 0, expect[:, best].sum(), rows),
         predicted_s=adapt.predicted_s + jnp.where(any_rows, costs[best] + jnp.where(want, drafter_s, 0.0), 0.0),
         drafted_steps=adapt.drafted_steps + want.astype(jnp.int32), probing=want & after_backoff & probes,
-        proposing=want, probe_due=adapt.probe_due | rejected, credit=credit, probed=probe)
+        proposing=want, probe_due=adapt.probe_due | rejected, credit=credit, probed=probe, expected=worth[best])
     return draft, drafting, adapt, best, bucket
 
 
@@ -822,9 +825,11 @@ def _idle_decision(adapt: Adapt, costs, drafter_s, active: Bool[Array, "B"]) -> 
 
 
 def _idle_observe(adapt: Adapt, lengths: Int[Array, "B"], scored: bool) -> Adapt:
-    """`_observe`, `_settle` and `_shadow` after a step with no draft and no shadow pending: the counts
-    decay, and a deterministic drafter's (absent) shadow marks the positions since its start as seen."""
-    adapt = adapt.replace(tried=DECAY * adapt.tried, hit=DECAY * adapt.hit)
+    """`_observe`, `_settle` and `_shadow` after a step with no draft and no shadow pending: a deterministic
+    drafter's (absent) shadow marks the positions since its start as seen. The counts hold: such a step
+    observes nothing, and decaying them there let a drafter that waits 15-75 steps between proposals
+    (EAGLE at batch 1, whose chain of 4 costs 2.2x a step) forget each proposal's evidence before the
+    next, so its estimate stayed at the prior and turned down drafts a fixed chain ran at 1.19x `ar`."""
     if scored:
         seen = jnp.minimum(lengths - adapt.shadow_start, adapt.tried.shape[-1])
         adapt = adapt.replace(shadow_scored=jnp.maximum(adapt.shadow_scored, seen))
@@ -841,7 +846,7 @@ def _batch_progress(before: LoopState, after: LoopState, num_new: Int[Array, "B"
 
 def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, ""], best: Int[Array, ""], costs,
             drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False,
-            woken_s: Float[Array, ""] | float | None = None) -> Adapt:
+            woken_s: Float[Array, ""] | float | None = None, single: Bool[Array, ""] | bool = False) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`_batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
     on while the moving average of that saving (`SAVING_DECAY`) stays above the drafter's own cost, else it
@@ -862,7 +867,13 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     decision alone says what is verified (waits after drafts that fell short left `pld` blind to the
     repeats that followed, 2 to 60 steps at a time). `woken_s` (default `drafter_s`) prices the waits:
     the proposal that ends one first catches up (`Proposer.waking`)."""
-    saved = progress * costs[0] - costs[best]
+    # one row: the saving the estimate expected of the chosen width (`Adapt.expected`), not the one it got.
+    # A verify of 5 at 2.2x a step saves -41 ms when nothing is accepted and +97 ms when all is: averaged,
+    # realised savings of an EAGLE chain worth 1.18x `ar` dipped below its cost every few dozen steps, and
+    # each dip doubled its wait. The estimate's counts are exact for one row; for a batch, what the rows
+    # accept need not move it (`_batch_progress`), so a batch averages what it got
+    got = jnp.where(single & ~adapt.probing, adapt.expected, progress)
+    saved = got * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
     probe_saved = mean_tokens * costs[0] - costs[best]
@@ -872,15 +883,21 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # strictly more: a cheap drafter whose calibrated cost rounds to 0 (the paired difference of two
     # nearly equal steps) and that saves nothing proposed every step of a best-of-8 batch
     pays = jnp.where(adapt.probing, paid, saving > drafter_s)
-    # a paid probe resumes proposing but keeps its wait: only the average restores short waits. Resetting
-    # them there let a drafter that pays on the rows' mean and not on the batch's progress (EAGLE at
-    # batch 8) cycle probe, a few proposals, a wait of 2, and propose on 64% of steps at 0.81x `ar`
+    # whether the step moved the batch by more than it cost (its slowest row's tokens, not the rows' mean)
+    moved = progress * costs[0] - costs[best] > drafter_s
+    # a probe that paid on the mean alone resumes proposing but keeps its wait: only the average, or a probe
+    # that moved the batch, restores short waits. Resetting them at every paid probe let a drafter that pays
+    # on the rows' mean and not on the batch's progress (EAGLE at batch 8) cycle probe, a few proposals, a
+    # wait of 2, and propose on 64% of steps at 0.81x `ar`; keeping them after a probe that moved a single
+    # row let an EAGLE chain at batch 1 whose average dipped below its cost a few times (a verify of 5 at
+    # 2.2x a step leaves a thin margin) wait 64 steps at a time, through text its fixed chain ran at 1.18x
     woken_s = drafter_s if woken_s is None else woken_s  # waits are priced at a proposal after a wait
     longer = jnp.minimum(2 * adapt.backoff, probe_interval(costs, woken_s))
     # a proposal whose drafts were not worth verifying lost the drafter's cost only, and says nothing of
     # whether verified drafts pay: it keeps the backoff and waits as long as the drafter's cost allows
     idle = (best == 0) & ~adapt.probing
-    backoff = jnp.where(pays, jnp.where(adapt.probing, adapt.backoff, 1), jnp.where(idle, adapt.backoff, longer))
+    backoff = jnp.where(pays, jnp.where(adapt.probing & ~moved, adapt.backoff, 1),
+                        jnp.where(idle, adapt.backoff, longer))
     wait = jnp.where(pays | free, 0, jnp.where(idle, idle_wait(costs, woken_s, adapt.idle_misses), backoff))
     # after verified drafts fell short (or drafts were turned down: `_choose_width` set the flag), the next draft
     # that could gain is a probe; a proposal with nothing worth verifying leaves the flag as it was
@@ -889,7 +906,6 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # did, or proposals whose average pays, restore it. The batch's progress here, not the rows' mean that
     # decides whether proposing resumes: EAGLE in a sampled best-of-8 batch passed nearly every probe on the
     # mean, its estimate then turned the next drafts down, and probing kept its full 2% of the time
-    moved = progress * costs[0] - costs[best] > drafter_s
     misses = jnp.where(adapt.probed & ~moved, jnp.minimum(adapt.probe_misses + 1, MAX_PROBE_MISSES),
                        jnp.where(adapt.probed | pays & ~idle, 0, adapt.probe_misses))
     # a wait after a fruitless proposal halves the share of such proposals for the next one; a verified
@@ -939,10 +955,11 @@ def _counted(shape: tuple[int, ...], rows: Int[Array, "B G"], bucket: Int[Array,
 
 
 def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group: Int[Array, ""] | int = 0,
-             groups: int = 1) -> Adapt:
+             groups: int = 1, decay: Bool[Array, ""] | bool = True) -> Adapt:
     """Adds one verification to the acceptance counts: position i of a row's draft was tried if every
     earlier one was accepted, and accepted if the row accepted more than i tokens. `group`: the tree's
-    drafting sub-tree that ran, of `groups` (`_groups`)."""
+    drafting sub-tree that ran, of `groups` (`_groups`). `decay` False: the step observed nothing (it
+    neither proposed nor scored a shadow, `_idle_observe`), and the counts hold."""
     batch, d = draft.num.shape[0], adapt.tried.shape[-1]
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     source = source * groups + group
@@ -954,7 +971,8 @@ def _observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group:
     add = lambda x: _counted(adapt.tried.shape, source[:, None], bucket, x[:, None])
     drafted = on[:, 0] & (reach[:, 0] > 0)
     streak = jnp.where(drafted, (accepted >= reach[:, 0]).astype(jnp.int32), adapt.streak)
-    return adapt.replace(tried=DECAY * adapt.tried + add(tried), hit=DECAY * adapt.hit + add(hit), streak=streak)
+    keep = jnp.where(decay, DECAY, 1.0)
+    return adapt.replace(tried=keep * adapt.tried + add(tried), hit=keep * adapt.hit + add(hit), streak=streak)
 
 
 def _shadow_shape(proposer: Proposer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -249,6 +249,55 @@ def test_a_session_carries_the_acceptance_estimate(tiny_model, cpu_like_costs):
     assert r2.tokens == ar.tokens and r2.stats["width_hist"][0] < r1.stats["width_hist"][0] + 2
 
 
+@pytest.mark.parametrize("single", [True, False], ids=["one-row", "batch"])
+def test_one_row_averages_the_saving_its_estimate_expected(single):
+    """A width-3 verify (1.5x a step, drafting 0.1x) that the estimate expected to yield 3 tokens yields
+    one. One row averages what was expected (3 - 1.5 saved: proposing goes on), since one row's realised
+    savings swing from -0.5 to +1.5 steps around a thin margin; a batch averages what it got (-0.5: the
+    wait doubles), since its rows' acceptance need not move it."""
+    from specjax.engine import _settle, init_adapt
+
+    adapt = init_adapt(make_proposer("pld", k=8)).replace(proposing=jnp.asarray(True), expected=jnp.float32(3.0))
+    costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
+    out = _settle(adapt, jnp.float32(1), jnp.float32(1), jnp.int32(1), costs, jnp.float32(0.1), single=single)
+    assert float(out.saving) == pytest.approx(0.9 * 0.1 + 0.1 * (1.5 if single else -0.5))
+    assert (int(out.wait), int(out.backoff)) == ((0, 1) if single else (2, 2))
+
+
+def test_counts_hold_on_steps_that_observe_nothing():
+    """The acceptance counts decay on steps that propose or score a shadow, and hold on a backed-off
+    drafter's steps (lean or not), so a drafter that waits between proposals keeps each one's evidence."""
+    from specjax.drafting import Draft
+    from specjax.engine import DECAY, _idle_observe, _observe, init_adapt
+
+    adapt = init_adapt(make_proposer("pld", k=4))
+    adapt = adapt.replace(tried=adapt.tried + 4.0, hit=adapt.hit + 3.0)
+    held = _idle_observe(adapt, jnp.asarray([9]), scored=True)
+    np.testing.assert_array_equal(held.tried, adapt.tried)
+    np.testing.assert_array_equal(held.hit, adapt.hit)
+    none = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.zeros((1,), jnp.int32))
+    args = (none, jnp.zeros((1,), bool), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), None)
+    np.testing.assert_array_equal(_observe(adapt, *args, decay=False).hit, adapt.hit)
+    np.testing.assert_allclose(_observe(adapt, *args).hit, DECAY * adapt.hit)
+
+
+def test_the_memory_of_earlier_calls_does_not_carry_the_wait(monkeypatch):
+    """A call starts proposing at once: the wait counted down through the text the last call wrote."""
+    from specjax import adapt_memory
+    from specjax.engine import init_adapt
+
+    monkeypatch.setenv(adapt_memory.ENV, "1")
+
+    class Owner:  # any object a model's memory can be keyed on (held weakly)
+        pass
+
+    owner = Owner()
+    adapt = init_adapt(make_proposer("pld", k=4)).replace(wait=jnp.int32(44), backoff=jnp.int32(64))
+    adapt_memory.remember(owner, ("k",), adapt)
+    kept = adapt_memory.recall(owner, ("k",))
+    assert "wait" not in kept and int(kept["backoff"]) == 64
+
+
 def test_a_call_starts_from_what_the_previous_call_of_its_kind_learned(tiny_model, cpu_like_costs, monkeypatch):
     """A costly drafter on text it cannot draft learns to back off in its first call; the next call of the
     same kind starts backed off (fewer proposals, the same tokens), one of another kind starts afresh."""
@@ -529,18 +578,21 @@ def test_a_proposal_with_nothing_worth_verifying_costs_the_drafter_alone():
     assert int(idle_wait(costs, 50.0)) == int(probe_interval(costs, 50.0)) == 256
 
 
-@pytest.mark.parametrize("tokens, backoff, wait", [(3.0, 4, 0), (1.2, 8, 8)], ids=["paid", "did-not-pay"])
-def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, backoff, wait):
+@pytest.mark.parametrize("tokens, progress, backoff, wait", [(3.0, 1.0, 4, 0), (1.2, 1.0, 8, 8), (3.0, 3.0, 1, 0)],
+                         ids=["paid-on-the-mean", "did-not-pay", "moved-the-batch"])
+def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, progress, backoff, wait):
     """A probe at width 3 (1.5x a 1-token step, drafting 0.1x): 3 tokens pay (3 / 1.6 > 1), so proposing
-    resumes, with the wait it had (4) kept for the next time the average fails; 1.2 do not, so the
-    backoff doubles from 4 and the drafter waits that long. Only a step that proposed is settled."""
+    resumes; where only the rows' mean gained them (the batch moved by one token), with the wait it had
+    (4) kept for the next time the average fails, where the batch moved by them too, with the shortest
+    wait. 1.2 do not pay, so the backoff doubles from 4 and the drafter waits that long. Only a step
+    that proposed is settled."""
     from specjax.engine import _settle, init_adapt
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True),
                                                           proposing=jnp.asarray(True))
     costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
-    # the batch progressed by one token (its slowest row's), the rows by `tokens` on average: the mean judges
-    out = _settle(adapt, jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
+    # the batch progressed by `progress` tokens (its slowest row's), the rows by `tokens` on average
+    out = _settle(adapt, jnp.float32(progress), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
     assert bool(out.probe_due) == (wait > 0)  # a failed probe: the first draft after the wait probes again
     idle = _settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
