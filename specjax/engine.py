@@ -870,8 +870,8 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # one row: the saving the estimate expected of the chosen width (`Adapt.expected`), not the one it got.
     # A verify of 5 at 2.2x a step saves -41 ms when nothing is accepted and +97 ms when all is: averaged,
     # realised savings of an EAGLE chain worth 1.18x `ar` dipped below its cost every few dozen steps, and
-    # each dip doubled its wait. The estimate's counts are exact for one row; for a batch, what the rows
-    # accept need not move it (`_batch_progress`), so a batch averages what it got
+    # each dip doubled its wait. One row's estimate counts its own verifications; a batch's rows may accept
+    # tokens that do not move it (`_batch_progress`), so a batch averages what it got
     got = jnp.where(single & ~adapt.probing, adapt.expected, progress)
     saved = got * costs[0] - costs[best]
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
