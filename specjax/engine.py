@@ -872,19 +872,18 @@ def _settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, 
     # realised savings of an EAGLE chain worth 1.18x `ar` dipped below its cost every few dozen steps, and
     # each dip doubled its wait. One row's estimate counts its own verifications; a batch's rows may accept
     # tokens that do not move it (`_batch_progress`), so a batch averages what it got
-    got = jnp.where(single & ~adapt.probing, adapt.expected, progress)
-    saved = got * costs[0] - costs[best]
+    saved_by = lambda tokens: tokens * costs[0] - costs[best]  # one-token steps' time a step saved
+    saved = saved_by(jnp.where(single & ~adapt.probing, adapt.expected, progress))
     prev = jnp.where(jnp.isfinite(adapt.saving), adapt.saving, drafter_s)  # first: neither paid nor not
     saving = SAVING_DECAY * prev + (1.0 - SAVING_DECAY) * saved
-    probe_saved = mean_tokens * costs[0] - costs[best]
-    paid = probe_saved > drafter_s
+    paid = saved_by(mean_tokens) > drafter_s
     # a paid probe restarts the average level with the drafter's cost: the next proposals' progress decides
     saving = jnp.where(adapt.probing & paid, drafter_s, saving)
     # strictly more: a cheap drafter whose calibrated cost rounds to 0 (the paired difference of two
     # nearly equal steps) and that saves nothing proposed every step of a best-of-8 batch
     pays = jnp.where(adapt.probing, paid, saving > drafter_s)
     # whether the step moved the batch by more than it cost (its slowest row's tokens, not the rows' mean)
-    moved = progress * costs[0] - costs[best] > drafter_s
+    moved = saved_by(progress) > drafter_s
     # a probe that paid on the mean alone resumes proposing but keeps its wait: only the average, or a probe
     # that moved the batch, restores short waits. Resetting them at every paid probe let a drafter that pays
     # on the rows' mean and not on the batch's progress (EAGLE at batch 8) cycle probe, a few proposals, a
