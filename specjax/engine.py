@@ -108,13 +108,20 @@ SAVING_DECAY = 0.9
 TIE_BREAK = 1e-3  # weight of the rows' mean expected tokens beside the batch's expected progress (`_batch_worth`)
 
 
-def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str, batch: int) -> Int[Array, "B"]:
+def confidence_bucket(confidence: Float[Array, "B"] | None, kind: str | tuple[str, ...], batch: int,
+                      source: Int[Array, "B"] | None = None) -> Int[Array, "B"]:
     """A draft's confidence as one of NUM_BUCKETS: log2 buckets of a count (match length, n-gram order),
-    or equal-width buckets of a probability (a head's or a draft model's)."""
+    or equal-width buckets of a probability (a head's or a draft model's). `kind` per source (a tuple,
+    indexed by `source`): a hybrid's suffix rows carry a match length, its head rows a probability."""
     if confidence is None:
         return jnp.zeros((batch,), jnp.int32)
     c = jnp.maximum(confidence.astype(jnp.float32), 0.0)
-    b = c * NUM_BUCKETS if kind == "probability" else jnp.log2(c + 1.0)
+    if isinstance(kind, str):
+        probability = jnp.asarray(kind == "probability")
+    else:
+        source = jnp.zeros((batch,), jnp.int32) if source is None else source
+        probability = jnp.asarray([k == "probability" for k in kind])[source]
+    b = jnp.where(probability, c * NUM_BUCKETS, jnp.log2(c + 1.0))
     return jnp.clip(jnp.floor(b), 0, NUM_BUCKETS - 1).astype(jnp.int32)
 
 
@@ -733,7 +740,8 @@ def _choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s,
     remaining = jnp.ones((batch,), jnp.int32) if remaining is None else remaining
     source = jnp.zeros((batch,), jnp.int32) if draft.source is None else draft.source
     credit, full = probe_credit(adapt.credit, costs, woken_s, adapt.probe_misses)
-    bucket = confidence_bucket(draft.confidence, proposer.confidence_kind, batch) + NUM_BUCKETS * adapt.streak
+    bucket = (confidence_bucket(draft.confidence, proposer.confidence_kind, batch, source)
+              + NUM_BUCKETS * adapt.streak)
     # a bucket starts from its source's rate over all its buckets (or a lower bucket's, if better:
     # `confidence_prior`), not from PRIOR_MEAN: a confidence level seldom seen (a long match, a high head
     # probability) would otherwise start at 0.5, which on a dear verify says "do not draft", and then be

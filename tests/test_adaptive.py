@@ -334,6 +334,11 @@ def test_confidence_buckets():
     probs = confidence_bucket(jnp.asarray([0.0, 0.5, 0.99, 1.0]), "probability", 4)
     assert probs.tolist() == [0, 3, 5, 5]
     assert np.all(np.asarray(confidence_bucket(None, "count", 3)) == 0)
+    # one kind per source (a hybrid): a suffix row's 7-token match and a head row's 0.99 guess
+    mixed = confidence_bucket(jnp.asarray([7.0, 0.99, 0.2]), ("count", "count", "probability"), 3,
+                              jnp.asarray([1, 2, 2]))
+    assert mixed.tolist() == [3, 5, 1]
+
 
 
 def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):

@@ -153,6 +153,27 @@ def test_rows_sharing_a_prompt_start_as_rows_that_absorb_it_each(tiny_model, hea
     np.testing.assert_array_equal(drafts[0].tokens, drafts[1].tokens)
 
 
+def test_hybrid_rows_carry_their_sources_confidence(tiny_model, head_dir):
+    """For the adaptive loop's buckets a hybrid's head row carries the head's first-guess probability and
+    its suffix row the match length (`confidence_kind` per source): with the match length alone every head
+    row fell in one bucket, and the loop could not cut a head draft it was unsure of."""
+    from specjax.proposers.hybrid import SOURCE_HEAD, SOURCE_SUFFIX, Hybrid
+
+    hybrid, w = Hybrid(head_path=head_dir, head_min_prob=0.0, threshold=3).bind(tiny_model, SamplingConfig())
+    eagle = hybrid.head_proposer
+    assert hybrid.confidence_kind == ("count", "count", eagle.confidence_kind) == ("count", "count", "probability")
+    fresh, repeat = [5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 10, 5, 6, 7, 8]
+    ctx = _context(tiny_model, w, eagle, fresh)
+    _, head_draft = eagle.propose(eagle.init(ctx), ctx, jax.random.PRNGKey(0))
+    _, draft = hybrid.propose(hybrid.init(ctx), ctx, jax.random.PRNGKey(0))
+    assert int(draft.source[0]) == SOURCE_HEAD
+    np.testing.assert_allclose(draft.confidence, head_draft.confidence)
+    assert 0.0 < float(draft.confidence[0]) <= 1.0
+    ctx = _context(tiny_model, w, eagle, repeat)
+    _, draft = hybrid.propose(hybrid.init(ctx), ctx, jax.random.PRNGKey(0))
+    assert int(draft.source[0]) == SOURCE_SUFFIX and float(draft.confidence[0]) == 4.0  # 5 6 7 8 matched
+
+
 @pytest.mark.parametrize("method", ["eagle", "hybrid"])
 def test_best_of_n_branches_draft_as_prompts_of_their_own(tiny_model, head_dir, method):
     """End to end through `generate`: branches that share a prompt's start (`Context.prompt_rows`) emit

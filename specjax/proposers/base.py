@@ -88,8 +88,9 @@ class Proposer:
     paper: ClassVar[tuple[int, str] | None] = None  # (row, name) in the SpecTTS-Bench table (arXiv 2509.04474)
     sources: ClassVar[tuple[str, ...]] = ("drafter",)  # what `Draft.source` ids mean (stats["proposer_steps"])
     # what `Draft.confidence` measures, for the adaptive loop's buckets: "count" (a match length, an
-    # n-gram order: log2 buckets) or "probability" (a head's or draft model's, in [0, 1])
-    confidence_kind: ClassVar[str] = "count"
+    # n-gram order: log2 buckets) or "probability" (a head's or draft model's, in [0, 1]); or one kind per
+    # source, indexed by `Draft.source`, where a method's sources measure different things (`hybrid`)
+    confidence_kind: ClassVar[str | tuple[str, ...]] = "count"
     # False: the adaptive loop leaves this method's widths alone (its forward does work beyond the draft,
     # e.g. lookahead's Jacobi window, that a narrower verify would drop)
     adaptive_widths: ClassVar[bool] = True

@@ -121,6 +121,12 @@ class Hybrid(Proposer):
                 self._head().resume(state[1], ctx, prev_state[1], prev))
 
     @property
+    def confidence_kind(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Per source (`sources`): nobody and the suffix a match length, the head its own kind."""
+        head = "probability" if self.head_proposer is None else self.head_proposer.confidence_kind
+        return "count", "count", head
+
+    @property
     def catches_up(self) -> bool:
         return self.head_proposer is not None and self.head_proposer.catches_up
 
@@ -159,7 +165,10 @@ class Hybrid(Proposer):
             one_hot = jax.nn.one_hot(pad(sd.tokens), vocab, dtype=jnp.float32)
             probs = jnp.where(use_suffix[:, None, None], one_hot, pad(hd.probs))
         source = jnp.where(num == 0, 0, jnp.where(use_suffix, SOURCE_SUFFIX, SOURCE_HEAD)).astype(jnp.int32)
-        return (s_state, h_state), Draft(tokens=tokens, num=num, probs=probs, confidence=sd.confidence,
+        # each row's confidence is its source's: the match length, or the head's first-guess probability
+        # (`confidence_kind`), so the adaptive loop can cut a head draft it is unsure of
+        confidence = jnp.where(use_suffix, sd.confidence, hd.confidence).astype(jnp.float32)
+        return (s_state, h_state), Draft(tokens=tokens, num=num, probs=probs, confidence=confidence,
                                          source=source)
 
     def update(self, state, ctx: Context, prev_lengths):
