@@ -26,7 +26,7 @@ from flax import struct
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from specjax import adapt_memory, programs, sampling, sharding
+from specjax import adapt_memory, programs, sampling, sharding, step_trace
 from specjax.config import ModelConfig, SamplingConfig
 from specjax.drafting import Context, Draft, TreeTemplate, ancestor_mask, at, gather_rows, run_if, tree_depths
 from specjax.models import cache as kv
@@ -37,6 +37,7 @@ from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
 from specjax.stats import GenerationStats
+from specjax.step_trace import StepTrace
 from specjax.verify import TreeVerifyResult, position_keys, verify_chain, verify_tree
 
 
@@ -211,6 +212,7 @@ class LoopState:
     verify_hist: Int[Array, "W"]  # steps whose verify forward ran each static width (`loop_widths`)
     source_counts: Int[Array, "N"]  # active row-steps drafted by each proposer id
     adapt: Adapt
+    trace: StepTrace | None = None  # generate(trace=True): what each step drafted, verified and accepted
 
 
 @dataclasses.dataclass
@@ -450,18 +452,19 @@ def _context(s: LoopState, group: Int[Array, "B"], weights: Any, sampling_cfg: S
                    weights=weights, cache=s.cache, sampling=sampling_cfg)
 
 
-@partial(jax.jit, static_argnames=("proposer",), donate_argnums=(0,))
+@partial(jax.jit, static_argnames=("proposer", "trace_steps"), donate_argnums=(0,))
 def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"], weights: Any = None,
                    feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
                    sampling_cfg: Sampling | None = None, acceptance: tuple[Any, Any] | None = None,
                    prompt_of: Int[Array, "B"] | None = None, prompt_rows: Int[Array, "Q"] | None = None, *,
-                   proposer: Proposer) -> LoopState:
+                   proposer: Proposer, trace_steps: int = 0) -> LoopState:
     """The loop's initial state from `prefill`'s outputs, with the proposer's own state.
 
     The prefill's features [B, F, .] (positions from `feature_start`) are what it computed of
     `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
     from a continued Session. `prompt_of` / `prompt_rows` (Best-of-N: rows share prompts): `init` sees
-    them in its context (`Context.prompt_of`).
+    them in its context (`Context.prompt_of`). `trace_steps` > 0: the state carries a `StepTrace` of that
+    many steps (`generate(trace=True)`).
     """
     tokens, lengths, cache, hidden, done, features, rng = prefilled
     batch = tokens.shape[0]
@@ -472,7 +475,8 @@ def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int
                                                           features.dtype),
         accept_hist=jnp.zeros((proposer.depth + 2,), jnp.int32),
         verify_hist=jnp.zeros((len(loop_widths(proposer)),), jnp.int32),
-        source_counts=jnp.zeros((len(proposer.sources),), jnp.int32), adapt=init_adapt(proposer, acceptance, batch))
+        source_counts=jnp.zeros((len(proposer.sources),), jnp.int32), adapt=init_adapt(proposer, acceptance, batch),
+        trace=step_trace.empty(batch, trace_steps) if trace_steps else None)
     ctx = _context(state, group, weights, sampling_cfg).replace(features=features, feature_start=feature_start,
                                                                  prompt_of=prompt_of, prompt_rows=prompt_rows)
     pstate = proposer.init(ctx)
@@ -652,6 +656,10 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
             ].add(active.astype(jnp.int32)),
             adapt=adapt,
         )
+        if s.trace is not None:
+            new = new.replace(trace=step_trace.record(
+                s.trace, s.steps, proposed, _drafted_depth(proposed, node_depth), _drafted_depth(draft, node_depth),
+                jnp.maximum(num_new - 1, 0), active, want & runs if split else runs, ran))
         if adaptive and lean:  # what `_observe`, `_settle` and `_shadow` do on a step with no draft
             new = new.replace(adapt=_idle_observe(adapt, new.lengths, scored))
         elif adaptive:
@@ -1201,13 +1209,14 @@ def _time_widths(run: Callable, state: LoopState, widths: tuple[int, ...],
 
 def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: SamplingConfig, seed: int,
          eos_ids: tuple[int, ...], session: Session | None, stop_rows, check_every: int,
-         speculate_max_rows: int | None, adaptive: bool = False, warm_up: str = "") -> Any:
+         speculate_max_rows: int | None, adaptive: bool = False, warm_up: str = "", trace: bool = False) -> Any:
     """The device half: prefill, the proposer's start, the decode loop and its early-stop pauses.
 
     `warm_up` (`specjax.warm_start`): "all" runs the prefill, the proposer's start and, without
     calibrating, one decode step at each verify width (forced by the costs it is given), so that each
     width's first-run setup is paid now, and returns None. "measure" (`step_costs`) returns the seconds
-    per decode step of each forced width instead (`_time_widths`)."""
+    per decode step of each forced width instead (`_time_widths`). `trace`: the loop records a `StepTrace`
+    (as long as the cache: a run has fewer steps than its cache has slots)."""
     cfg: ModelConfig = model.config
     traced = sampling.traced(sampling_cfg)  # numpy leaves: passed as they are, no eager conversion
     max_new = np.int32(plan.max_new_tokens)
@@ -1229,7 +1238,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
                          session.proposer_state if carry else None, session.context if carry else None,
                          traced, session.acceptance if carry else None,
                          np.asarray(rows, np.int32) if shared else None, firsts if shared else None),
-        dict(proposer=proposer))
+        dict(proposer=proposer, trace_steps=plan.cache_len if trace and not warm_up else 0))
     gate = np.int32(batch if speculate_max_rows is None else speculate_max_rows)
     adaptive = adaptive and proposer.width > 0 and proposer.adaptive_widths
     # a call of the same kind as an earlier one starts from what that one learned (`adapt_memory`); a
@@ -1323,9 +1332,9 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
     from specjax.stats import finish_reason
 
     state = run.state
-    out_tokens, out_lengths, hist, steps, sources, adapt, verified = jax.device_get(
+    out_tokens, out_lengths, hist, steps, sources, adapt, verified, trace = jax.device_get(
         (state.tokens, state.lengths, state.accept_hist, state.steps, state.source_counts, state.adapt,
-         state.verify_hist))
+         state.verify_hist, state.trace))
     starts, batch = plan.row_prompt_lengths, plan.batch
     eos = set(eos_ids)
     generated, reasons = [], []
@@ -1352,7 +1361,8 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
         finish_reasons=reasons,
         reused_prefix_tokens=0 if plan.start is None else int(np.sum(plan.start)),
         prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len, verified_hist=verified.tolist(),
-        **_adaptive_stats(proposer, run, adapt, int(steps)))
+        **_adaptive_stats(proposer, run, adapt, int(steps)),
+        **({} if trace is None else {"step_trace": step_trace.as_dict(trace, loop_widths(proposer), int(steps))}))
     kept = None
     if keep_session:
         kept = Session(proposer=proposer, cache=state.cache, proposer_state=state.proposer_state,
@@ -1386,7 +1396,7 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
              eos_token_ids: Sequence[int] | None = None, pad_prompts_to: int = 0,
              session: Session | None = None, keep_session: bool = False, pad_new_to: int = 0,
              stop_rows: Callable[[list[list[int]], np.ndarray], Any] | None = None, check_every: int = 32,
-             speculate_max_rows: int | None = None, adaptive: bool | None = None,
+             speculate_max_rows: int | None = None, adaptive: bool | None = None, trace: bool = False,
              **method_options) -> GenerateOutput:
     """Generates for a batch of prompts with any method (a name or a `Proposer`); see docs/contract.md.
 
@@ -1417,6 +1427,10 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
     drafts (`decode`), so a method that does not
     pay drafts less, or not at all; `adaptive=False` keeps the fixed widths of the method's options
     (to reproduce a paper's settings). Greedy outputs are the same either way.
+    `trace=True` adds `stats["step_trace"]`: per decode step, each row's drafting source, confidence,
+    proposed and verified draft depths and accepted tokens, and the step's verify width (`StepTrace`),
+    to replay or bound a width rule offline (`specjax.analysis.width_ceiling`). It compiles a loop of its
+    own; outputs are unchanged.
     """
     from specjax import validation
 
@@ -1428,6 +1442,7 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
         stop_rows=stop_rows, check_every=check_every, speculate_max_rows=speculate_max_rows)
     if adaptive is not None:  # None: adaptive_default()
         validation.boolean("adaptive", adaptive)
+    validation.boolean("trace", trace)
     gate = speculate_max_rows
     sampling_cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
     proposer, weights = bind_proposer(model, method, sampling_cfg, **method_options)
@@ -1440,8 +1455,9 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
         adaptive = adaptive_default()
     with programs.recording() as used:
         run = _run(model, the_plan, proposer, weights, sampling_cfg, seed, eos_ids, session, stop_rows, check_every,
-                   gate, adaptive=bool(adaptive))
-    if session is None and used and getattr(model, "programs_key", ""):  # what the next load replays (`warm_start`)
+                   gate, adaptive=bool(adaptive), trace=trace)
+    # what the next load replays (`warm_start`): not a traced loop, which only an analysis runs
+    if session is None and used and not trace and getattr(model, "programs_key", ""):
         _record(model, make_proposer(method, **method_options), sampling_cfg, the_plan, num_samples, eos_ids, gate,
                 bool(adaptive), tuple(used))
     return _finish(model, the_plan, proposer, weights, run, eos_ids, gate, keep_session)

@@ -31,7 +31,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 # the re-answer prompt of "Think Twice" (multi-round test-time thinking)
 REANSWER = "The assistant's previous answer is: <answer>{previous}</answer>, and please re-answer."
 REANSWER_SLACK = 16  # re-tokenising a decoded answer may take a few more tokens than generating it did
-GENERATE_KW = ("max_new_tokens", "temperature", "top_k", "top_p", "speculate_max_rows", "adaptive")
+GENERATE_KW = ("max_new_tokens", "temperature", "top_k", "top_p", "speculate_max_rows", "adaptive", "trace")
 
 
 def first_round_prompt(question: str) -> str:
