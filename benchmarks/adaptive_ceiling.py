@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="JSON of the figures")
     args = p.parse_args(argv)
+    if args.limit < 1 or args.max_new_tokens < 1:
+        p.error("--limit and --max-new-tokens must be at least 1")
 
     import jax.numpy as jnp
     import numpy as np

@@ -70,7 +70,7 @@ class GenerationStats(Mapping):
     # steps whose verify forward ran each static width of `engine.loop_widths` (`widths` of an adaptive run):
     # narrower than `width_hist`'s choice where every row's draft was shorter
     verified_hist: list[int] = dataclasses.field(default_factory=list)
-    # `generate(trace=True)`: per decode step, what each row drafted, verified and accepted (`engine.StepTrace`)
+    # `generate(trace=True)`: per decode step, what each row drafted, verified and accepted (`step_trace.StepTrace`)
     step_trace: dict[str, list] | None = None
 
     def to_dict(self) -> dict[str, Any]:
