@@ -21,8 +21,10 @@ import json
 import time
 from pathlib import Path
 
-CELLS = {"single-arith": ("single", "arith"), "single-spectts": ("single", "spectts"),
-         "multi-spectts": ("multi_round", "spectts")}
+from benchmarks.adaptive import CELLS as ALL_CELLS
+
+# the greedy batch-1 cells of `benchmarks.adaptive` (a trace's ceilings replay one row)
+CELLS = {name: cell for name, cell in ALL_CELLS.items() if cell["paradigm"] != "best_of_n"}
 
 
 class _Collect:
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     proposer = make_proposer(args.method)  # checks the name before the model loads
     if not adaptive_default():
         p.error("SPECJAX_ADAPTIVE=0 turns the adaptive runs off; unset it: the ceilings need their step costs")
-    paradigm, dataset = CELLS[args.cell]
+    paradigm, dataset = CELLS[args.cell]["paradigm"], CELLS[args.cell]["dataset"]
     model = specjax.load(args.model)
     run_args = tts_args(["--paradigm", paradigm, "--dataset", dataset, "--max-new-tokens", str(args.max_new_tokens),
                          "--temperature", "0", "--rounds", "2", "--limit", str(args.limit)])

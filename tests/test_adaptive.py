@@ -340,7 +340,6 @@ def test_confidence_buckets():
     assert mixed.tolist() == [3, 5, 1]
 
 
-
 def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     """One decision of the loop on crafted inputs: a chain proposer of k=8, one row drafting `num` tokens,
     whose positions were each tried `observed` times and accepted at `hit_rate`; `backoff` > 1: the
