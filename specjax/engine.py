@@ -453,20 +453,22 @@ def _context(s: LoopState, group: Int[Array, "B"], weights: Any, sampling_cfg: S
 
 
 @partial(jax.jit, static_argnames=("proposer", "trace_steps"), donate_argnums=(0,))
-def start_proposer(prefilled: tuple, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"], weights: Any = None,
-                   feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
+def start_proposer(prefilled: tuple, features: Any, prompt_lengths: Int[Array, "B"], group: Int[Array, "B"],
+                   weights: Any = None, feature_start: Any = None, prev_state: Any = None, prev: Context | None = None,
                    sampling_cfg: Sampling | None = None, acceptance: tuple[Any, Any] | None = None,
                    prompt_of: Int[Array, "B"] | None = None, prompt_rows: Int[Array, "Q"] | None = None, *,
                    proposer: Proposer, trace_steps: int = 0) -> LoopState:
     """The loop's initial state from `prefill`'s outputs, with the proposer's own state.
 
-    The prefill's features [B, F, .] (positions from `feature_start`) are what it computed of
-    `proposer.feature_layers`, for `init`. `prev_state`/`prev`: the same proposer's state and history
-    from a continued Session. `prompt_of` / `prompt_rows` (Best-of-N: rows share prompts): `init` sees
-    them in its context (`Context.prompt_of`). `trace_steps` > 0: the state carries a `StepTrace` of that
-    many steps (`generate(trace=True)`).
+    `prefilled`: `prefill`'s outputs less its features, donated. The features [B, F, .] (positions
+    from `feature_start`, or None) are what it computed of `proposer.feature_layers`, for `init`; they
+    come apart, undonated: nothing in the state has their shape, so XLA would warn that it could not
+    reuse them. `prev_state`/`prev`: the same proposer's state and history from a continued Session.
+    `prompt_of` / `prompt_rows` (Best-of-N: rows share prompts): `init` sees them in its context
+    (`Context.prompt_of`). `trace_steps` > 0: the state carries a `StepTrace` of that many steps
+    (`generate(trace=True)`).
     """
-    tokens, lengths, cache, hidden, done, features, rng = prefilled
+    tokens, lengths, cache, hidden, done, rng = prefilled
     batch = tokens.shape[0]
     state = LoopState(
         tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths, done=done, cache=cache, hidden=hidden,
@@ -1234,7 +1236,8 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     firsts = np.unique(np.asarray(rows), return_index=True)[1].astype(np.int32)
     shared = len(firsts) < batch and not carry  # Best-of-N: a proposer may start each prompt once (`init`)
     state = programs.call(
-        start_proposer, (prefilled, plan.row_prompt_lengths, plan.groups, weights, feature_start,
+        start_proposer, (prefilled[:5] + prefilled[6:], prefilled[5], plan.row_prompt_lengths, plan.groups,
+                         weights, feature_start,
                          session.proposer_state if carry else None, session.context if carry else None,
                          traced, session.acceptance if carry else None,
                          np.asarray(rows, np.int32) if shared else None, firsts if shared else None),
