@@ -32,7 +32,7 @@ from specjax.drafting import Context, Draft, TreeTemplate, ancestor_mask, at, ga
 from specjax.models import cache as kv
 from specjax.models import transformer
 from specjax.models.cache import KVCache
-from specjax.plan import Plan, bind_proposer, make_plan
+from specjax.plan import Plan, bind_proposer, make_plan, prefill_parts
 from specjax.proposers import make_proposer
 from specjax.proposers.base import Proposer
 from specjax.sampling import Sampling
@@ -251,12 +251,13 @@ def _eos_mask(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype)) if eos_ids else jnp.zeros(tokens.shape, bool)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_len", "eos_ids", "feature_layers", "mesh"))
+@partial(jax.jit, static_argnames=("cfg", "max_len", "eos_ids", "feature_layers", "mesh", "parts"))
 def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], rows: Int[Array, "B"],
             seed: Int[Array, ""], sampling_cfg: Sampling, max_new: Int[Array, ""],
             feed: Int[Array, "Q F"] | None = None,
-            start: Int[Array, "Q"] | None = None, cache: KVCache | None = None, *, cfg: ModelConfig, max_len: int,
-            eos_ids: tuple[int, ...], feature_layers: tuple[int, ...] = (), mesh: Mesh | None = None):
+            start: Int[Array, "Q"] | None = None, cache: KVCache | None = None, order: Int[Array, "Q"] | None = None,
+            *, cfg: ModelConfig, max_len: int, eos_ids: tuple[int, ...], feature_layers: tuple[int, ...] = (),
+            mesh: Mesh | None = None, parts: tuple[tuple[int, int], ...] | None = None):
     """Fills the cache with each distinct prompt once, copies it into its branches, samples first tokens.
 
     `rows[b]` is the prompt of branch b: Best-of-N prefills a question once and gives its N branches
@@ -267,6 +268,9 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     `sampling_cfg` and the budget `max_new` are traced: one compile serves every temperature and budget.
     The seed's second key is returned for the decode loop (every per-call value is made in here, so
     a call runs this program, `start_proposer` and `decode`, and no small eager ones).
+    `parts` (with `order`, from `plan.prefill_parts`): a fresh cache's prompts, taken in `order`, run
+    as parts of (count, width) each, every part padded only to its own width: a batch of short prompts
+    and a few long ones no longer pays the longest prompt's width on every row.
     """
     rng, rng_decode = jax.random.split(jax.random.PRNGKey(seed))
     q, p = prompt.shape
@@ -279,23 +283,68 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
         chex.assert_equal(cache.max_len, max_len)
         cache, fresh = cache.with_lengths(start), False
     last = (prompt_lengths - start - 1)[:, None]
-    out = transformer.forward(params, cfg, feed, cache, logit_positions=last, cache_is_empty=fresh,
-                              hidden_layers=feature_layers)
+    if parts and fresh:
+        logits, hidden, cache, layer_hidden = _prefill_parts(params, cfg, prompt, last, cache, order, parts,
+                                                             feature_layers)
+    else:
+        out = transformer.forward(params, cfg, feed, cache, logit_positions=last, cache_is_empty=fresh,
+                                  hidden_layers=feature_layers)
+        logits, cache, layer_hidden = out.logits[:, 0], out.cache, out.layer_hidden
+        hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
     lengths = jnp.take(prompt_lengths, rows)
-    first = sampling.sample(rng, jnp.take(out.logits[:, 0], rows, axis=0), sampling_cfg).astype(jnp.int32)
+    first = sampling.sample(rng, jnp.take(logits, rows, axis=0), sampling_cfg).astype(jnp.int32)
     b = rows.shape[0]
     tokens = jnp.zeros((b, max_len), jnp.int32).at[:, :p].set(jnp.take(prompt, rows, axis=0))
     tokens = tokens.at[jnp.arange(b), lengths].set(first)
-    hidden = jnp.take_along_axis(out.hidden, last[:, :, None], axis=1)[:, 0]
     done = _eos_mask(first, eos_ids) | (max_new <= 1)
-    cache = out.cache.with_lengths(prompt_lengths)
+    cache = cache.with_lengths(prompt_lengths)
     if fresh:  # a continued session has one row per prompt already: no copy
         cache = cache.select_rows(rows)
-    features = jnp.take(jnp.concatenate(out.layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
+    features = jnp.take(jnp.concatenate(layer_hidden, axis=-1), rows, axis=0) if feature_layers else None
     hidden = jnp.take(hidden, rows, axis=0).astype(jnp.float32)
     tokens, lengths, hidden, done, features = sharding.constrain_rows(
         (tokens, lengths + 1, hidden, done, features), mesh)
     return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features, rng_decode
+
+
+def _prefill_layout(plan: Plan, mesh: Mesh | None = None) -> tuple[np.ndarray, tuple[tuple[int, int], ...]] | None:
+    """(order, parts) a prefill of `plan` runs in (`plan.prefill_parts`); None for one batch, which a
+    continued session (only new tokens), a sharded model (rows split across devices) and a call padded
+    on request (`pad_prompts_to`: shapes shared across calls) always are."""
+    if plan.start is not None or mesh is not None or plan.one_batch:
+        return None
+    return prefill_parts(plan.prompt_lengths, plan.prompt_bucket)
+
+
+def _prefill_parts(params, cfg: ModelConfig, prompt: Int[Array, "Q P"], last: Int[Array, "Q 1"], cache: KVCache,
+                   order: Int[Array, "Q"], parts: tuple[tuple[int, int], ...], feature_layers: tuple[int, ...]):
+    """`prefill`'s forward over a fresh cache, part by part: the prompts in `order` (shortest first),
+    `count` of them at a time over their first `width` tokens, each part's keys and values written
+    into its own rows of `cache`. Returns what one forward over all of them gives: the logits at
+    `last` [Q, V], the final hidden state there [Q, D], the cache, and the feature layers' outputs
+    [Q, P, D] (zero past a part's width, which is past its prompts)."""
+    q, p = prompt.shape
+    chex.assert_shape(order, (q,))
+    chex.assert_equal(sum(count for count, _ in parts), q)
+    k, v = list(cache.k), list(cache.v)
+    logits, hidden, layer_hidden = [], [], []
+    first = 0
+    for count, width in parts:
+        rows = order[first:first + count]
+        at = last[rows]
+        out = transformer.forward(params, cfg, prompt[rows, :width], KVCache.init(cfg, count, width, k[0].dtype),
+                                  logit_positions=at, cache_is_empty=True, hidden_layers=feature_layers)
+        for i in range(len(k)):  # this part's rows, first `width` slots; the rest stays as it was
+            k[i] = k[i].at[rows, :, :width].set(out.cache.k[i])
+            v[i] = v[i].at[rows, :, :width].set(out.cache.v[i])
+        logits.append(out.logits[:, 0])
+        hidden.append(jnp.take_along_axis(out.hidden, at[:, :, None], axis=1)[:, 0])
+        layer_hidden.append(tuple(jnp.pad(h, ((0, 0), (0, p - width), (0, 0))) for h in out.layer_hidden))
+        first += count
+    back = jnp.argsort(order)  # sorted position of each prompt
+    gather = lambda xs: jnp.take(jnp.concatenate(xs, axis=0), back, axis=0)
+    feats = tuple(gather([part[j] for part in layer_hidden]) for j in range(len(feature_layers)))
+    return gather(logits), gather(hidden), cache.replace(k=tuple(k), v=tuple(v)), feats
 
 
 def verify_widths(k: int, narrow: bool = True) -> tuple[int, ...]:
@@ -1080,6 +1129,7 @@ class _DeviceRun:
     cheap_s: float = 0.0  # seconds of the proposer's `cheap_part` alone (adaptive runs of such proposers)
     wake_s: float = 0.0  # seconds a proposal after a wait first spends catching up (`Proposer.waking`)
     learned: bool = False  # the loop started from an earlier call's estimate and backoff (`adapt_memory`)
+    prefill_parts: tuple[tuple[int, int], ...] = ()  # (prompts, width) of each prefill part; () one batch
 
 
 # steps that neither propose nor have a draft to score run a lean body (`decode`): a backed-off drafter's
@@ -1126,10 +1176,12 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
 
     def measure(_: list[str]) -> dict[str, float]:
         programs.settle()  # a load's prefetch still running would inflate the first timings
+        layout = _prefill_layout(plan)
         dummy = warm_start.dummy_plan(
             model, proposer, num_prompts=plan.num_prompts, num_samples=plan.batch // plan.num_prompts,
             prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
-            tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups])
+            tokens=CALIBRATION_STEPS * max(widths) + 1, group=[int(g) for g in plan.groups],
+            parts=() if layout is None else layout[1])  # the call's own prefill program, not one more
         if dummy is None:  # no room in the cache to measure: every width costs the same
             return {k: 0.0 if i in (PROPOSE, CHEAP, WAKE) else 1.0 for k, i in keys.items()}
         seconds = _run(model, dummy, proposer, weights, sampling_cfg, 0, eos_ids, None, None, 32, speculate_max_rows,
@@ -1225,10 +1277,12 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     rows, batch = plan.rows, plan.batch
     mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
     t0 = time.perf_counter()
+    layout = _prefill_layout(plan, mesh)
     prefilled = programs.call(
         prefill, (model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed,
-                  plan.start, None if session is None else session.cache),
-        dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh))
+                  plan.start, None if session is None else session.cache, None if layout is None else layout[0]),
+        dict(cfg=cfg, max_len=plan.cache_len, eos_ids=eos_ids, feature_layers=proposer.feature_layers, mesh=mesh,
+             parts=None if layout is None else layout[1]))
     jax.block_until_ready(prefilled[0])
     t1 = time.perf_counter()
     carry = session is not None and session.proposer == proposer
@@ -1314,7 +1368,8 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     return _DeviceRun(state=state, stopped=stopped, prefill_s=t1 - t0,  # measuring step costs is not decoding
                       decode_s=time.perf_counter() - t1 - setup_s, calibration_s=calibration_s,
                       costs=costs if adaptive else None, drafter_s=float(drafter_s), cheap_s=float(cheap_s),
-                      wake_s=float(wake_s), learned=learned is not None)
+                      wake_s=float(wake_s), learned=learned is not None,
+                      prefill_parts=() if layout is None else layout[1])
 
 
 def _adaptive_stats(proposer: Proposer, run: _DeviceRun, adapt: Adapt, steps: int) -> dict[str, Any]:
@@ -1364,6 +1419,7 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
         finish_reasons=reasons,
         reused_prefix_tokens=0 if plan.start is None else int(np.sum(plan.start)),
         prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len, verified_hist=verified.tolist(),
+        prefill_parts=[list(part) for part in run.prefill_parts],
         **_adaptive_stats(proposer, run, adapt, int(steps)),
         **({} if trace is None else {"step_trace": step_trace.as_dict(trace, loop_widths(proposer), int(steps))}))
     kept = None
@@ -1377,7 +1433,8 @@ def _finish(model, plan: Plan, proposer: Proposer, weights: Any, run: _DeviceRun
 
 
 def _record(model, method: Proposer, sampling_cfg: SamplingConfig, plan: Plan, num_samples: int,
-            eos_ids: tuple[int, ...], gate: int | None, adaptive: bool, used: tuple[str, ...]) -> None:
+            eos_ids: tuple[int, ...], gate: int | None, adaptive: bool, used: tuple[str, ...],
+            parts: tuple[tuple[int, int], ...]) -> None:
     from specjax import warm_start
 
     if not programs._ours(method):  # a user's proposer: its code may change under the same name
@@ -1385,7 +1442,8 @@ def _record(model, method: Proposer, sampling_cfg: SamplingConfig, plan: Plan, n
     warm_start.record(model.programs_key, warm_start.Recipe(
         method=method, temperature=sampling_cfg.temperature, top_k=sampling_cfg.top_k, top_p=sampling_cfg.top_p,
         num_prompts=plan.num_prompts, num_samples=num_samples, prompt_bucket=plan.prompt_bucket,
-        cache_len=plan.cache_len, eos_ids=eos_ids, speculate_max_rows=gate, adaptive=adaptive, programs=used))
+        cache_len=plan.cache_len, eos_ids=eos_ids, speculate_max_rows=gate, adaptive=adaptive, programs=used,
+        prefill_parts=parts))
 
 
 def adaptive_default() -> bool:
@@ -1462,5 +1520,5 @@ def generate(model, prompts: Sequence[Any], method: "str | Proposer" = "ar", *, 
     # what the next load replays (`warm_start`): not a traced loop, which only an analysis runs
     if session is None and used and not trace and getattr(model, "programs_key", ""):
         _record(model, make_proposer(method, **method_options), sampling_cfg, the_plan, num_samples, eos_ids, gate,
-                bool(adaptive), tuple(used))
+                bool(adaptive), tuple(used), run.prefill_parts)
     return _finish(model, the_plan, proposer, weights, run, eos_ids, gate, keep_session)

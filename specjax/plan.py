@@ -36,6 +36,35 @@ def bucket(n: int, floor: int, limit: int | None = None) -> int:
     return size if limit is None else min(size, limit)
 
 
+PART_ROWS = 4  # prefill parts hold a multiple of this many prompts (but the last): few distinct shapes
+MAX_PARTS = 3
+PART_GAIN = 0.6  # split only where the parts' padded tokens are at most this share of one padded batch
+
+
+def prefill_parts(prompt_lengths: np.ndarray, width: int) -> tuple[np.ndarray, tuple[tuple[int, int], ...]] | None:
+    """How a fresh prefill runs prompts of very different lengths: sorted shortest first, in up to
+    `MAX_PARTS` parts of (count, width), each padded to the bucket of its longest prompt instead of
+    every row to `width` (the first 64 SpecTTS-Bench questions, 45-869 tokens: 11,044 tokens, 65,536
+    padded as one batch, 18,176 as three parts). Returns (order, parts), or None where splitting would
+    save too little to be worth another compiled program."""
+    q = len(prompt_lengths)
+    if q < 2 * PART_ROWS:
+        return None
+    order = np.argsort(prompt_lengths, kind="stable").astype(np.int32)
+    lengths = np.asarray(prompt_lengths)[order]
+    cuts = list(range(PART_ROWS, q, PART_ROWS))
+    cost = lambda a, b: (b - a) * min(bucket(int(lengths[b - 1]), PROMPT_FLOOR), width)
+    layouts = [(0, q)] + [(0, i, q) for i in cuts]
+    if MAX_PARTS > 2:
+        layouts += [(0, i, j, q) for i in cuts for j in cuts if j > i]
+    # the fewest padded tokens, then the fewest parts (programs)
+    total, _, bounds = min((sum(cost(a, b) for a, b in zip(t, t[1:])), len(t), t) for t in layouts)
+    if len(bounds) == 2 or total > PART_GAIN * q * width:
+        return None
+    parts = tuple((b - a, min(bucket(int(lengths[b - 1]), PROMPT_FLOOR), width)) for a, b in zip(bounds, bounds[1:]))
+    return order, parts
+
+
 def cache_length(need: int, cfg: ModelConfig) -> int:
     """The cache bucket for a row that needs `need` positions (prompt + budget + draft + 1)."""
     return bucket(need, CACHE_FLOOR, cfg.max_position_embeddings)
@@ -59,6 +88,9 @@ class Plan:
     max_new_tokens: int  # traced by the device run
     feed: np.ndarray | None = None  # [Q, F] int32: a continued session's uncached prompt parts
     start: np.ndarray | None = None  # [Q] int32: tokens of each prompt already in the session's cache
+    # `pad_prompts_to` was asked for: the caller shares shapes across calls, so the prefill stays one
+    # padded batch (parts fitted to each call's lengths would compile a program per call)
+    one_batch: bool = False
 
     @property
     def num_prompts(self) -> int:
@@ -164,7 +196,8 @@ def make_plan(model, prompts: Sequence[Any], proposer: Proposer, *, max_new_toke
         for i, x in enumerate(ids):
             feed[i, : len(x) - start[i]] = x[start[i]:]
     return Plan(ids=tuple(map(tuple, ids)), prompt=prompt, prompt_lengths=prompt_lengths, rows=rows, groups=groups,
-                cache_len=int(cache_len), max_new_tokens=int(max_new_tokens), feed=feed, start=start)
+                cache_len=int(cache_len), max_new_tokens=int(max_new_tokens), feed=feed, start=start,
+                one_batch=pad_prompts_to > 0)
 
 
 _BOUND: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

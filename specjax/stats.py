@@ -50,6 +50,9 @@ class GenerationStats(Mapping):
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
     reused_prefix_tokens: int = 0  # prompt tokens a continued session found already cached
     prompt_bucket: int = 0  # static prompt width of the prefill
+    # [prompts, width] of each part a fresh prefill ran in, shortest prompts first (`plan.prefill_parts`);
+    # empty: one batch padded to `prompt_bucket`
+    prefill_parts: list[list[int]] = dataclasses.field(default_factory=list)
     cache_len: int = 0  # static cache length (bucket) of the run
     # the adaptive loop (`generate(adaptive=True)`, the default for drafting methods); for a fixed-width
     # run these hold zeros, and `width_hist` / `widths` are empty

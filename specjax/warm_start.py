@@ -52,6 +52,8 @@ class Recipe:
     speculate_max_rows: int | None
     adaptive: bool
     programs: tuple[str, ...]  # the stored programs it ran (`programs.recording`), in order of first use
+    # (prompts, width) of each part its prefill ran in (`plan.prefill_parts`); () for one padded batch
+    prefill_parts: tuple[tuple[int, int], ...] = ()
 
 
 def _path() -> Path | None:
@@ -123,18 +125,26 @@ def _lengths_of(prompt_bucket: int, limit: int) -> tuple[int, int]:
 
 
 def dummy_plan(model: Any, proposer: Proposer, *, num_prompts: int, num_samples: int, prompt_bucket: int,
-               cache_len: int, tokens: int, group: Sequence[int] | None = None) -> Plan | None:
-    """A plan of `dummy_prompt`s with a real call's programs (its batch layout, prompt bucket and cache
-    length) and room for about `tokens` new ones; None when the cache leaves no room at all."""
+               cache_len: int, tokens: int, group: Sequence[int] | None = None,
+               parts: Sequence[tuple[int, int]] = ()) -> Plan | None:
+    """A plan of `dummy_prompt`s with a real call's programs (its batch layout, prompt bucket, cache
+    length and prefill `parts`: each part's prompts as long as its width allows) and room for about
+    `tokens` new ones; None when the cache leaves no room at all."""
     from specjax.plan import make_plan
 
-    shortest, longest = _lengths_of(prompt_bucket, model.config.max_position_embeddings)
-    length = max(shortest, min(longest, cache_len - proposer.width - 1 - tokens))
-    budget = min(tokens, cache_len - length - proposer.width - 1)
+    limit = model.config.max_position_embeddings
+
+    def length_in(width: int) -> int:
+        shortest, longest = _lengths_of(width, limit)
+        return max(shortest, min(longest, cache_len - proposer.width - 1 - tokens))
+
+    sizes = [(count, length_in(width)) for count, width in parts] or [(num_prompts, length_in(prompt_bucket))]
+    budget = min(tokens, cache_len - max(length for _, length in sizes) - proposer.width - 1)
     if budget < 1:
         return None
-    return make_plan(model, [dummy_prompt(length, model.config.vocab_size)] * num_prompts, proposer,
-                     max_new_tokens=budget, chat=False, num_samples=num_samples, max_len=cache_len, group=group)
+    prompts = [dummy_prompt(length, model.config.vocab_size) for count, length in sizes for _ in range(count)]
+    return make_plan(model, prompts, proposer, max_new_tokens=budget, chat=False, num_samples=num_samples,
+                     max_len=cache_len, group=group)
 
 
 def replay(model: Any, recipe: Recipe) -> None:
@@ -146,7 +156,8 @@ def replay(model: Any, recipe: Recipe) -> None:
     proposer, weights = bind_proposer(model, recipe.method, sampling_cfg)
     plan = dummy_plan(model, proposer, num_prompts=recipe.num_prompts, num_samples=recipe.num_samples,
                       prompt_bucket=recipe.prompt_bucket, cache_len=recipe.cache_len,
-                      tokens=sum(engine.loop_widths(proposer)) + 1)  # one step at each width
+                      tokens=sum(engine.loop_widths(proposer)) + 1,  # one step at each width
+                      parts=getattr(recipe, "prefill_parts", ()))  # (recipes recorded before parts had none)
     if plan is not None:
         engine._run(model, plan, proposer, weights, sampling_cfg, 0, recipe.eos_ids, None, None, 32,
                     recipe.speculate_max_rows, adaptive=recipe.adaptive, warm_up="all")
