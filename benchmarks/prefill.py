@@ -2,9 +2,9 @@
 
 `python -m benchmarks.prefill [--batch-sizes 8,32,64] [--dataset spectts] [--repeats 2]`
 
-A fresh batch's prompts are padded to one width, so a few long questions among many short ones made
-every row pay the longest one's width (and its attention, quadratic in it). `generate` now prefills such
-a batch in up to three parts, each padded to its own longest prompt's bucket (`specjax.plan.prefill_parts`).
+Padded to one width, a few long questions among many short ones make every row pay the longest one's
+width (and its attention, quadratic in it), so `generate` prefills such a batch in up to three parts,
+each padded to its own longest prompt's bucket (`specjax.plan.prefill_parts`).
 For the first N questions of --dataset (chat template on, 1 new token, greedy) this prints the padded
 tokens and the prefill seconds both ways (median of --repeats, after a warm-up call of each), and
 whether the first tokens agree.
