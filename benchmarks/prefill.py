@@ -33,21 +33,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import specjax
     from benchmarks.compile_cost import cpu_name
-    from specjax import engine, plan
+    from specjax import plan
     from specjax.tts.datasets import load_dataset
 
     questions = [q.question for q in load_dataset(args.dataset, limit=max(batches))]
     if len(questions) < max(batches):
         parser.error(f"--dataset {args.dataset} holds {len(questions)} questions: lower --batch-sizes")
     model = specjax.load(args.model)
-    split = engine.prefill_parts
 
-    def timed(prompts: list[str], parts: bool) -> tuple[float, list]:
-        engine.prefill_parts = split if parts else (lambda *a: None)
-        try:
-            out = specjax.generate(model, prompts, "ar", max_new_tokens=1)
-        finally:
-            engine.prefill_parts = split
+    def timed(prompts: list[str], pad_to: int) -> tuple[float, list]:
+        # `pad_prompts_to` (the public way to share shapes across calls) keeps one padded batch
+        out = specjax.generate(model, prompts, "ar", max_new_tokens=1, pad_prompts_to=pad_to)
         return out.stats["prefill_s"], out.tokens
 
     print(f"{args.model} on {cpu_name()}, {args.dataset}, prefill of N fresh prompts (median of {args.repeats})")
@@ -57,19 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         prompts = questions[:n]
         lengths = np.array([len(x) for x in plan.encode_prompts(model.tokenizer, prompts, True)])
         width = plan.bucket(int(lengths.max()), plan.PROMPT_FLOOR)
-        layout = split(lengths, width)
+        layout = plan.prefill_parts(lengths, width)
         padded = n * width if layout is None else sum(c * w for c, w in layout[1])
-        runs = {True: [], False: []}
-        tokens = {}
-        for parts in (True, False):
-            tokens[parts] = timed(prompts, parts)[1]  # warm-up: compiles
+        ways = {"parts": 0, "one batch": width}
+        tokens = {way: timed(prompts, pad)[1] for way, pad in ways.items()}  # warm-up: compiles
+        runs = {way: [] for way in ways}
         for _ in range(args.repeats):
-            for parts in (True, False):
-                runs[parts].append(timed(prompts, parts)[0])
-        whole, parted = statistics.median(runs[False]), statistics.median(runs[True])
+            for way, pad in ways.items():
+                runs[way].append(timed(prompts, pad)[0])
+        whole, parted = statistics.median(runs["one batch"]), statistics.median(runs["parts"])
         shape = "one batch" if layout is None else " + ".join(f"{c}x{w}" for c, w in layout[1])
         print(f"{n:>4} {int(lengths.sum()):>7} {n * width:>18} {padded:>14} {whole:>12.2f} {parted:>8.2f} "
-              f"{whole / parted:>7.2f}x  {shape:<22} {tokens[True] == tokens[False]}")
+              f"{whole / parted:>7.2f}x  {shape:<22} {tokens['parts'] == tokens['one batch']}")
     return 0
 
 
