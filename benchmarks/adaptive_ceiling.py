@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from eval.tts import parse_args as tts_args
     from eval.tts import run_method, warm_up
     from specjax import adapt_memory
+    from specjax.adaptive import confidence_bucket
     from specjax.analysis import width_ceiling as wc
     from specjax.config import SamplingConfig
-    from specjax.engine import adaptive_default, confidence_bucket
+    from specjax.engine import adaptive_default
     from specjax.plan import bind_proposer
     from specjax.proposers import make_proposer
     from specjax.tts.datasets import load_dataset

@@ -10,7 +10,7 @@ per model for each (method, sampling settings, batch, cache size) and the next c
 starts from it. Outputs never depend on it: the width decision only cuts drafts, and
 any prefix of a draft verifies exactly.
 
-The counts decay by `engine.DECAY` per step that proposes, so text of another kind overrides a
+The counts decay by `adaptive.DECAY` per step that proposes, so text of another kind overrides a
 remembered estimate within some 50 such steps, and probes keep testing it. The wait is not carried:
 it counts down through the text the last call wrote, not the next one's. `SPECJAX_ADAPTIVE_MEMORY=0`
 turns the memory off (every call starts fresh, as a `Session` aside); `forget(model)` clears it.
@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 
 ENV = "SPECJAX_ADAPTIVE_MEMORY"
-# the fields of `engine.Adapt` that describe the method on this kind of run, not one call's rows or record
+# the fields of `adaptive.Adapt` that describe the method on this kind of run, not one call's rows or record
 # (not the wait: a call that started inside the last answer's closing backoff waited through most of a
 # fresh 100-token answer that a fixed EAGLE chain drafted at 2.7 tokens a forward)
 POLICY = ("tried", "hit", "backoff", "saving", "probe_due", "credit", "probe_misses", "idle_misses")

@@ -70,7 +70,7 @@ class GenerationStats(Mapping):
     # the loop started from the estimate and backoff an earlier call of the same kind ended with
     # (`specjax.adapt_memory`; off with SPECJAX_ADAPTIVE_MEMORY=0)
     from_earlier_call: bool = False
-    # steps whose verify forward ran each static width of `engine.loop_widths` (`widths` of an adaptive run):
+    # steps whose verify forward ran each static width of `adaptive.loop_widths` (`widths` of an adaptive run):
     # narrower than `width_hist`'s choice where every row's draft was shorter
     verified_hist: list[int] = dataclasses.field(default_factory=list)
     # `generate(trace=True)`: per decode step, what each row drafted, verified and accepted (`step_trace.StepTrace`)

@@ -32,7 +32,7 @@ class StepTrace:
     verified: Int[Array, "B T"]  # the depth verified (the decision's cut; = proposed at fixed widths)
     accepted: Int[Array, "B T"]  # draft tokens accepted and emitted (EOS and budget cut them; -1: row done)
     proposing: Bool[Array, "T"]  # the whole proposal ran (not skipped, nor only a `cheap_part`)
-    width: Int[Array, "T"]  # the static verify width the step ran (an index into `engine.loop_widths`)
+    width: Int[Array, "T"]  # the static verify width the step ran (an index into `adaptive.loop_widths`)
 
 
 def empty(batch: int, steps: int) -> StepTrace:

@@ -149,14 +149,14 @@ def dummy_plan(model: Any, proposer: Proposer, *, num_prompts: int, num_samples:
 
 def replay(model: Any, recipe: Recipe) -> None:
     """Runs `recipe`'s programs once on a dummy prompt, one decode step per verify width."""
-    from specjax import engine
+    from specjax import adaptive, engine
     from specjax.plan import bind_proposer
 
     sampling_cfg = SamplingConfig(temperature=recipe.temperature, top_k=recipe.top_k, top_p=recipe.top_p)
     proposer, weights = bind_proposer(model, recipe.method, sampling_cfg)
     plan = dummy_plan(model, proposer, num_prompts=recipe.num_prompts, num_samples=recipe.num_samples,
                       prompt_bucket=recipe.prompt_bucket, cache_len=recipe.cache_len,
-                      tokens=sum(engine.loop_widths(proposer)) + 1,  # one step at each width
+                      tokens=sum(adaptive.loop_widths(proposer)) + 1,  # one step at each width
                       parts=getattr(recipe, "prefill_parts", ()))  # (recipes recorded before parts had none)
     if plan is not None:
         engine._run(model, plan, proposer, weights, sampling_cfg, 0, recipe.eos_ids, None, None, 32,

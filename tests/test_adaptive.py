@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import programs, step_cost
-from specjax.engine import confidence_bucket, loop_widths
+from specjax import adaptive, programs, step_cost
+from specjax.adaptive import confidence_bucket, loop_widths
 from specjax.proposers import make_proposer
 
 METHODS = [("pld", {}), ("suffix", {}), ("pool", {}), ("recycling", {}), ("pia", {}),
@@ -23,7 +23,7 @@ def cpu_like_costs(monkeypatch):
     from specjax import engine
 
     def costs(model, plan, proposer, *rest):
-        widths = engine.loop_widths(proposer)
+        widths = adaptive.loop_widths(proposer)
         return (np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4),
                 np.float32(0), np.float32(0), 0.0)
 
@@ -141,7 +141,7 @@ def test_a_narrower_width_timed_dearer_than_a_wider_one_costs_what_the_wider_did
     from specjax.plan import bind_proposer
 
     proposer, weights = bind_proposer(tiny_model, "pld", SamplingConfig(), k=8)
-    widths = engine.loop_widths(proposer)
+    widths = adaptive.loop_widths(proposer)
     assert len(widths) >= 4
     timed = [1.0, 0.1, 1.1, 2.6, 2.0, *[3.0 + i for i in range(len(widths) - 3)]]  # skip, propose, w1, w3, ...
     monkeypatch.setattr(step_cost, "cached_seconds", lambda keys, measure: (list(timed), 0.0))
@@ -164,7 +164,7 @@ def test_the_calibration_times_each_width_it_names(tiny_model, method, opts):
     from specjax.plan import bind_proposer
 
     proposer, weights = bind_proposer(tiny_model, method, SamplingConfig(), **opts)
-    widths = engine.loop_widths(proposer)
+    widths = adaptive.loop_widths(proposer)
     plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=2, prompt_bucket=64,
                                  cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
     timed = engine._run(tiny_model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
@@ -196,7 +196,7 @@ def _calibrate_on_crafted_rounds(model, monkeypatch, rounds: dict[int, list[floa
 
     monkeypatch.setattr(step_cost, "interleaved_times", crafted)
     proposer, weights = bind_proposer(model, "pld", SamplingConfig(), k=4)
-    widths = engine.loop_widths(proposer)
+    widths = adaptive.loop_widths(proposer)
     plan = warm_start.dummy_plan(model, proposer, num_prompts=1, num_samples=num_samples, prompt_bucket=64,
                                  cache_len=256, tokens=engine.CALIBRATION_STEPS * max(widths) + 1)
     return engine._run(model, plan, proposer, weights, SamplingConfig(), 0, (), None, None, 32, None,
@@ -255,11 +255,11 @@ def test_one_row_averages_the_saving_its_estimate_expected(single):
     one. One row averages what was expected (3 - 1.5 saved: proposing goes on), since one row's realised
     savings swing from -0.5 to +1.5 steps around a thin margin; a batch averages what it got (-0.5: the
     wait doubles), since its rows' acceptance need not move it."""
-    from specjax.engine import _settle, init_adapt
+    from specjax.adaptive import init_adapt, settle
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(proposing=jnp.asarray(True), expected=jnp.float32(3.0))
     costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
-    out = _settle(adapt, jnp.float32(1), jnp.float32(1), jnp.int32(1), costs, jnp.float32(0.1), single=single)
+    out = settle(adapt, jnp.float32(1), jnp.float32(1), jnp.int32(1), costs, jnp.float32(0.1), single=single)
     assert float(out.saving) == pytest.approx(0.9 * 0.1 + 0.1 * (1.5 if single else -0.5))
     assert (int(out.wait), int(out.backoff)) == ((0, 1) if single else (2, 2))
 
@@ -267,24 +267,24 @@ def test_one_row_averages_the_saving_its_estimate_expected(single):
 def test_counts_hold_on_steps_that_observe_nothing():
     """The acceptance counts decay on steps that propose or score a shadow, and hold on a backed-off
     drafter's steps (lean or not), so a drafter that waits between proposals keeps each one's evidence."""
+    from specjax.adaptive import DECAY, idle_observe, init_adapt, observe
     from specjax.drafting import Draft
-    from specjax.engine import DECAY, _idle_observe, _observe, init_adapt
 
     adapt = init_adapt(make_proposer("pld", k=4))
     adapt = adapt.replace(tried=adapt.tried + 4.0, hit=adapt.hit + 3.0)
-    held = _idle_observe(adapt, jnp.asarray([9]), scored=True)
+    held = idle_observe(adapt, jnp.asarray([9]), scored=True)
     np.testing.assert_array_equal(held.tried, adapt.tried)
     np.testing.assert_array_equal(held.hit, adapt.hit)
     none = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.zeros((1,), jnp.int32))
     args = (none, jnp.zeros((1,), bool), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), None)
-    np.testing.assert_array_equal(_observe(adapt, *args, decay=False).hit, adapt.hit)
-    np.testing.assert_allclose(_observe(adapt, *args).hit, DECAY * adapt.hit)
+    np.testing.assert_array_equal(observe(adapt, *args, decay=False).hit, adapt.hit)
+    np.testing.assert_allclose(observe(adapt, *args).hit, DECAY * adapt.hit)
 
 
 def test_the_memory_of_earlier_calls_does_not_carry_the_wait(monkeypatch):
     """A call starts proposing at once: the wait counted down through the text the last call wrote."""
     from specjax import adapt_memory
-    from specjax.engine import init_adapt
+    from specjax.adaptive import init_adapt
 
     monkeypatch.setenv(adapt_memory.ENV, "1")
 
@@ -345,8 +345,8 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     whose positions were each tried `observed` times and accepted at `hit_rate`; `backoff` > 1: the
     drafter proposes again after backing off, with the credit for a probe (else the loop is mid-run, its
     probe credit spent)."""
+    from specjax.adaptive import choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop)
@@ -357,7 +357,7 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
-    out, _, adapt, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs, jnp.float32),
+    out, _, adapt, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs, jnp.float32),
                                            jnp.float32(drafter_s), widths, None, prop, jnp.int32(0))
     return int(widths[best]), int(out.num[0]), bool(adapt.probing)
 
@@ -367,8 +367,8 @@ def test_a_batch_drafts_only_when_its_slowest_row_gains():
     the batch is no shorter for the first row's draft, so it verifies one token. Once the row without a
     draft has only 3 tokens left (the other 100), the drafting row is the one the batch waits for, and
     its draft is verified. With free verification the draft always rides along."""
+    from specjax.adaptive import choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -379,7 +379,7 @@ def test_a_batch_drafts_only_when_its_slowest_row_gains():
     on = jnp.ones((2,), bool)
 
     def width(costs, remaining):
-        _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs),
+        _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs),
                                          jnp.float32(0), widths, None, prop, jnp.int32(0),
                                          jnp.asarray(remaining, jnp.int32))
         return int(widths[best])
@@ -395,8 +395,8 @@ def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
     that bucket starts from the source's pooled rate, so a dear verify (width 5 at 2x a 1-token step)
     pays; from the flat 0.5 prior it would not (width 3 at 1.8x: E = 1.75 / 1.8, width 5: 1.94 / 2.0), and the
     bucket would then never be tried. Its own evidence still overrides the pool."""
+    from specjax.adaptive import choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=4)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -408,7 +408,7 @@ def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
     on = jnp.ones((1,), bool)
 
     def width(a):
-        _, _, _, best, bucket = _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]),
+        _, _, _, best, bucket = choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]),
                                               jnp.float32(0), widths, None, prop, jnp.int32(0))
         assert int(bucket[0]) == 3
         return int(widths[best])
@@ -424,8 +424,8 @@ def test_a_long_match_seldom_seen_starts_from_the_best_shorter_matchs_rate():
     (bucket 2) 40 times, accepted 90%. A 7-token match (bucket 3), never seen, starts from the 3-token
     rate, not the pooled 0.2 the short matches hold down: a width-5 verify at 2x a step pays. A bucket
     below the good one gains nothing from it, and a long match's own rejections outweigh the prior."""
+    from specjax.adaptive import choose_width, confidence_prior, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, confidence_prior, init_adapt
 
     first = jnp.asarray([0.5, 0.1, 0.9, 0.4, 0.3, 0.2, 0.1, 0.2, 0.3, 0.2, 0.1, 0.9])  # 6 buckets, then after a streak
     np.testing.assert_allclose(confidence_prior(first),
@@ -440,7 +440,7 @@ def test_a_long_match_seldom_seen_starts_from_the_best_shorter_matchs_rate():
     def width(a, match):
         draft = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.asarray([4], jnp.int32),
                       confidence=jnp.full((1,), float(match)))
-        best = _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]), jnp.float32(0),
+        best = choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]), jnp.float32(0),
                              widths, None, prop, jnp.int32(0))[3]
         return int(widths[best])
 
@@ -455,8 +455,8 @@ def test_a_sampled_batch_drafts_by_the_expected_progress_of_its_slowest_row():
     eight rows that is almost always one token (expected 1.01). So the batch verifies no draft, where
     the minimum of the rows' expectations (1.94 / 1.8 > 1) verified every one; one row alone drafts. Rows
     far behind the row the batch waits for do not hold it back."""
+    from specjax.adaptive import batch_worth, choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _batch_worth, _choose_width, init_adapt
 
     prop = make_proposer("pld", k=4)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -468,7 +468,7 @@ def test_a_sampled_batch_drafts_by_the_expected_progress_of_its_slowest_row():
                       confidence=jnp.zeros((batch,), jnp.float32))
         on = jnp.ones((batch,), bool)
         rem = None if remaining is None else jnp.asarray(remaining, jnp.int32)
-        best = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.7, 1.8]), jnp.float32(0),
+        best = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.7, 1.8]), jnp.float32(0),
                              widths, None, prop, jnp.int32(0), rem)[3]
         return int(widths[best])
 
@@ -477,7 +477,7 @@ def test_a_sampled_batch_drafts_by_the_expected_progress_of_its_slowest_row():
     assert width(8, [100] + [50] * 7) == 5  # the other seven end long before the first: it alone counts
     half = jnp.asarray([1.0, 0.5, 0.25, 0.125, 0.0625])[None, None]  # P(at least j + 1 tokens), 4 drafted
     on = jnp.ones((8,), bool)
-    worth = _batch_worth(jnp.broadcast_to(half, (8, 1, 5)), on, jnp.full((8,), 100), tie_break=0.0)
+    worth = batch_worth(jnp.broadcast_to(half, (8, 1, 5)), on, jnp.full((8,), 100), tie_break=0.0)
     np.testing.assert_allclose(worth, [1 + 0.5**8 + 0.25**8 + 0.125**8 + 0.0625**8], rtol=1e-6)
 
 
@@ -486,13 +486,13 @@ def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
     reached. Their estimate follows the positions before them, not the 0.5 prior, so the full width wins
     where it pays (width 9 at 2.3x a 1-token step: E = 8.1 / 2.3 against 4.8 / 1.5 for width 5; with a
     fixed 0.5 prior at the deep positions E would be 6.3 / 2.3 and width 5 would win)."""
-    from specjax.engine import acceptance_estimate
+    from specjax.adaptive import acceptance_estimate
 
     tried = jnp.asarray([400.0, 390.0, 380.0, 370.0, 2.0, 1.0, 0.0, 0.0])
     p = np.asarray(acceptance_estimate(tried, tried * 0.98))
     assert p[:4].min() > 0.97 and p[4:].min() > 0.96  # with a fixed 0.5 prior: 0.74, 0.66, 0.5, 0.5
+    from specjax.adaptive import choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop)
@@ -501,7 +501,7 @@ def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
-    _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.3, 1.5, 2.3]),
+    _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.3, 1.5, 2.3]),
                                      jnp.float32(0), widths, None, prop, jnp.int32(0))
     assert int(widths[best]) == 9
 
@@ -527,12 +527,12 @@ def _settle_steps(savings: list[float | None], drafter_s: float, costs=(1.0, 1.5
     """The wait after each of a row's proposing steps that yielded `savings` (in 1-token steps' worth,
     verified at width 3; None: nothing was worth verifying, a 1-token step), starting fresh: 0 = propose
     again at once; or another field of the state after each step."""
-    from specjax.engine import _settle, init_adapt
+    from specjax.adaptive import init_adapt, settle
 
     adapt, waits = init_adapt(make_proposer("pld", k=8)), []
     for saved in savings:
         best, progress = (0, 1.0) if saved is None else (1, costs[1] + saved)
-        adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(progress),
+        adapt = settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(progress),
                         jnp.float32(progress), jnp.int32(best), jnp.asarray(costs), jnp.float32(drafter_s))
         waits.append(getattr(adapt, field).item())
     return waits
@@ -543,7 +543,7 @@ def test_a_drafter_keeps_proposing_while_its_savings_cover_its_cost():
     kept n-gram lookups proposing every step of a best-of-8 batch: 0.93x `ar`), and the waits double.
     A drafter whose proposals saved 3 steps' worth keeps proposing through a few fruitless steps (text
     that repeats now and then); a costly one whose savings fall short backs off."""
-    from specjax.engine import probe_interval
+    from specjax.adaptive import probe_interval
 
     assert _settle_steps([0.0] * 4, drafter_s=0.01) == [2, 4, 8, 16]
     assert _settle_steps([0.0] * 2, drafter_s=0.0) == [2, 4]  # measured as free, it still stops
@@ -563,7 +563,7 @@ def test_a_proposal_with_nothing_worth_verifying_costs_the_drafter_alone():
     that share, three times at most (10, 20, 40 steps), until a draft is worth verifying again. Verified
     drafts that fall short still double the wait, and fruitless proposals in between keep that backoff
     for the next loss."""
-    from specjax.engine import idle_wait, probe_interval
+    from specjax.adaptive import idle_wait, probe_interval
 
     assert _settle_steps([None] * 6, drafter_s=0.01) == [0] * 6
     assert _settle_steps([None] * 6, drafter_s=0.0) == [0] * 6
@@ -590,16 +590,16 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, progress,
     (4) kept for the next time the average fails, where the batch moved by them too, with the shortest
     wait. 1.2 do not pay, so the backoff doubles from 4 and the drafter waits that long. Only a step
     that proposed is settled."""
-    from specjax.engine import _settle, init_adapt
+    from specjax.adaptive import init_adapt, settle
 
     adapt = init_adapt(make_proposer("pld", k=8)).replace(backoff=jnp.int32(4), probing=jnp.asarray(True),
                                                           proposing=jnp.asarray(True))
     costs = jnp.asarray([1.0, 1.5, 1.8, 2.0])
     # the batch progressed by `progress` tokens (its slowest row's), the rows by `tokens` on average
-    out = _settle(adapt, jnp.float32(progress), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
+    out = settle(adapt, jnp.float32(progress), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
     assert bool(out.probe_due) == (wait > 0)  # a failed probe: the first draft after the wait probes again
-    idle = _settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
+    idle = settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
                    jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
 
@@ -611,8 +611,8 @@ def test_every_probe_is_paid_from_a_budget_of_two_percent_of_the_time():
     each refusal probed: here every step."""
     import jax
 
+    from specjax.adaptive import PROBE_SHARE, choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import PROBE_SHARE, _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -622,7 +622,7 @@ def test_every_probe_is_paid_from_a_budget_of_two_percent_of_the_time():
     draft = Draft(tokens=jnp.zeros((1, 8), jnp.int32), num=jnp.asarray([8], jnp.int32),
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
-    decide = jax.jit(lambda a, step: _choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray(costs),
+    decide = jax.jit(lambda a, step: choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray(costs),
                                                    jnp.float32(drafter_s), widths, None, prop, step)[2:4])
     spent, probes = 0.0, 0
     for step in range(steps):
@@ -646,8 +646,8 @@ def test_probes_that_do_not_pay_halve_the_probing_share(tokens, progress):
     halve the share as misses do: they did not shorten the batch."""
     import jax
 
+    from specjax.adaptive import MAX_PROBE_MISSES, PROBE_SHARE, choose_width, init_adapt, settle
     from specjax.drafting import Draft
-    from specjax.engine import MAX_PROBE_MISSES, PROBE_SHARE, _choose_width, _settle, init_adapt
 
     prop = make_proposer("pld", k=8)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -661,9 +661,9 @@ def test_probes_that_do_not_pay_halve_the_probing_share(tokens, progress):
     @jax.jit
     def step(a, i):
         want = a.wait <= 0
-        a, best = _choose_width(draft, on & want, on, want, a, costs, drafter_s, widths, None, prop, i)[2:4]
+        a, best = choose_width(draft, on & want, on, want, a, costs, drafter_s, widths, None, prop, i)[2:4]
         drafted = lambda n: jnp.where(best > 0, jnp.float32(n), 1.0)  # a 1-token step yields one token
-        return _settle(a, drafted(progress), drafted(tokens), best, costs, drafter_s), best
+        return settle(a, drafted(progress), drafted(tokens), best, costs, drafter_s), best
 
     spent, misses = 0.0, []
     for i in range(steps):
@@ -683,7 +683,8 @@ def test_a_batch_progresses_by_what_its_slowest_row_gains():
     """Rows with 10 and 6 tokens left: the batch ends with the first, so a step giving it 1 token and
     the other 4 moved the batch by 1; one giving the first 3 moved it by 3. A row ending at EOS counts
     at most the step's largest yield."""
-    from specjax.engine import LoopState, _batch_progress
+    from specjax.adaptive import batch_progress
+    from specjax.engine import LoopState
 
     def progress(num_new, done_after=(False, False)):
         lengths = jnp.asarray([5, 9])
@@ -693,7 +694,7 @@ def test_a_batch_progresses_by_what_its_slowest_row_gains():
             verify_hist=None, source_counts=None, adapt=None)
         before = mk(lengths, (False, False))
         after = mk(lengths + jnp.asarray(num_new), done_after)
-        return float(_batch_progress(before, after, jnp.asarray(num_new), 10))
+        return float(batch_progress(before, after, jnp.asarray(num_new), 10))
 
     assert progress([1, 4]) == 1.0
     assert progress([3, 1]) == 3.0
@@ -704,8 +705,8 @@ def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
     """The periodic probe verifies a draft the estimate would not: worth it to keep learning, but not in a
     batch where the row with the most tokens left has no draft, since no outcome could shorten the batch.
     Once that row drafts too, the probe runs."""
+    from specjax.adaptive import choose_width, init_adapt
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, init_adapt
 
     prop = make_proposer("pld", k=8)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -718,7 +719,7 @@ def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
     def width(num, remaining):
         draft = Draft(tokens=jnp.zeros((2, 8), jnp.int32), num=jnp.asarray(num, jnp.int32),
                       confidence=jnp.zeros((2,), jnp.float32))
-        _, _, _, best, _ = _choose_width(draft, on, on, jnp.asarray(True), adapt, costs, jnp.float32(0), widths,
+        _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, costs, jnp.float32(0), widths,
                                          None, prop, step, jnp.asarray(remaining, jnp.int32))
         return int(widths[best])
 
@@ -766,7 +767,7 @@ def _sampling_p_values(tiny_model, monkeypatch, method: str, rows: int = 3000, n
     kw = dict(num_samples=rows, max_new_tokens=new, eos_token_ids=(), temperature=temperature)
     ref = specjax.generate(tiny_model, [prompt], "ar", seed=1, **kw).tokens
     free = lambda model, plan, proposer, *rest: (
-        np.asarray(costs or [1.0] * len(engine.loop_widths(proposer)), np.float32), np.float32(0), np.float32(0),
+        np.asarray(costs or [1.0] * len(adaptive.loop_widths(proposer)), np.float32), np.float32(0), np.float32(0),
         np.float32(0), 0.0)
     monkeypatch.setattr(engine, "step_costs", free)
     out = specjax.generate(tiny_model, [prompt], method, seed=2, adaptive=True, **opts, **kw)
@@ -851,8 +852,8 @@ def test_a_fully_accepted_draft_moves_the_row_to_the_streak_buckets():
     """Row 0 accepts its whole draft of 4, row 1 rejects at position 2, row 2 does not draft: only row 0
     is on a streak, its next decision reads the counts kept after full acceptances (bucket + NUM_BUCKETS),
     and row 2 keeps the streak it had."""
+    from specjax.adaptive import NUM_BUCKETS, init_adapt, observe
     from specjax.drafting import Draft
-    from specjax.engine import NUM_BUCKETS, _observe, init_adapt
 
     prop = make_proposer("pld", k=8)
     adapt = init_adapt(prop, batch=3).replace(streak=jnp.asarray([0, 1, 1], jnp.int32))
@@ -860,7 +861,7 @@ def test_a_fully_accepted_draft_moves_the_row_to_the_streak_buckets():
                   confidence=jnp.zeros((3,), jnp.float32))
     drafting = jnp.asarray([True, True, False])
     bucket = jnp.asarray([0, NUM_BUCKETS, NUM_BUCKETS], jnp.int32)
-    out = _observe(adapt, draft, drafting, jnp.asarray([4, 2, 0], jnp.int32), bucket, None)
+    out = observe(adapt, draft, drafting, jnp.asarray([4, 2, 0], jnp.int32), bucket, None)
     assert out.streak.tolist() == [1, 0, 1]
     assert out.tried[0, 0, :5].tolist() == [1, 1, 1, 1, 0] and out.hit[0, 0, :5].tolist() == [1, 1, 1, 1, 0]
     assert out.tried[0, NUM_BUCKETS, :4].tolist() == [1, 1, 1, 0] and out.hit[0, NUM_BUCKETS, :3].tolist() == [1, 1, 0]
@@ -871,8 +872,8 @@ def _shadowed(draft_tokens, emitted, verified=0, scored_rows=(True,)):
     accepted) and the rest cut; `emitted`: the tokens the row emits from position 3 on, one step at a time
     after the first (which emits `verified` + 1). Returns the counts of bucket 0 after every step, and the
     shadow's nodes left (0: ended)."""
+    from specjax.adaptive import init_adapt, shadow, shadow_score
     from specjax.drafting import Draft
-    from specjax.engine import _shadow, _shadow_score, init_adapt
 
     prop = make_proposer("pld", k=4)
     adapt = init_adapt(prop)
@@ -886,11 +887,11 @@ def _shadowed(draft_tokens, emitted, verified=0, scored_rows=(True,)):
         if i < verified:  # the verified tokens and the step's own token come together
             continue
         if len(out) == 0:
-            adapt = _shadow(adapt, prop, draft, jnp.asarray(scored_rows), jnp.asarray([verified], jnp.int32),
+            adapt = shadow(adapt, prop, draft, jnp.asarray(scored_rows), jnp.asarray([verified], jnp.int32),
                             jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens,
                             jnp.asarray([length], jnp.int32), done)
         else:
-            adapt = _shadow_score(adapt, prop, tokens, jnp.asarray([length], jnp.int32), done)
+            adapt = shadow_score(adapt, prop, tokens, jnp.asarray([length], jnp.int32), done)
         out.append((np.asarray(adapt.tried[0, 0]).tolist(), np.asarray(adapt.hit[0, 0]).tolist(),
                     int(adapt.shadow_valid[0].sum())))
     return out
@@ -920,8 +921,8 @@ def test_an_estimate_held_low_recovers_from_the_drafts_it_turned_down():
     bucket's two early misses held its estimate under the price of a verify, and only verified drafts were
     counted. Scored in the shadow, the turned-down drafts that the row then emits raise the estimate
     until the draft is verified, with no probe."""
+    from specjax.adaptive import choose_width, init_adapt, shadow
     from specjax.drafting import Draft
-    from specjax.engine import _choose_width, _shadow, init_adapt
 
     prop = make_proposer("pld", k=4)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
@@ -934,14 +935,14 @@ def test_an_estimate_held_low_recovers_from_the_drafts_it_turned_down():
     chosen = []
     for length in range(3, 20):
         draft = Draft(tokens=jnp.asarray([text[length:length + 4]], jnp.int32), num=jnp.asarray([4], jnp.int32))
-        out, drafting, adapt, best, bucket = _choose_width(draft, on, on, jnp.asarray(True), adapt, costs,
+        out, drafting, adapt, best, bucket = choose_width(draft, on, on, jnp.asarray(True), adapt, costs,
                                                            jnp.float32(0), widths, None, prop, jnp.int32(0),
                                                            probes=False)
         chosen.append(int(widths[best]))
         if chosen[-1] > 1:
             break
         tokens = tokens.at[0, length].set(text[length])  # a 1-token step emits the draft's first token
-        adapt = _shadow(adapt, prop, draft, drafting & (out.num == 0), out.num, jnp.asarray([length], jnp.int32),
+        adapt = shadow(adapt, prop, draft, drafting & (out.num == 0), out.num, jnp.asarray([length], jnp.int32),
                         bucket, tokens, jnp.asarray([length + 1], jnp.int32), jnp.zeros((1,), bool))
     assert chosen[0] == 1 and chosen[-1] > 1, chosen
     assert len(chosen) <= 6, chosen
@@ -951,11 +952,11 @@ def test_a_cheap_drafter_whose_drafts_are_all_scored_never_waits():
     """A drafter under 2% of a step whose every draft is scored (verified, or in the shadow) keeps
     proposing after drafts that fell short: its estimate already says what to verify, and waits left
     `pld` blind to the repeats that followed them."""
-    from specjax.engine import _settle, init_adapt
+    from specjax.adaptive import init_adapt, settle
 
     adapt = init_adapt(make_proposer("pld", k=8))
     for _ in range(4):
-        adapt = _settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0),
+        adapt = settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0),
                         jnp.float32(1.0), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.0),
                         free=jnp.asarray(True))
         assert int(adapt.wait) == 0
@@ -996,7 +997,7 @@ def test_lean_steps_leave_what_full_steps_leave(tiny_model, monkeypatch, method,
     from specjax import engine
 
     def costs(model, plan, proposer, *rest):
-        widths = engine.loop_widths(proposer)
+        widths = adaptive.loop_widths(proposer)
         return (np.asarray([1.0 + 0.3 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(2e-4),
                 np.float32(0), np.float32(0), 0.0)
 
@@ -1044,7 +1045,7 @@ def test_a_turned_down_dynamic_tree_is_scored_along_its_own_parents():
 def _turned_down_then_emitted(prop, draft, emitted: list[int]):
     """A one-row loop's estimate after `draft` was turned down at history length 3 (and kept as a shadow)
     and the row then emitted `emitted`, one token a step."""
-    from specjax.engine import _shadow, _shadow_score, init_adapt
+    from specjax.adaptive import init_adapt, shadow, shadow_score
 
     adapt = init_adapt(prop)
     tokens = jnp.zeros((1, 16), jnp.int32)
@@ -1053,8 +1054,8 @@ def _turned_down_then_emitted(prop, draft, emitted: list[int]):
         tokens = tokens.at[0, 3 + i].set(tok)
         length = jnp.asarray([4 + i], jnp.int32)
         if i == 0:
-            adapt = _shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
+            adapt = shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
                             jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
         else:
-            adapt = _shadow_score(adapt, prop, tokens, length, done)
+            adapt = shadow_score(adapt, prop, tokens, length, done)
     return adapt

@@ -149,7 +149,7 @@ def test_load_prefetches_and_replays_the_call_it_ran_last(tmp_path, tiny_checkpo
     assert int(cold[2]) >= 3 and cold[4:7] == ["0", "0", "0"]
     # load read all three back before the call and replayed the call on a dummy prompt: the prefill,
     # the proposer's start and one decode step per verify width
-    from specjax.engine import loop_widths
+    from specjax.adaptive import loop_widths
     from specjax.proposers import make_proposer
 
     widths = len(loop_widths(make_proposer("pld")))

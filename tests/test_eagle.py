@@ -344,10 +344,10 @@ def _price_proposals_at_a_step(monkeypatch, cheap_s: float = 0.0, wake_s: float 
     """Calibrated costs where proposing costs a whole 1-token step: drafts rarely pay, the loop backs off.
     `cheap_s`: the seconds of a proposer's cheap part (the hybrid's suffix match) alone; `wake_s`: of the
     catch-up a proposal after a wait runs first."""
-    from specjax import engine
+    from specjax import adaptive, engine
 
     def costs(model, plan, proposer, *rest):
-        widths = engine.loop_widths(proposer)
+        widths = adaptive.loop_widths(proposer)
         return (np.asarray([1.0 + 0.125 * (w - 1) for w in widths], np.float32) * 1e-3, np.float32(1e-3),
                 np.float32(cheap_s), np.float32(wake_s), 0.0)
 

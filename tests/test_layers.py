@@ -24,6 +24,7 @@ LOWER = {
     "specjax.sampling": ("specjax.proposers", "specjax.engine", "specjax.tts", "eval", "specjax.verify"),
     "specjax.models": ("specjax.proposers", "specjax.engine", "specjax.tts", "eval", "specjax.verify"),
     "specjax.proposers": ("specjax.engine", "specjax.tts", "eval"),
+    "specjax.adaptive": ("specjax.engine", "specjax.tts", "eval", "specjax.plan"),  # called by the loop
     "specjax.engine": ("specjax.tts", "eval"),
 }
 

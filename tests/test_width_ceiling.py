@@ -37,7 +37,7 @@ def test_the_trace_accounts_for_every_step_and_token(tiny_model, adaptive):
     if not adaptive:
         assert np.array_equal(verified, proposed)
     ran = Counter(trace["width"])  # the verify widths the steps ran, as the loop counted them
-    assert [ran[w] for w in specjax.engine.loop_widths(oracle)] == out.stats["verified_hist"]
+    assert [ran[w] for w in specjax.adaptive.loop_widths(oracle)] == out.stats["verified_hist"]
 
 
 def test_a_trace_of_a_batch_is_refused_by_the_ceilings(tiny_model):

@@ -29,7 +29,7 @@ import numpy as np
 class StepPrices:
     """Seconds of a decode step (`generate` stats of an adaptive run on the same shapes)."""
 
-    widths: tuple[int, ...]  # the static verify widths (`engine.loop_widths`)
+    widths: tuple[int, ...]  # the static verify widths (`adaptive.loop_widths`)
     step_s: tuple[float, ...]  # per width: the step less the drafter (width 1: a step with no draft)
     propose_s: float  # one whole proposal
     cheap_s: float = 0.0  # a proposer's cheap part alone (the hybrid's suffix match)
