@@ -647,7 +647,8 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
                        adaptive=True, warm_up="measure")
         return {k: seconds[i][0] for k, i in keys.items()}
 
-    measured, spent = step_cost.cached_seconds(list(keys), measure)
+    what = f"{proposer.name}'s decode steps at batch {plan.batch}, {plan.cache_len}-slot cache"
+    measured, spent = step_cost.cached_seconds(list(keys), measure, what)
     cheap = measured.pop(2) if proposer.cheap_part else 0.0
     wake = measured.pop(2) if wakes else 0.0
     skip, drafter, chosen = measured[0], max(measured[1], 0.0), np.asarray(measured[2:])

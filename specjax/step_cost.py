@@ -5,7 +5,7 @@ The adaptive loop (`engine.decode(adaptive=True)`) divides expected accepted tok
 pick each step's width, so they must be this machine's: a verify of 17 tokens costs ~2x a 1-token step
 on a 2-core AMD EPYC and far less on an accelerator. Timings are taken on the run's own shapes (batch,
 cache bucket) the first time they are needed (about 0.5-1.5 s per width for the default model on a 2-core
-CPU, less when the compiled forwards are already in the persistent cache), then read from
+CPU once the loop is compiled; a first process compiles it first), announced on stderr, then read from
 `<cache>/step_costs.json` by every later call and process. `python -m specjax.calibrate` measures them
 ahead of time (`--force` measures again, e.g. after a run on a busy machine). Values are lower quartiles
 over a few repeats, the widths timed in interleaved rounds; a shared, noisy machine still moves them
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,17 +133,35 @@ def interleaved_times(runs: dict[Any, Callable[..., Any]], repeats: int = REPEAT
     return times
 
 
-def cached_seconds(keys: Sequence[str], measure: Callable[[list[str]], dict[str, float]]
+QUIET_ENV = "SPECJAX_QUIET"  # set (to anything but 0 or empty): no notice of a one-time measurement
+
+
+def _notice(text: str, end: str = "\n") -> None:
+    """A line on stderr while a one-time measurement runs: a first call on a new machine otherwise sits
+    silent for up to a minute (timing the model's products, compiling and timing a method's widths)."""
+    if os.environ.get(QUIET_ENV, "").strip() not in ("", "0"):
+        return
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def cached_seconds(keys: Sequence[str], measure: Callable[[list[str]], dict[str, float]], what: str = ""
                    ) -> tuple[list[float], float]:
     """The seconds of each key: from memory, else the cache folder's file, else `measure(missing keys)`
-    (stored). Returns them and the seconds spent measuring."""
+    (stored). Returns them and the seconds spent measuring. `what` names the measurement in the notice
+    printed on stderr while it runs (with how long it took; `SPECJAX_QUIET=1` turns it off)."""
     missing = [k for k in keys if k not in _MEMORY]
     if missing:
         _MEMORY.update({k: v for k, v in _load().items() if k in missing})
     t0 = time.perf_counter()
     todo = [k for k in keys if k not in _MEMORY]
+    if todo and what:
+        path = _path()
+        kept = f"kept in {path}" if path is not None else "not kept: no cache folder"
+        _notice(f"specjax: timing {what} on this machine, once ({kept}) ...", end="")
     fresh = measure(todo) if todo else {}
     spent = time.perf_counter() - t0 if fresh else 0.0
+    if todo and what:
+        _notice(f" {time.perf_counter() - t0:.1f} s")
     if fresh:
         _MEMORY.update(fresh)
         _store(fresh)

@@ -144,7 +144,7 @@ def test_a_narrower_width_timed_dearer_than_a_wider_one_costs_what_the_wider_did
     widths = adaptive.loop_widths(proposer)
     assert len(widths) >= 4
     timed = [1.0, 0.1, 1.1, 2.6, 2.0, *[3.0 + i for i in range(len(widths) - 3)]]  # skip, propose, w1, w3, ...
-    monkeypatch.setattr(step_cost, "cached_seconds", lambda keys, measure: (list(timed), 0.0))
+    monkeypatch.setattr(step_cost, "cached_seconds", lambda keys, measure, what="": (list(timed), 0.0))
     plan = warm_start.dummy_plan(tiny_model, proposer, num_prompts=1, num_samples=1, prompt_bucket=64,
                                  cache_len=256, tokens=8)
     costs, drafter, _, _, _ = engine.step_costs(tiny_model, plan, proposer, weights, SamplingConfig())

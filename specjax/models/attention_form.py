@@ -106,7 +106,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Calla
         secs = measure(cfg, dtype)
         return {k: secs[f] for k, f in zip(keys, forms) if k in todo}
 
-    secs, _ = step_cost.cached_seconds(keys, timed)
+    secs, _ = step_cost.cached_seconds(keys, timed, "two forms of one-token attention")
     return crossing(dict(zip(forms, secs)))
 
 

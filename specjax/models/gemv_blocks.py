@@ -103,7 +103,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Calla
         secs = measure(cfg, params, candidates)
         return {k: secs[n] for k, n in zip(keys, candidates) if k in todo}
 
-    secs, _ = step_cost.cached_seconds(keys, timed)
+    secs, _ = step_cost.cached_seconds(keys, timed, "the model's one-row products in blocks")
     best = min(range(len(candidates)), key=secs.__getitem__)
     return candidates[best] if secs[best] < (1 - MARGIN) * secs[0] else 1
 

@@ -143,7 +143,7 @@ def choose(cfg: ModelConfig, params: Any, mesh: Any = None, before_timing: Calla
         secs = measure(cfg, params)
         return {k: secs[t] for k, t in zip(keys, timings) if k in todo}
 
-    secs, _ = step_cost.cached_seconds(keys, timed)
+    secs, _ = step_cost.cached_seconds(keys, timed, "the model's products in two weight layouts")
     chosen = pick(dict(zip(timings, secs)))
     if chosen > 1 and size > MAX_MEMORY_SHARE * _memory_bytes():
         return 0
