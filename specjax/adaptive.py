@@ -57,7 +57,7 @@ def tree_members(proposer: Proposer) -> np.ndarray:
 
 @struct.dataclass
 class Adapt:
-    """The adaptive loop's online acceptance estimate and its record (see `decode`).
+    """The adaptive loop's online acceptance estimate and its record (see `engine.decode`).
 
     `tried[s, c, i]` / `hit[s, c, i]`: decayed counts of draft position i (chain position or tree
     depth) being verified / accepted, given every earlier position was, for drafting source s
@@ -248,7 +248,7 @@ def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
 def choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
                   step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True,
                   runs: Bool[Array, ""] | None = None, woken_s: Float[Array, ""] | float | None = None):
-    """The adaptive decision of one step (see `decode`): the width and the truncated draft; whether to
+    """The adaptive decision of one step (see `engine.decode`): the width and the truncated draft; whether to
     keep proposing is `settle`'s, from what the step yields. `want`: the whole proposal ran (it is
     judged, may probe, and pays the drafter's cost); `runs` (default `want`): some of it ran (a
     proposer's `cheap_part` alone), so its drafts may be verified. `remaining`: each row's tokens left
@@ -368,7 +368,8 @@ def idle_observe(adapt: Adapt, lengths: Int[Array, "B"], scored: bool) -> Adapt:
 def batch_progress(before, after, num_new: Int[Array, "B"], max_new) -> Float[Array, ""]:
     """How far a step moved the batch towards its end: the drop in the most tokens any unfinished row
     has left (a static batch runs until that row is done), at most the step's largest yield (a row
-    ending at EOS takes what it had left out of the count, which 1-token steps would remove too)."""
+    ending at EOS takes what it had left out of the count, which 1-token steps would remove too).
+    `before`, `after`: the loop states (`engine.LoopState`) around the step."""
     left = lambda s: jnp.max(jnp.where(s.done, 0, max_new - (s.lengths - s.prompt_lengths)))
     return jnp.clip(left(before) - left(after), 0, jnp.max(num_new)).astype(jnp.float32)
 
