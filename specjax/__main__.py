@@ -29,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(parse_args, _main, argv)
 
 
+def compiled_note(before: int) -> str:
+    """Whether the call compiled (a first run on this machine, or new shapes) or read its programs from
+    the cache folder, so its seconds read right: a compiling call is no measure of decoding speed."""
+    from specjax import programs
+
+    n = programs.counts().get("compiled", 0) - before
+    return f"{n} program{'s' * (n != 1)} compiled in the call" if n else "programs read from the cache"
+
+
 def _main(args: argparse.Namespace) -> int:
     from eval import cli
 
@@ -39,15 +48,17 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: --no-chat feeds the text as it is, and empty text has no tokens")
 
     import specjax
+    from specjax import programs
 
     model = specjax.load(args.model, dtype=args.dtype)
+    before = programs.counts().get("compiled", 0)
     out = specjax.generate(model, [prompt], args.method, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            chat=not args.no_chat)
     s = out.stats
     print(out.texts[0])
     print(f"\n[{s['method']}] {s['emitted_tokens']} tokens in {s['wall_s']:.2f}s "
-          f"(prefill {s['prefill_s']:.2f}s, decode {s['decode_s']:.2f}s, first call includes compilation); "
+          f"(prefill {s['prefill_s']:.2f}s, decode {s['decode_s']:.2f}s, {compiled_note(before)}); "
           f"{s['tokens_per_s']:.1f} tok/s, {s['mean_accepted_tokens']:.2f} tokens per target forward",
           file=sys.stderr)
     return 0

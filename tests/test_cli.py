@@ -11,6 +11,20 @@ def test_cli_answers_and_reports_speed(tiny_chat_checkpoint, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()  # the decoded answer
     assert "tok/s" in captured.err and "[suffix]" in captured.err
+    assert "compiled in the call" in captured.err or "programs read from the cache" in captured.err
+    assert main(["What is 7 + 5?", "--model", str(tiny_chat_checkpoint), "--method", "suffix",
+                 "--max-new-tokens", "8"]) == 0
+    assert "programs read from the cache" in capsys.readouterr().err  # the same shapes again: nothing compiled
+
+
+def test_cli_says_whether_the_call_compiled():
+    from specjax import programs
+    from specjax.__main__ import compiled_note
+
+    now = programs.counts().get("compiled", 0)
+    assert compiled_note(now) == "programs read from the cache"
+    assert compiled_note(now - 1) == "1 program compiled in the call"
+    assert compiled_note(now - 3) == "3 programs compiled in the call"
 
 
 def test_cli_unknown_model_and_method(tiny_chat_checkpoint, capsys):
