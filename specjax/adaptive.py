@@ -246,8 +246,8 @@ def confidence_prior(first: Float[Array, "... C"]) -> Float[Array, "... C"]:
 
 
 def choose_width(draft, drafting, active, want, adapt: Adapt, costs, drafter_s, widths, node_depth, proposer,
-                  step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True,
-                  runs: Bool[Array, ""] | None = None, woken_s: Float[Array, ""] | float | None = None):
+                 step, remaining: Int[Array, "B"] | None = None, probes: Bool[Array, ""] | bool = True,
+                 runs: Bool[Array, ""] | None = None, woken_s: Float[Array, ""] | float | None = None):
     """The adaptive decision of one step (see `engine.decode`): the width and the truncated draft; whether to
     keep proposing is `settle`'s, from what the step yields. `want`: the whole proposal ran (it is
     judged, may probe, and pays the drafter's cost); `runs` (default `want`): some of it ran (a
@@ -375,8 +375,8 @@ def batch_progress(before, after, num_new: Int[Array, "B"], max_new) -> Float[Ar
 
 
 def settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, ""], best: Int[Array, ""], costs,
-            drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False,
-            woken_s: Float[Array, ""] | float | None = None, single: Bool[Array, ""] | bool = False) -> Adapt:
+           drafter_s, judge: Bool[Array, ""] | bool = True, free: Bool[Array, ""] | bool = False,
+           woken_s: Float[Array, ""] | float | None = None, single: Bool[Array, ""] | bool = False) -> Adapt:
     """After a step that proposed: whether to keep proposing, from what it yielded. The step saved
     `progress` (`batch_progress`) one-token steps' worth of time less the verify it ran; proposing goes
     on while the moving average of that saving (`SAVING_DECAY`) stays above the drafter's own cost, else it
@@ -450,7 +450,7 @@ def settle(adapt: Adapt, progress: Float[Array, ""], mean_tokens: Float[Array, "
 
 
 def batch_worth(survive: Float[Array, "B W J"], active: Bool[Array, "B"], remaining: Int[Array, "B"],
-                 tie_break: float = TIE_BREAK) -> Float[Array, "W"]:
+                tie_break: float = TIE_BREAK) -> Float[Array, "W"]:
     """What a step of each width is worth to a batch: the expected drop in the most tokens any active row
     has left (a static batch runs until that row is done, `batch_progress`), from each row's
     `survive[b, w, j]`, the chance it gets at least j + 1 tokens (j = 0: the one every step gives).
@@ -476,7 +476,7 @@ def batch_worth(survive: Float[Array, "B W J"], active: Bool[Array, "B"], remain
 
 
 def counted(shape: tuple[int, ...], rows: Int[Array, "B G"], bucket: Int[Array, "B"],
-             x: Float[Array, "B G D"]) -> Float[Array, "S C D"]:
+            x: Float[Array, "B G D"]) -> Float[Array, "S C D"]:
     """Each row's per-position indicators `x` summed into the counts' layout (`Adapt.tried`): row b's
     g-th indicator goes to counts row `rows[b, g]` (source, or source x sub-tree), bucket `bucket[b]`."""
     where = jax.nn.one_hot(rows, shape[0])[..., None] * jax.nn.one_hot(bucket, shape[1])[:, None, None]
@@ -484,7 +484,7 @@ def counted(shape: tuple[int, ...], rows: Int[Array, "B G"], bucket: Int[Array, 
 
 
 def observe(adapt: Adapt, draft, drafting, accepted, bucket, node_depth, group: Int[Array, ""] | int = 0,
-             groups: int = 1, decay: Bool[Array, ""] | bool = True) -> Adapt:
+            groups: int = 1, decay: Bool[Array, ""] | bool = True) -> Adapt:
     """Adds one verification to the acceptance counts: position i of a row's draft was tried if every
     earlier one was accepted, and accepted if the row accepted more than i tokens. `group`: the tree's
     drafting sub-tree that ran, of `groups` (`count_groups`). `decay` False: the step observed nothing (it
@@ -515,7 +515,7 @@ def shadow_shape(proposer: Proposer) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], lengths: Int[Array, "B"],
-                  done: Bool[Array, "B"]) -> Adapt:
+                 done: Bool[Array, "B"]) -> Adapt:
     """Counts each pending shadow's newly known positions, as `observe` counts a verified draft: draft
     position i (a tree's depth i + 1) is tried if every earlier one was accepted, and accepted if the draft
     holds, under the accepted path, the token the row emitted there. Exact for deterministic drafts:
@@ -552,8 +552,8 @@ def shadow_score(adapt: Adapt, proposer: Proposer, tokens: Int[Array, "B S"], le
 
 
 def shadow(adapt: Adapt, proposer: Proposer, proposed, cut: Bool[Array, "B"], verified: Int[Array, "B"],
-            start: Int[Array, "B"], bucket: Int[Array, "B"], tokens: Int[Array, "B S"], lengths: Int[Array, "B"],
-            done: Bool[Array, "B"]) -> Adapt:
+           start: Int[Array, "B"], bucket: Int[Array, "B"], tokens: Int[Array, "B S"], lengths: Int[Array, "B"],
+           done: Bool[Array, "B"]) -> Adapt:
     """Scores the part of each draft that the width decision cut off (all of it, for a turned-down draft)
     against the tokens the row emits afterwards, so that an estimate that turns down good drafts learns so
     without a probe. Counting verified drafts alone, with the counts decaying, a match-length bucket held

@@ -544,7 +544,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
         elif adaptive:
             new = new.replace(adapt=settle(
                 observe(adapt, draft, drafting, res.num_accepted, bucket, node_depth,
-                         jnp.maximum(best - 1, 0) if template is not None else 0, count_groups(proposer), ~idle(s)),
+                        jnp.maximum(best - 1, 0) if template is not None else 0, count_groups(proposer), ~idle(s)),
                 batch_progress(s, new, num_new, max_new), jnp.sum(num_new) / jnp.maximum(jnp.sum(active), 1),
                 best, costs, drafter_s, ~forced, free, woken_s, jnp.sum(active) <= 1))
             if scored:  # a draft cut short, or turned down, whose verified part was all accepted
@@ -554,7 +554,7 @@ def decode(params, state: LoopState, group: Int[Array, "B"], step_limit: Int[Arr
                     cut = drafting_before & (best == 0) & jnp.any(proposed.valid, axis=1)
                     verified = jnp.zeros_like(draft.num)
                 new = new.replace(adapt=shadow(new.adapt, proposer, proposed, cut, verified, s.lengths, bucket,
-                                                new.tokens, new.lengths, new.done))
+                                               new.tokens, new.lengths, new.done))
         ctx_new = context(new).replace(features=features, feature_start=s.lengths - 1,
                                        proposes_next=will_propose(new) if gated or adaptive else None)
         if proposer.logit_topk:

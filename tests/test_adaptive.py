@@ -358,7 +358,7 @@ def _decide(costs, hit_rate, num=8, drafter_s=0.0, observed=1000.0, backoff=1):
     on = jnp.ones((1,), bool)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
     out, _, adapt, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs, jnp.float32),
-                                           jnp.float32(drafter_s), widths, None, prop, jnp.int32(0))
+                                          jnp.float32(drafter_s), widths, None, prop, jnp.int32(0))
     return int(widths[best]), int(out.num[0]), bool(adapt.probing)
 
 
@@ -380,8 +380,8 @@ def test_a_batch_drafts_only_when_its_slowest_row_gains():
 
     def width(costs, remaining):
         _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray(costs),
-                                         jnp.float32(0), widths, None, prop, jnp.int32(0),
-                                         jnp.asarray(remaining, jnp.int32))
+                                        jnp.float32(0), widths, None, prop, jnp.int32(0),
+                                        jnp.asarray(remaining, jnp.int32))
         return int(widths[best])
 
     dear = [1.0, 1.3, 1.5, 2.0]
@@ -409,7 +409,7 @@ def test_an_unseen_confidence_bucket_starts_from_its_sources_rate():
 
     def width(a):
         _, _, _, best, bucket = choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]),
-                                              jnp.float32(0), widths, None, prop, jnp.int32(0))
+                                             jnp.float32(0), widths, None, prop, jnp.int32(0))
         assert int(bucket[0]) == 3
         return int(widths[best])
 
@@ -441,7 +441,7 @@ def test_a_long_match_seldom_seen_starts_from_the_best_shorter_matchs_rate():
         draft = Draft(tokens=jnp.zeros((1, 4), jnp.int32), num=jnp.asarray([4], jnp.int32),
                       confidence=jnp.full((1,), float(match)))
         best = choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray([1.0, 1.8, 2.0]), jnp.float32(0),
-                             widths, None, prop, jnp.int32(0))[3]
+                            widths, None, prop, jnp.int32(0))[3]
         return int(widths[best])
 
     assert width(adapt, 7) == 5 and width(adapt, 3) == 5
@@ -469,7 +469,7 @@ def test_a_sampled_batch_drafts_by_the_expected_progress_of_its_slowest_row():
         on = jnp.ones((batch,), bool)
         rem = None if remaining is None else jnp.asarray(remaining, jnp.int32)
         best = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.7, 1.8]), jnp.float32(0),
-                             widths, None, prop, jnp.int32(0), rem)[3]
+                            widths, None, prop, jnp.int32(0), rem)[3]
         return int(widths[best])
 
     assert width(1) == 5
@@ -502,7 +502,7 @@ def test_deep_positions_with_few_observations_inherit_the_shallow_rate():
     on = jnp.ones((1,), bool)
     widths = jnp.asarray(loop_widths(prop), jnp.int32)
     _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, jnp.asarray([1.0, 1.3, 1.5, 2.3]),
-                                     jnp.float32(0), widths, None, prop, jnp.int32(0))
+                                    jnp.float32(0), widths, None, prop, jnp.int32(0))
     assert int(widths[best]) == 9
 
 
@@ -533,7 +533,7 @@ def _settle_steps(savings: list[float | None], drafter_s: float, costs=(1.0, 1.5
     for saved in savings:
         best, progress = (0, 1.0) if saved is None else (1, costs[1] + saved)
         adapt = settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(progress),
-                        jnp.float32(progress), jnp.int32(best), jnp.asarray(costs), jnp.float32(drafter_s))
+                       jnp.float32(progress), jnp.int32(best), jnp.asarray(costs), jnp.float32(drafter_s))
         waits.append(getattr(adapt, field).item())
     return waits
 
@@ -600,7 +600,7 @@ def test_a_probe_after_a_backoff_is_settled_by_what_it_yielded(tokens, progress,
     assert (int(out.backoff), int(out.wait), bool(out.probing)) == (backoff, wait, False)
     assert bool(out.probe_due) == (wait > 0)  # a failed probe: the first draft after the wait probes again
     idle = settle(adapt.replace(probing=jnp.asarray(False), proposing=jnp.asarray(False), wait=jnp.int32(3)),
-                   jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
+                  jnp.float32(1), jnp.float32(tokens), jnp.int32(1), costs, jnp.float32(0.1))
     assert (int(idle.backoff), int(idle.wait)) == (4, 3)  # not a probe: nothing changes
 
 
@@ -623,7 +623,7 @@ def test_every_probe_is_paid_from_a_budget_of_two_percent_of_the_time():
                   confidence=jnp.zeros((1,), jnp.float32))
     on = jnp.ones((1,), bool)
     decide = jax.jit(lambda a, step: choose_width(draft, on, on, jnp.asarray(True), a, jnp.asarray(costs),
-                                                   jnp.float32(drafter_s), widths, None, prop, step)[2:4])
+                                                  jnp.float32(drafter_s), widths, None, prop, step)[2:4])
     spent, probes = 0.0, 0
     for step in range(steps):
         adapt, best = decide(adapt.replace(probe_due=jnp.asarray(True)), jnp.int32(step))
@@ -720,7 +720,7 @@ def test_a_batch_whose_slowest_row_has_no_draft_does_not_probe():
         draft = Draft(tokens=jnp.zeros((2, 8), jnp.int32), num=jnp.asarray(num, jnp.int32),
                       confidence=jnp.zeros((2,), jnp.float32))
         _, _, _, best, _ = choose_width(draft, on, on, jnp.asarray(True), adapt, costs, jnp.float32(0), widths,
-                                         None, prop, step, jnp.asarray(remaining, jnp.int32))
+                                        None, prop, step, jnp.asarray(remaining, jnp.int32))
         return int(widths[best])
 
     assert width([8, 0], [10, 100]) == 1
@@ -888,8 +888,8 @@ def _shadowed(draft_tokens, emitted, verified=0, scored_rows=(True,)):
             continue
         if len(out) == 0:
             adapt = shadow(adapt, prop, draft, jnp.asarray(scored_rows), jnp.asarray([verified], jnp.int32),
-                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens,
-                            jnp.asarray([length], jnp.int32), done)
+                           jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens,
+                           jnp.asarray([length], jnp.int32), done)
         else:
             adapt = shadow_score(adapt, prop, tokens, jnp.asarray([length], jnp.int32), done)
         out.append((np.asarray(adapt.tried[0, 0]).tolist(), np.asarray(adapt.hit[0, 0]).tolist(),
@@ -936,14 +936,14 @@ def test_an_estimate_held_low_recovers_from_the_drafts_it_turned_down():
     for length in range(3, 20):
         draft = Draft(tokens=jnp.asarray([text[length:length + 4]], jnp.int32), num=jnp.asarray([4], jnp.int32))
         out, drafting, adapt, best, bucket = choose_width(draft, on, on, jnp.asarray(True), adapt, costs,
-                                                           jnp.float32(0), widths, None, prop, jnp.int32(0),
-                                                           probes=False)
+                                                          jnp.float32(0), widths, None, prop, jnp.int32(0),
+                                                          probes=False)
         chosen.append(int(widths[best]))
         if chosen[-1] > 1:
             break
         tokens = tokens.at[0, length].set(text[length])  # a 1-token step emits the draft's first token
         adapt = shadow(adapt, prop, draft, drafting & (out.num == 0), out.num, jnp.asarray([length], jnp.int32),
-                        bucket, tokens, jnp.asarray([length + 1], jnp.int32), jnp.zeros((1,), bool))
+                       bucket, tokens, jnp.asarray([length + 1], jnp.int32), jnp.zeros((1,), bool))
     assert chosen[0] == 1 and chosen[-1] > 1, chosen
     assert len(chosen) <= 6, chosen
 
@@ -957,8 +957,8 @@ def test_a_cheap_drafter_whose_drafts_are_all_scored_never_waits():
     adapt = init_adapt(make_proposer("pld", k=8))
     for _ in range(4):
         adapt = settle(adapt.replace(proposing=jnp.asarray(True), wait=jnp.int32(0)), jnp.float32(1.0),
-                        jnp.float32(1.0), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.0),
-                        free=jnp.asarray(True))
+                       jnp.float32(1.0), jnp.int32(1), jnp.asarray([1.0, 1.5, 1.8, 2.0]), jnp.float32(0.0),
+                       free=jnp.asarray(True))
         assert int(adapt.wait) == 0
 
 
@@ -1055,7 +1055,7 @@ def _turned_down_then_emitted(prop, draft, emitted: list[int]):
         length = jnp.asarray([4 + i], jnp.int32)
         if i == 0:
             adapt = shadow(adapt, prop, draft, jnp.asarray([True]), jnp.zeros((1,), jnp.int32),
-                            jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
+                           jnp.asarray([3], jnp.int32), jnp.zeros((1,), jnp.int32), tokens, length, done)
         else:
             adapt = shadow_score(adapt, prop, tokens, length, done)
     return adapt
