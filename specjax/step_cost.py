@@ -158,10 +158,12 @@ def cached_seconds(keys: Sequence[str], measure: Callable[[list[str]], dict[str,
         path = _path()
         kept = f"kept in {path}" if path is not None else "not kept: no cache folder"
         _notice(f"specjax: timing {what} on this machine, once ({kept}) ...", end="")
-    fresh = measure(todo) if todo else {}
+    try:
+        fresh = measure(todo) if todo else {}
+    finally:  # the line ends even when the measurement fails, before its error is printed
+        if todo and what:
+            _notice(f" {time.perf_counter() - t0:.1f} s")
     spent = time.perf_counter() - t0 if fresh else 0.0
-    if todo and what:
-        _notice(f" {time.perf_counter() - t0:.1f} s")
     if fresh:
         _MEMORY.update(fresh)
         _store(fresh)

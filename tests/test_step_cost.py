@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from specjax import step_cost
 
 
@@ -47,3 +49,16 @@ def test_quiet_silences_the_notice_and_no_name_prints_none(tmp_path, monkeypatch
     assert capsys.readouterr().err == ""
     step_cost.cached_seconds(_keys(), measure, "the gadgets")
     assert "specjax: timing the gadgets" in capsys.readouterr().err
+
+
+def test_a_failed_measurement_still_ends_its_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPECJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(step_cost.QUIET_ENV, raising=False)
+
+    def measure(todo):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        step_cost.cached_seconds(_keys(), measure, "the widgets")
+    err = capsys.readouterr().err
+    assert err.startswith("specjax: timing the widgets") and err.endswith(" s\n")
