@@ -169,11 +169,12 @@ def prefill(params, prompt: Int[Array, "Q P"], prompt_lengths: Int[Array, "Q"], 
     return tokens, lengths, sharding.constrain_cache(cache, mesh), hidden, done, features, rng_decode
 
 
-def _prefill_layout(plan: Plan, mesh: Mesh | None = None) -> tuple[np.ndarray, tuple[tuple[int, int], ...]] | None:
+def _prefill_layout(model, plan: Plan) -> tuple[np.ndarray, tuple[tuple[int, int], ...]] | None:
     """(order, parts) a prefill of `plan` runs in (`plan.prefill_parts`); None for one batch, which a
     continued session (only new tokens), a sharded model (rows split across devices) and a call padded
-    on request (`pad_prompts_to`: shapes shared across calls) always are."""
-    if plan.start is not None or mesh is not None or plan.one_batch:
+    on request (`pad_prompts_to`: shapes shared across calls) always are. The call and its step-cost
+    calibration both ask here, so the calibration runs the call's own prefill program."""
+    if plan.start is not None or sharding.mesh_of(model.params) is not None or plan.one_batch:
         return None
     return prefill_parts(plan.prompt_lengths, plan.prompt_bucket)
 
@@ -635,7 +636,7 @@ def step_costs(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg
 
     def measure(_: list[str]) -> dict[str, float]:
         programs.settle()  # a load's prefetch still running would inflate the first timings
-        layout = _prefill_layout(plan)
+        layout = _prefill_layout(model, plan)
         dummy = warm_start.dummy_plan(
             model, proposer, num_prompts=plan.num_prompts, num_samples=plan.batch // plan.num_prompts,
             prompt_bucket=plan.prompt_bucket, cache_len=plan.cache_len,
@@ -737,7 +738,7 @@ def _run(model, plan: Plan, proposer: Proposer, weights: Any, sampling_cfg: Samp
     rows, batch = plan.rows, plan.batch
     mesh = sharding.mesh_of(model.params)  # sharded params: the whole generate runs under their mesh
     t0 = time.perf_counter()
-    layout = _prefill_layout(plan, mesh)
+    layout = _prefill_layout(model, plan)
     prefilled = programs.call(
         prefill, (model.params, plan.prompt, plan.prompt_lengths, rows, np.int32(seed), traced, max_new, plan.feed,
                   plan.start, None if session is None else session.cache, None if layout is None else layout[0]),

@@ -24,6 +24,20 @@ def test_parts_follow_the_lengths_and_cover_every_prompt():
     assert prefill_parts(np.array([5, 300, 5]), 384) is None
 
 
+def test_a_sharded_model_prefills_one_batch_in_its_calls_and_their_calibration(tiny_model, monkeypatch):
+    """The layout is asked of the model, so a call and its step-cost calibration (which builds its dummy
+    prompts from the same layout) agree: parts for one device, one batch for a model on a mesh."""
+    from specjax import plan as plan_mod
+    from specjax import sharding
+    from specjax.proposers import make_proposer
+
+    prompts = [[5] * 4] * 10 + [[7] * 150, [9] * 90]
+    plan = plan_mod.make_plan(tiny_model, prompts, make_proposer("ar"), max_new_tokens=8, chat=False)
+    assert engine._prefill_layout(tiny_model, plan) is not None
+    monkeypatch.setattr(sharding, "mesh_of", lambda params: object())  # params placed on a mesh
+    assert engine._prefill_layout(tiny_model, plan) is None
+
+
 @pytest.fixture(scope="module")
 def mixed_prompts():
     rng = np.random.default_rng(0)
