@@ -148,6 +148,41 @@ def option_value(raw: str, hint: Any) -> Any:
     return value
 
 
+def parse_options(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """--option [METHOD.]KEY=VALUE pairs -> per-method option dicts.
+
+    A plain key goes to every method of the run that takes it; `hybrid.head=medusa` only to hybrid
+    (for keys that mean different things to different methods). A key no method takes is an error, and so
+    is a value its field does not take (`k=abc`, `k=2.5`, `shared=no`): each is checked here, before any
+    model loads, against the field's type and range.
+    """
+    from specjax.proposers import option_fields, registry
+
+    fields = {m: set(option_fields(registry()[m])) for m in methods}
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    scoped: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option threshold=4")
+        method, dot, name = key.rpartition(".")
+        targets = [method] if dot else [m for m in methods if name in fields[m]]
+        if dot and method not in fields:
+            raise ValueError(f"--option {key}: {method!r} is not a method of this run ({', '.join(methods)})")
+        if not targets or any(name not in fields[m] for m in targets):
+            raise ValueError(f"--option {key}: none of the methods {', '.join(targets or methods)} takes it; their "
+                             "options: " + "; ".join(f"{m}: {', '.join(sorted(fields[m])) or 'none'}"
+                                                    for m in (targets or methods)))
+        for m in targets:
+            (scoped if dot else out)[m][name] = (key, raw)
+
+    def typed(m: str, name: str, key: str, raw: str) -> Any:  # the text as the field holds it, type and range checked
+        hint, meta = validation.option_types(registry()[m])[name], option_fields(registry()[m])[name].metadata
+        return validation.option_value(f"--option {key}", option_value(raw, hint), hint, meta, f" of method {m!r}")
+
+    return {m: {name: typed(m, name, *given) for name, given in {**out[m], **scoped[m]}.items()} for m in methods}
+
+
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -227,6 +227,10 @@ def _a_file(tmp_path):
     (["hi", "--top-k", "-1"], ("--top-k must be >= 0",)),
     (["hi", "--top-p", "1.5"], ("--top-p must be in (0, 1]",)),
     (["", "--no-chat"], ("prompt is empty", "--no-chat")),
+    (["hi", "--method", "suffix", "--option", "k=-1"], ("--option k of method 'suffix'", ">= 0", "-1")),
+    (["hi", "--method", "suffix", "--option", "threshold=4"], ("--option threshold", "suffix: branches")),
+    (["hi", "--method", "pld", "--option", "k"], ("--option 'k'", "KEY=VALUE")),
+    (["hi", "--matmul-dtype", "float16"], ("--matmul-dtype", "invalid choice")),
 ])
 def test_specjax_cli_refuses_bad_flags_before_loading(argv, fragments, capsys, no_load):
     from specjax.__main__ import main
