@@ -1,9 +1,12 @@
 """`python -m eval.tts`: a speculative method under a test-time-scaling paradigm, against AR in one run.
 
 Every method is measured on the same questions in the same process as the `ar` baseline (unless
-`--no-baseline`), so speedups are ratios from one run. Each method is warmed up (compiled) on the
-first question before it is timed. Results follow the schema in docs/contract.md; with several methods the
-output path gets the method name inserted (`results.json` -> `results.pld.json`).
+`--no-baseline`), so speedups are ratios from one run. Each method is warmed up (compiled, and its step
+costs measured) on the longest question first; then the methods take turns batch by batch, `ar` among
+them, in an order that rotates with the batch, so a machine whose speed drifts while the run goes on
+(a busy neighbour on a shared host) slows every method alike instead of the ones that ran last.
+Results follow the schema in docs/contract.md; with several methods the output path gets the method
+name inserted (`results.json` -> `results.pld.json`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +176,44 @@ def run_method(model, questions, method: str, args, progress=None, options: dict
     return summarize(method, args.paradigm, len(questions), result.rounds, samples), samples, result
 
 
+def run_in_turns(model, questions, methods: list[str], args, options: dict[str, dict[str, Any]],
+                 seed_offset: int = 0, records=None,
+                 progress: Callable[[str, int], None] | None = None) -> dict[str, tuple[dict[str, Any], list]]:
+    """{method: (summary, samples)} over `questions`: each method warmed up once, then every batch of
+    questions run by each method in turn, the order rotating with the batch. Batch i of a method has the
+    seed and shapes it has in a whole run of that method (`run_method`), so the outputs are the same;
+    `records` (a `RunRecords`) hands back the batches it holds and keeps every new one."""
+    from specjax.tts import paradigms
+
+    step = 1 if args.paradigm == "best_of_n" else args.batch_size
+    chunks = [questions[i : i + step] for i in range(0, len(questions), step)]
+    finished = {m: {i: paradigms.BatchResult(**v) for i in range(len(chunks))
+                    if records is not None and (v := records.get(f"{m}/{i}")) is not None} for m in methods}
+    for m in methods:
+        if len(finished[m]) < len(chunks):
+            warm_up(model, m, args, questions, options.get(m))
+    batches: dict[str, list] = {m: [] for m in methods}
+    for i, chunk in enumerate(chunks):
+        for m in methods[i % len(methods):] + methods[: i % len(methods)]:
+            if (done := finished[m].get(i)) is None:
+                got = []
+                paradigms.run(model, chunk, m, args.paradigm, size_like=questions,
+                              on_result=lambda _, b, got=got: got.append(b),
+                              **method_kwargs(m, args, options.get(m), seed_offset + i))
+                done = got[0]
+                if records is not None:
+                    records.add(f"{m}/{i}", done.to_dict())
+            batches[m].append(done)
+            if progress is not None:
+                progress(m, len(chunk) * (args.rounds if args.paradigm == "multi_round" else 1))
+    out = {}
+    for m in methods:
+        result = paradigms.assemble(batches[m])
+        samples, _ = _grade(questions, result)
+        out[m] = (summarize(m, args.paradigm, len(questions), result.rounds, samples), samples)
+    return out
+
+
 def summarize(method: str, paradigm: str, questions: int, rounds: list[dict[str, Any]],
               samples: list) -> dict[str, Any]:
     """A run's summary from its per-round stats (`ParadigmResult.rounds`, or their sums over runs)."""
@@ -250,7 +292,7 @@ def _main(args: argparse.Namespace) -> int:
     console.print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {len(all_questions)} questions"
                   + (f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     baseline = "ar" in methods or not args.no_baseline
-    order = (["ar"] if baseline else []) + [m for m in methods if m != "ar"]  # ar first: the reference
+    order = (["ar"] if baseline else []) + [m for m in methods if m != "ar"]  # ar first on the first batch
     records = None
     if args.output:
         from eval.records import RunRecords, records_path
@@ -263,17 +305,17 @@ def _main(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     samples_by: dict[str, list] = {}
     with Progress(console=console, transient=True) as progress:
-        for method in order:
-            task = progress.add_task(f"{method} / {args.paradigm}", total=len(questions) * (
-                args.rounds if args.paradigm == "multi_round" else 1))
-            summary, samples, _ = run_method(model, questions, method, args,
-                                             lambda k, t=task: progress.advance(t, k), options.get(method),
-                                             seed_offset=start // step, records=records)
-            parts = distributed.gather_json({"summary": summary, "samples": samples})
-            samples = [s for p in parts for s in p["samples"]]
-            summary = distributed.merge_stats([p["summary"] for p in parts])
-            summary.update(accuracy_fields(samples, args.paradigm))
-            summaries[method], samples_by[method] = summary, samples
+        tasks = {m: progress.add_task(f"{m} / {args.paradigm}", total=len(questions) * (
+            args.rounds if args.paradigm == "multi_round" else 1)) for m in order}
+        results = run_in_turns(model, questions, order, args, options, seed_offset=start // step, records=records,
+                               progress=lambda m, k: progress.advance(tasks[m], k))
+    for method in order:
+        summary, samples = results[method]
+        parts = distributed.gather_json({"summary": summary, "samples": samples})
+        samples = [s for p in parts for s in p["samples"]]
+        summary = distributed.merge_stats([p["summary"] for p in parts])
+        summary.update(accuracy_fields(samples, args.paradigm))
+        summaries[method], samples_by[method] = summary, samples
     if not lead:
         return 0
     base = summaries.get("ar")

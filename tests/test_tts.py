@@ -225,3 +225,23 @@ def test_the_best_of_n_and_think_twice_benchmarks_run_on_a_checkpoint(tiny_chat_
     assert "best-of-2" in printed and "pld" in printed
     figures = json.loads(out.read_text())
     assert figures["round2"]["pld"]["equals_ar"] and figures["round2"]["pld"]["tokens"] > 0
+
+
+def test_the_methods_take_turns_batch_by_batch_with_whole_run_outputs(tiny_chat_checkpoint, tmp_path):
+    """eval.tts runs `ar` and the methods in turn, batch by batch, the order rotating, so a host that slows
+    down mid-run slows them alike; each batch keeps a whole run's seed and shapes, so the samples are
+    those of one method's run over all the questions."""
+    from eval import tts
+    from eval.records import records_path
+    from specjax.tts.datasets import load_dataset
+
+    out = tmp_path / "turns.json"
+    argv = ["--model", str(tiny_chat_checkpoint), "--method", "pld,suffix", "--dataset", "arith", "--limit", "3",
+            "--max-new-tokens", "10", "--paradigm", "best_of_n", "--n", "2", "--temperature", "0.7"]
+    assert tts.main(argv + ["--output", str(out)]) == 0
+    keys = [json.loads(line)["key"] for line in records_path(out).read_text().splitlines()[1:]]
+    assert keys == ["ar/0", "pld/0", "suffix/0", "pld/1", "suffix/1", "ar/1", "suffix/2", "ar/2", "pld/2"]
+    model = specjax.load(str(tiny_chat_checkpoint))
+    args = tts.parse_args(argv)
+    _, whole, _ = tts.run_method(model, load_dataset("arith", limit=3), "suffix", args)
+    assert json.loads(tmp_path.joinpath("turns.suffix.json").read_text())["samples"] == whole

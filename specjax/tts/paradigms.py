@@ -61,7 +61,8 @@ class BatchResult:
         return dataclasses.asdict(self)
 
 
-def _assemble(batches: Sequence[BatchResult]) -> ParadigmResult:
+def assemble(batches: Sequence[BatchResult]) -> ParadigmResult:
+    """A run's result from its batches' shares, in order (per round: the batches' stats summed)."""
     rounds = len(batches[0].stats) if batches else 1
     return ParadigmResult(outputs=[o for b in batches for o in b.outputs],
                           rounds=[aggregate([b.stats[r] for b in batches]) for r in range(rounds)],
@@ -191,7 +192,7 @@ def run(model, questions: Sequence[Question], method: str, paradigm: str, *, n: 
         batches.append(done)
         if on_batch is not None:
             on_batch(len(chunk))
-    return _assemble(batches)
+    return assemble(batches)
 
 
 def _multi_round(model, questions: Sequence[Question], method: str, rounds: int, batch_size: int, seed: int,
@@ -233,4 +234,4 @@ def _multi_round(model, questions: Sequence[Question], method: str, rounds: int,
         batches.append(done)
         if on_batch is not None:
             on_batch(len(chunk))
-    return _assemble(batches)
+    return assemble(batches)
