@@ -245,3 +245,20 @@ def test_the_methods_take_turns_batch_by_batch_with_whole_run_outputs(tiny_chat_
     args = tts.parse_args(argv)
     _, whole, _ = tts.run_method(model, load_dataset("arith", limit=3), "suffix", args)
     assert json.loads(tmp_path.joinpath("turns.suffix.json").read_text())["samples"] == whole
+
+
+def test_a_prompt_is_measured_once_per_model_however_often_a_run_asks(tiny_chat_model, monkeypatch):
+    """Each batch of a run in turns sizes its shapes from every question of the run: the lengths are
+    tokenised once, and the answer is the longest prompt's length either way."""
+    tok = tiny_chat_model.tokenizer
+    calls = []
+    real = tok.apply_chat_template
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts = [f"question {i} " + "word " * i for i in range(6)]
+    first = paradigms.chat_prompt_length(tiny_chat_model, prompts)
+    assert len(calls) == 6
+    assert paradigms.chat_prompt_length(tiny_chat_model, prompts) == first and len(calls) == 6
+    assert paradigms.chat_prompt_length(tiny_chat_model, prompts[:2]) < first and len(calls) == 6
+    expected = max(len(real([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)["input_ids"])
+                   for p in prompts)
+    assert first == expected

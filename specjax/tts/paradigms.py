@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -107,11 +108,20 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+# each prompt's chat-templated length, per model: `eval.tts` runs every method batch by batch, and each
+# batch's call sizes its shapes from all the run's questions (0.4 ms of tokenising a prompt, asked again
+# per batch and method, would add 20 minutes to 13 methods in turns over 500 questions)
+_LENGTHS: "weakref.WeakKeyDictionary[Any, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
 def chat_prompt_length(model, prompts: Sequence[str]) -> int:
     """The longest chat-templated prompt in tokens: what a run pads its prompts to (one compile)."""
-    tok = model.tokenizer
-    return max(len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=True)["input_ids"]) for p in prompts)
+    known = _LENGTHS.setdefault(model, {})
+    for p in prompts:
+        if p not in known:
+            known[p] = len(model.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                               add_generation_prompt=True, tokenize=True)["input_ids"])
+    return max(known[p] for p in prompts)
 
 
 class SettledVote:
